@@ -1,0 +1,55 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export MPLBACKEND := Agg
+
+.PHONY: run test sync-check nbdev-test pytest install install-dev export clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Runtime install (what `make run` needs).
+$(VENV)/.installed: $(BIN)/python setup.py settings.ini
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+# Development install: nbdev 2.4 pin set + test stack, and a Jupyter kernel for papermill.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## make run: the local end-to-end job on the bundled penguins data
+run: $(VENV)/.installed
+	$(BIN)/mlproj run
+
+## make test: nbdev sync check, notebook tests, pytest
+test: $(VENV)/.installed-dev sync-check nbdev-test pytest
+
+sync-check: $(VENV)/.installed-dev
+	@$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+	@if [ -n "$$(git status --porcelain -- nbs mlproj)" ]; then \
+	  echo "nbdev sync check failed: nbdev_export/nbdev_clean changed these files; run them and commit:"; \
+	  git status --porcelain -- nbs mlproj; exit 1; \
+	else echo "nbdev sync check: notebooks and package agree"; fi
+
+nbdev-test: $(VENV)/.installed-dev
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests
+
+## make export: regenerate mlproj/ from the notebooks and clean them
+export: $(VENV)/.installed-dev
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/bench_inference.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
