@@ -142,4 +142,5 @@ def run_step(step:str, fn, **kwargs):
         except OSError as we: print(f'{step}: could not write exit message: {we}', file=sys.stderr)
         print(line, file=sys.stderr)
         sys.exit(1)
+    print(json.dumps({'step': step, 'status': 'ok', 'summary': result}, default=str), flush=True)
     return result
