@@ -76,7 +76,7 @@ def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
              test=input_dir('test'), # folder (or file) with the held-out split
              evaluation=output_dir('evaluation'), # folder for evaluation.json and plots
             )->dict:
-    "Score the model on the held-out split; write `evaluation.json` and plots."
+    "Score the model on the held-out split; write `evaluation.json` and plots; return the headline figures."
     m, manifest = load_model(existing_dir(model, 'model input'))
     df = load_table(existing_dir(test, 'test input'))
     report = evaluate_model(m, df)
@@ -88,7 +88,8 @@ def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
         plot_per_class(report, outs.path(out/'per_class.png'))
     mm = report['multiclass_classification_metrics']
     log('evaluate', f"accuracy {mm['accuracy']['value']:.4f}, macro F1 {mm['macro_f1']['value']:.4f} on {len(df)} rows")
-    return report
+    return {'rows': len(df), 'accuracy': mm['accuracy']['value'], 'macro_f1': mm['macro_f1']['value'],
+            'evaluation': str(out/'evaluation.json'), 'model_sha256': manifest['model_sha256']}
 
 # %% ../nbs/60_steps.ipynb #60-steps-015
 def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.gz
