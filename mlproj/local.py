@@ -10,9 +10,10 @@ from .contract import ROOT_ENV, OPT_ML, PROCESSING_PREFIX, clip_utf8
 from .jobs import validate_request, uri_path, SpecError
 
 # %% auto #0
-__all__ = ['split_s3', 'list_objects', 'fetch_object', 'put_object', 'shard_objects', 'default_jobs_dir', 'host_names',
-           'local_arn', 'container_local', 'prepare_sandbox', 'stage_inputs', 'Instance', 'container_argv',
-           'instance_env', 'collect_outputs', 'upload_outputs', 'run_local', 'show_job', 'list_jobs', 'latest_output']
+__all__ = ['split_s3', 'list_objects', 'fetch_object', 'put_object', 'check_local_sources', 'shard_objects', 'default_jobs_dir',
+           'host_names', 'local_arn', 'container_local', 'prepare_sandbox', 'stage_inputs', 'Instance',
+           'container_argv', 'instance_env', 'collect_outputs', 'upload_outputs', 'run_local', 'show_job', 'list_jobs',
+           'latest_output']
 
 # %% ../nbs/81_local.ipynb #81-local-005
 def _s3():
@@ -62,7 +63,15 @@ def put_object(src:Path, uri:str, rel:str):
         bucket, prefix = split_s3(uri)
         _s3().upload_file(str(src), bucket, f"{prefix.rstrip('/')}/{rel}" if prefix else rel)
 
-# %% ../nbs/81_local.ipynb #81-local-008
+# %% ../nbs/81_local.ipynb #81-local-007
+def check_local_sources(req:dict):
+    "Refuse, before anything runs, a request whose local input sources do not exist."
+    for i, inp in enumerate(req.get('ProcessingInputs', [])):
+        p = uri_path(inp['S3Input']['S3Uri'])
+        if p is not None and not p.exists():
+            raise SpecError(f"ProcessingInputs[{i}].S3Input.S3Uri: input {inp['InputName']!r} source not found: {p}")
+
+# %% ../nbs/81_local.ipynb #81-local-009
 def shard_objects(objects:list, n_hosts:int, distribution:str)->list[list]:
     "Per-host object lists for `distribution` ('FullyReplicated' or 'ShardedByS3Key')."
     if distribution == 'FullyReplicated': return [list(objects) for _ in range(n_hosts)]
@@ -70,7 +79,7 @@ def shard_objects(objects:list, n_hosts:int, distribution:str)->list[list]:
     objs = sorted(objects, key=lambda o: o[0])
     return [objs[h::n_hosts] for h in range(n_hosts)]
 
-# %% ../nbs/81_local.ipynb #81-local-011
+# %% ../nbs/81_local.ipynb #81-local-012
 def default_jobs_dir()->Path:
     "Where local job sandboxes live: `$MLPROJ_OUTPUTS/jobs` (default `outputs/jobs`)."
     return Path(os.environ.get('MLPROJ_OUTPUTS', 'outputs'))/'jobs'
@@ -115,7 +124,7 @@ def stage_inputs(req:dict, roots:list[Path], say=print):
         say(f"input {inp['InputName']}: {len(objs)} object(s) from {s3['S3Uri']} "
             f"({s3.get('S3DataDistributionType')}: {', '.join(str(len(s)) for s in shards)} per instance)")
 
-# %% ../nbs/81_local.ipynb #81-local-013
+# %% ../nbs/81_local.ipynb #81-local-014
 class Instance:
     "One simulated instance: a process, its log, its exit."
     def __init__(self, host:str, root:Path, argv:list, env:dict, log:Path, stream=None):
@@ -155,7 +164,7 @@ def instance_env(req:dict, root:Path)->dict:
     env.setdefault('MPLBACKEND', 'Agg')
     return env
 
-# %% ../nbs/81_local.ipynb #81-local-015
+# %% ../nbs/81_local.ipynb #81-local-016
 def collect_outputs(req:dict, roots:list[Path])->dict:
     "{output name: [(relative name, file, host)]}; refuses two instances writing the same name."
     found = {}
@@ -182,7 +191,7 @@ def upload_outputs(req:dict, found:dict, say=print)->dict:
         say(f"output {o['OutputName']}: {len(done[o['OutputName']])} file(s) -> {uri}")
     return done
 
-# %% ../nbs/81_local.ipynb #81-local-017
+# %% ../nbs/81_local.ipynb #81-local-018
 def _describe(req, status, job_dir, **kw)->dict:
     d = {k: v for k, v in req.items() if k != 'Tags'}
     d.update({'ProcessingJobArn': local_arn(req['ProcessingJobName']), 'ProcessingJobStatus': status, **kw})
@@ -201,6 +210,7 @@ def run_local(req:dict, # a CreateProcessingJob request document
              )->dict:
     "Run the processing job `req` on this machine; returns its `DescribeProcessingJob`-shaped result."
     validate_request(req)
+    check_local_sources(req)
     name = req['ProcessingJobName']
     job_dir = Path(jobs_dir or default_jobs_dir())/name
     if job_dir.exists(): raise SpecError(f'ProcessingJobName: a job named {name!r} already exists in {job_dir.parent}')
@@ -249,7 +259,7 @@ def run_local(req:dict, # a CreateProcessingJob request document
     say(f'{status}' + (f': {reason}' if reason else '') + f' ({time.monotonic()-t0:.1f}s)')
     return _save(job_dir, d)
 
-# %% ../nbs/81_local.ipynb #81-local-021
+# %% ../nbs/81_local.ipynb #81-local-022
 def show_job(name:str, jobs_dir=None)->dict:
     "The describe result of local job `name`."
     p = Path(jobs_dir or default_jobs_dir())/name/'describe.json'

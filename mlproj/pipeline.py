@@ -8,7 +8,7 @@ import datetime as dt, json, os, secrets, sys, time
 from pathlib import Path
 from .contract import atomic_path
 from .data import penguins_path
-from .jobs import step_job, render_request, step_params, uri_path, to_uri, SpecError
+from .jobs import step_job, render_request, step_params, parse_params, uri_path, to_uri, SpecError
 from .local import run_local, list_objects
 from .train import sha256_file
 
@@ -49,6 +49,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled penguins ta
     params = params or {}
     unknown = set(params) - set(ORDER)
     if unknown: raise SpecError(f"unknown step {sorted(unknown)[0]!r} in parameters; steps: {', '.join(ORDER)}")
+    params = {step: parse_params(step, p) for step, p in params.items()}   # refuse a bad parameter before any step runs
     run_id = run_id or new_run_id()
     outputs_dir = Path(outputs_dir); run_dir = outputs_dir/run_id
     if run_dir.exists(): raise SpecError(f'run folder already exists: {run_dir}')
