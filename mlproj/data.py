@@ -145,6 +145,16 @@ def read_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
 # %% ../nbs/10_data.ipynb #10-data-014
 _NA = {'', 'NA', 'N/A', 'NaN', 'nan', 'null', 'NULL', 'None'}
 
+def _as_text(s:pd.Series)->pd.Series:
+    "Values as stripped strings, '' where missing (string columns stay in their fast string dtype)."
+    if s.dtype != object and pd.api.types.is_string_dtype(s): return s.fillna('').str.strip()
+    return s.astype(object).where(s.notna(), '').astype(str).str.strip()
+
+def _parse_numbers(text:pd.Series, isna:pd.Series)->pd.Series:
+    "float64 of `text`, NaN where missing or not a number (fast path when every value parses)."
+    try: return text.where(~isna, 'nan').astype('float64')
+    except (ValueError, TypeError): return pd.to_numeric(text.where(~isna), errors='coerce').astype('float64')
+
 def _where(source, first_line, idx, col=None):
     s = f'{source} row {first_line + int(idx)}'
     return s + (f", column '{col}'" if col else '')
@@ -166,12 +176,14 @@ def validate(raw:pd.DataFrame, # one chunk as read
     for c in SCHEMA:
         if c.name not in raw.columns: continue
         s = raw[c.name]
-        text = s.astype(object).where(s.notna(), '').map(lambda v: str(v).strip())
-        isna = text.isin(_NA)
+        if c.kind == 'number' and pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            num = s.astype('float64'); isna = num.isna(); text = num.astype(str)      # typed input (Parquet)
+        else:
+            text = _as_text(s); isna = text.isin(_NA)
+            num = _parse_numbers(text, isna) if c.kind == 'number' else None
         if not c.nullable or (c.name == TARGET and require_target):
             if isna.any(): raise InputError(f"{_where(source, first_line, isna.idxmax(), c.name)}: value is missing")
         if c.kind == 'number':
-            num = pd.to_numeric(text.where(~isna), errors='coerce').astype('float64')
             bad = num.isna() & ~isna
             if bad.any():
                 i = bad.idxmax(); raise InputError(f"{_where(source, first_line, i, c.name)}: {text[i]!r} is not a number")

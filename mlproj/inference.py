@@ -11,10 +11,11 @@ import pandas as pd
 from .data import FEATURES, ID, TARGET, iter_tables, InputError
 
 # %% auto #0
-__all__ = ['PREDICTION', 'predict_frame', 'predict_files']
+__all__ = ['PREDICTION', 'PROBA_DECIMALS', 'predict_frame', 'predict_files']
 
 # %% ../nbs/50_inference.ipynb #50-inference-004
 PREDICTION = 'predicted_species'
+PROBA_DECIMALS = 6   # probabilities are written rounded: enough to rank, and stable text
 
 def predict_frame(model, df:pd.DataFrame)->pd.DataFrame:
     "Predictions for a validated table: id, predicted class, one probability column per class."
@@ -32,11 +33,14 @@ def predict_files(model, # fitted pipeline
                   progress=None, # called with (rows_done, source_file) after each chunk
                  )->dict:
     "Predict every row at `source` chunk by chunk into the CSV `dest`; returns counts per class and rows read."
+    import pyarrow as pa, pyarrow.csv as pcsv
     rows, counts, files = 0, {}, []
-    with open(dest, 'w', encoding='utf-8', newline='') as f:
+    with open(dest, 'wb') as f:
         for chunk in iter_tables(source, chunksize=chunksize, require_target=False):
             out = predict_frame(model, chunk.df)
-            out.to_csv(f, index=False, header=rows == 0, float_format='%.6f', lineterminator='\n')
+            out[ID] = out[ID].astype(str)
+            table = pa.Table.from_pandas(out.round(PROBA_DECIMALS), preserve_index=False)
+            pcsv.write_csv(table, f, pcsv.WriteOptions(include_header=rows == 0, quoting_style='needed'))
             rows += len(out)
             for k, v in out[PREDICTION].value_counts().items(): counts[k] = counts.get(k, 0) + int(v)
             if not files or files[-1] != str(chunk.source): files.append(str(chunk.source))
