@@ -52,11 +52,12 @@ def build_spec(a)->'JobSpec':
     name = a.name or job_name(a.step)
     ins = default_inputs(a.step, parse_pairs(a.input, '--input'))
     given_outs = parse_pairs(a.output, '--output')
-    outs = {ch: given_outs.get(ch, str(outputs_root()/name/ch)) for ch in get_step(a.step).outputs}
+    channels = get_step(a.step).outputs + (('report',) if a.engine == 'notebook' else ())
+    outs = {ch: given_outs.get(ch, str(outputs_root()/name/ch)) for ch in channels}
     outs.update({k: v for k, v in given_outs.items() if k not in outs})   # unknown names are refused by step_job
     kw = dict(max_runtime=a.max_runtime, instance_type=a.instance_type, volume_size_gb=a.volume_size)
     if a.env: kw['environment'] = parse_pairs(a.env, '--env')
-    return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, **kw)
+    return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, engine=a.engine, **kw)
 
 # %% ../nbs/95_cli.ipynb #95-cli-006
 def _job_args(p):
@@ -70,6 +71,8 @@ def _job_args(p):
     p.add_argument('--volume-size', type=int, default=30, metavar='GB', help='VolumeSizeInGB (default 30)')
     p.add_argument('--env', action='append', metavar='NAME=VALUE', help='container environment variable (repeatable)')
     p.add_argument('--name', help='job name (default mlproj-<step>-<time>-<random>)')
+    p.add_argument('--engine', choices=('notebook', 'script'), default='notebook',
+                   help='notebook: the job notebook under papermill, with an executed-notebook report (default); script: the runtime script')
 
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
@@ -80,6 +83,7 @@ def make_parser()->argparse.ArgumentParser:
     r.add_argument('-p', '--param', action='append', metavar='STEP.NAME=VALUE', help='step parameter, e.g. -p train.seed=7')
     r.add_argument('--run-id', help='run folder name under outputs/ (default: timestamp)')
     r.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='per-step MaxRuntimeInSeconds (default 3600)')
+    r.add_argument('--engine', choices=('notebook', 'script'), default='notebook', help='run job notebooks (default) or runtime scripts')
     job = sub.add_parser('job', help='processing jobs').add_subparsers(dest='jobcmd', required=True)
     _job_args(job.add_parser('run', help='run a step as a processing job on this machine and print its describe result'))
     _job_args(job.add_parser('request', help='print the CreateProcessingJob request of a step, without running it'))
@@ -100,7 +104,7 @@ def cmd_run(a)->int:
         step, dot, name = k.partition('.')
         if not dot: raise SpecError(f"-p {k}={v}: expected STEP.NAME=VALUE, e.g. train.seed=7")
         params.setdefault(step, {})[name] = v
-    rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=params, run_id=a.run_id, max_runtime=a.max_runtime)
+    rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=params, run_id=a.run_id, max_runtime=a.max_runtime, engine=a.engine)
     _print_json(rec)
     return 0 if rec['status'] == 'Completed' else 1
 

@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ['OPT_ML', 'ROOT_ENV', 'PROCESSING_INPUT', 'PROCESSING_OUTPUT', 'PROCESSING_PREFIX', 'MESSAGE_FILE', 'JOB_CONFIG_FILE',
            'RESOURCE_CONFIG_FILE', 'MAX_MESSAGE_BYTES', 'input_dir', 'output_dir', 'opt_ml_root', 'container_path',
            'read_json_config', 'resource_config', 'current_host', 'host_rank', 'clip_utf8', 'write_exit_message',
-           'atomic_path', 'OutputSet', 'describe_error', 'run_step']
+           'OutputLocationError', 'atomic_path', 'OutputSet', 'describe_error', 'run_step']
 
 # %% ../nbs/00_contract.ipynb #00-contract-005
 OPT_ML = '/opt/ml'                       # the container's root, as SageMaker mounts it
@@ -78,14 +78,24 @@ def write_exit_message(text:str)->Path:
     return p
 
 # %% ../nbs/00_contract.ipynb #00-contract-017
+class OutputLocationError(OSError):
+    "An output location that cannot be created or written."
+
+def _temp_beside(dest:Path)->Path:
+    "A new empty hidden file beside `dest` (creating its folder), or a clear error naming the location."
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
+    except OSError as e:
+        raise OutputLocationError(f'output location not writable: {dest.parent} ({e.strerror or type(e).__name__})') from None
+    os.close(fd)
+    return Path(tmp)
+
 @contextmanager
 def atomic_path(dest):
     "Yield a temporary path beside `dest`; on success rename it to `dest`, on error delete it."
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _temp_beside(dest)
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -100,11 +110,9 @@ class OutputSet:
     def path(self, dest)->Path:
         "A temporary path that becomes `dest` on commit."
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
-        os.close(fd)
-        self.staged.append((Path(tmp), dest))
-        return Path(tmp)
+        tmp = _temp_beside(dest)
+        self.staged.append((tmp, dest))
+        return tmp
     def commit(self)->list[Path]:
         for tmp, dest in self.staged: os.replace(tmp, dest)
         done, self.staged = [d for _, d in self.staged], []
@@ -122,7 +130,7 @@ def describe_error(e:BaseException)->str:
     "One line for `e`: bad-input errors speak for themselves, others carry their type."
     from mlproj.data import InputError
     msg = ' '.join(str(e).split()) or type(e).__name__
-    if isinstance(e, InputError): return msg
+    if isinstance(e, (InputError, OutputLocationError)): return msg
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and getattr(e, 'filename', None):
         return f"{e.strerror or type(e).__name__}: {e.filename}"
     return f'{type(e).__name__}: {msg}'

@@ -48,7 +48,6 @@ def metrics_table(report:dict)->pd.DataFrame:
 # %% ../nbs/40_evaluate.ipynb #40-evaluate-009
 def plot_confusion(report:dict, dest=None):
     "Confusion-matrix heat map; saved to `dest` if given. Returns the figure."
-    import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     cm = pd.DataFrame(report['multiclass_classification_metrics']['confusion_matrix']).T
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -63,7 +62,6 @@ def plot_confusion(report:dict, dest=None):
 
 def plot_per_class(report:dict, dest=None):
     "Per-class precision and recall bars; saved to `dest` if given. Returns the figure."
-    import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     t = metrics_table(report)[['precision', 'recall']]
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -4,15 +4,16 @@
 
 # %% ../nbs/80_jobs.ipynb #80-jobs-002
 from __future__ import annotations
-import datetime as dt, difflib, inspect, re, secrets, json
+import datetime as dt, difflib, inspect, os, re, secrets, json
 from dataclasses import dataclass, field
 from pathlib import Path
 from .contract import PROCESSING_PREFIX, input_dir, output_dir
 from .data import InputError
 
 # %% auto #0
-__all__ = ['STEPS', 'SpecError', 'JobInput', 'JobOutput', 'JobSpec', 'to_uri', 'uri_path', 'render_request', 'validate_request',
-           'job_name', 'StepDef', 'get_step', 'step_params', 'convert_value', 'parse_params', 'step_job']
+__all__ = ['STEPS', 'ENGINES', 'CODE_CHANNEL', 'REPORT_CHANNEL', 'SpecError', 'JobInput', 'JobOutput', 'JobSpec', 'to_uri',
+           'uri_path', 'render_request', 'validate_request', 'job_name', 'StepDef', 'get_step', 'step_params',
+           'convert_value', 'parse_params', 'job_notebook', 'step_job']
 
 # %% ../nbs/80_jobs.ipynb #80-jobs-005
 class SpecError(InputError):
@@ -232,28 +233,50 @@ def parse_params(step:str, pairs:list[str]|dict)->dict:
         out[k] = convert_value(k, v, known[k][0])
     return out
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-025
+# %% ../nbs/80_jobs.ipynb #80-jobs-026
+ENGINES = ('notebook', 'script')
+CODE_CHANNEL, REPORT_CHANNEL = 'code', 'report'
+
+def job_notebook(step:str)->Path:
+    "The job notebook of `step`."
+    get_step(step)
+    import mlproj
+    base = Path(os.environ.get('MLPROJ_JOB_NOTEBOOKS') or Path(mlproj.__file__).resolve().parent.parent/'nbs'/'jobs')
+    nb = base/f'{step}.ipynb'
+    if not nb.exists(): raise SpecError(f'job notebook for step {step} not found: {nb} (set MLPROJ_JOB_NOTEBOOKS to the folder holding it)')
+    return nb
+
+# %% ../nbs/80_jobs.ipynb #80-jobs-027
 def step_job(step:str, # pipeline step
              inputs:dict, # {channel: source URI or path}
-             outputs:dict, # {channel: destination URI or path}
+             outputs:dict, # {channel: destination URI or path}; with engine='notebook' also 'report'
              params:dict|None=None, # step parameters (strings are converted)
              instance_count:int=1, # number of instances
              name:str|None=None, # job name (default: generated)
+             engine:str='script', # 'script' (runtime script) or 'notebook' (job notebook under papermill)
              **kw, # other JobSpec fields (max_runtime, instance_type, environment, image_uri, role, ...)
             )->JobSpec:
-    "The `JobSpec` that runs `step`'s runtime script as a processing job."
+    "The `JobSpec` that runs `step` as a processing job."
     sd = get_step(step)
+    if engine not in ENGINES: raise SpecError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
     if instance_count > sd.max_instances:
         raise SpecError(f'ProcessingResources.ClusterConfig.InstanceCount: step {step} runs on at most {sd.max_instances} instance(s), got {instance_count}')
-    for kind, want, got in (('input', sd.inputs, inputs), ('output', sd.outputs, outputs)):
+    want_out = sd.outputs + ((REPORT_CHANNEL,) if engine == 'notebook' else ())
+    for kind, want, got in (('input', sd.inputs, inputs), ('output', want_out, outputs)):
         unknown = set(got) - set(want)
-        if unknown: raise SpecError(f"step {step} has no {kind} {sorted(unknown)[0]!r}; its {kind}s: {', '.join(want)}")
+        if unknown: raise SpecError(f"step {step} has no {kind} {sorted(unknown)[0]!r} with engine {engine}; its {kind}s: {', '.join(want)}")
         missing = [c for c in want if c not in got]
         if missing: raise SpecError(f"step {step}: no {kind} given for {', '.join(repr(m) for m in missing)}")
     params = parse_params(step, params or {})
-    args = [a for k, v in params.items() for a in (f'--{k}', str(v))]
     ins = [JobInput(c, inputs[c], distribution='ShardedByS3Key' if c in sd.shardable and instance_count > 1 else 'FullyReplicated') for c in sd.inputs]
-    outs = [JobOutput(c, outputs[c]) for c in sd.outputs]
-    tags = {'mlproj:step': step, **kw.pop('tags', {})}
-    return JobSpec(name or job_name(step), ['python3', '-m', f'mlproj.scripts.{step}'], args, ins, outs,
-                   instance_count=instance_count, tags=tags, **kw)
+    outs = [JobOutput(c, outputs[c]) for c in want_out]
+    if engine == 'script':
+        entry = ['python3', '-m', f'mlproj.scripts.{step}']
+        args = [a for k, v in params.items() for a in (f'--{k}', str(v))]
+    else:
+        nb = job_notebook(step)
+        ins.append(JobInput(CODE_CHANNEL, str(nb)))
+        entry = ['python3', '-m', 'mlproj.runner', f'{input_dir(CODE_CHANNEL)}/{nb.name}']
+        args = [a for k, v in params.items() for a in ('-p', f'{k}={v}')] + ['--report', output_dir(REPORT_CHANNEL)]
+    tags = {'mlproj:step': step, 'mlproj:engine': engine, **kw.pop('tags', {})}
+    return JobSpec(name or job_name(step), entry, args, ins, outs, instance_count=instance_count, tags=tags, **kw)

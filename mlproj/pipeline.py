@@ -43,6 +43,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled penguins ta
                  params:dict|None=None, # {step: {name: value}} step parameters
                  run_id:str|None=None, # name of the run folder (default: timestamp)
                  max_runtime:int=3600, # per-step MaxRuntimeInSeconds
+                 engine:str='notebook', # 'notebook' (job notebooks under papermill, with reports) or 'script'
                  stream=sys.stderr, # progress and job logs (None: quiet)
                 )->dict:
     "Run the four steps as local processing jobs; returns the run record (also written to run.json)."
@@ -55,7 +56,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled penguins ta
     if run_dir.exists(): raise SpecError(f'run folder already exists: {run_dir}')
     run_dir.mkdir(parents=True)
     raw, data = str(raw or penguins_path()), str(data or penguins_path())
-    record = {'run_id': run_id, 'status': 'InProgress', 'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+    record = {'run_id': run_id, 'status': 'InProgress', 'engine': engine, 'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
               'run_dir': str(run_dir.resolve()), 'steps': []}
     def save():
         with atomic_path(run_dir/'run.json') as t: t.write_text(json.dumps(record, indent=2))
@@ -63,7 +64,8 @@ def run_pipeline(raw=None, # raw training data (default: the bundled penguins ta
     t_run = time.perf_counter()
     for i, step in enumerate(ORDER, 1):
         ins, outs = wiring(run_dir, raw, data)[step]
-        spec = step_job(step, ins, outs, params.get(step, {}), max_runtime=max_runtime)
+        if engine == 'notebook': outs = {**outs, 'report': str(run_dir/step/'report')}
+        spec = step_job(step, ins, outs, params.get(step, {}), max_runtime=max_runtime, engine=engine)
         req = render_request(spec)
         say(f'step {i}/{len(ORDER)}: {step} (job {spec.name})')
         t0 = time.perf_counter()
