@@ -1,0 +1,186 @@
+"""Shared fixtures for the integration tests of the runtime scripts (`python -m mlproj.scripts.<step>`).
+
+Every script runs as a real subprocess over a temporary tree shaped like `/opt/ml`; the environment variable
+`MLPROJ_OPT_ML` points the container paths (`/opt/ml/processing/input/<name>`, `/opt/ml/processing/output/<name>`,
+`/opt/ml/output/message`) at that tree. Fixture names start with `opt_ml_` so they do not clash with fixtures
+other test files may add.
+"""
+from __future__ import annotations
+import csv, hashlib, json, os, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_MESSAGE_BYTES = 1024          # SageMaker keeps the first 1 KB of /opt/ml/output/message
+
+
+def _subprocess_env(root: Path, extra: dict | None = None) -> dict:
+    "The environment of a script run: the caller's, with the container root moved to `root`."
+    env = {k: v for k, v in os.environ.items() if k not in ('MLPROJ_OPT_ML', 'MLPROJ_TRACEBACK')}
+    env['MLPROJ_OPT_ML'] = str(root)
+    # the subprocesses run in a temporary folder (so stray files would be noticed) and import the installed package
+    env['PYTHONDONTWRITEBYTECODE'] = '1'
+    env.update(extra or {})
+    return env
+
+
+def files_under(p) -> list[Path]:
+    "Every file (hidden ones included) at or under `p`; [] if `p` does not exist."
+    p = Path(p)
+    if p.is_file() or p.is_symlink(): return [p]
+    if not p.is_dir(): return []
+    return sorted(f for f in p.rglob('*') if not f.is_dir())
+
+
+def last_line(text: str) -> str:
+    "The last non-blank line of `text` ('' if none)."
+    lines = [l for l in text.splitlines() if l.strip()]
+    return lines[-1] if lines else ''
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_csv_rows(path) -> tuple[list[str], list[dict]]:
+    "(header, rows as dicts) of a CSV file."
+    with open(path, newline='', encoding='utf-8') as f:
+        r = csv.DictReader(f)
+        return list(r.fieldnames or []), list(r)
+
+
+class OptMLTree:
+    "A temporary `/opt/ml` tree and a way to run the step scripts over it."
+
+    def __init__(self, root: Path, cwd: Path):
+        self.root, self.cwd = Path(root), Path(cwd)
+        self.cwd.mkdir(parents=True, exist_ok=True)
+
+    # places
+    def input(self, name: str) -> Path: return self.root / 'processing' / 'input' / name
+    def output(self, name: str) -> Path: return self.root / 'processing' / 'output' / name
+    @property
+    def outputs(self) -> Path: return self.root / 'processing' / 'output'
+    @property
+    def message(self) -> Path: return self.root / 'output' / 'message'
+
+    # staging, as SageMaker does before a step starts
+    def stage(self, name: str, src, filename: str | None = None) -> Path:
+        "Copy the file `src` into processing input `name`; returns the staged path."
+        d = self.input(name); d.mkdir(parents=True, exist_ok=True)
+        dest = d / (filename or Path(src).name)
+        shutil.copyfile(src, dest)
+        return dest
+
+    def stage_text(self, name: str, filename: str, data: bytes | str) -> Path:
+        "Write `data` as file `filename` of processing input `name`."
+        d = self.input(name); d.mkdir(parents=True, exist_ok=True)
+        dest = d / filename
+        if isinstance(data, str): data = data.encode('utf-8')
+        dest.write_bytes(data)
+        return dest
+
+    def promote(self, out_name: str, in_name: str | None = None) -> Path:
+        "Copy processing output `out_name` into processing input `in_name`, as the next job's input."
+        dest = self.input(in_name or out_name)
+        shutil.copytree(self.output(out_name), dest, dirs_exist_ok=True)
+        return dest
+
+    # running
+    def python(self, *argv, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        "Run `python *argv` in a subprocess (cwd: this tree's work folder)."
+        return subprocess.run([sys.executable, *map(str, argv)], cwd=self.cwd, env=_subprocess_env(self.root, env),
+                              capture_output=True, text=True, encoding='utf-8', timeout=timeout)
+
+    def run(self, step: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+        "Run `python -m mlproj.scripts.<step> *args`."
+        return self.python('-m', f'mlproj.scripts.{step}', *args, env=env)
+
+    def run_ok(self, step: str, *args, env: dict | None = None) -> dict:
+        "Run a step that must succeed; returns the JSON summary it prints last."
+        p = self.run(step, *args, env=env)
+        assert p.returncode == 0, f'{step} failed ({p.returncode}):\n{p.stderr}'
+        return check_ok_stdout(p, step)
+
+
+def check_ok_stdout(p: subprocess.CompletedProcess, step: str) -> dict:
+    "The last stdout line of a successful run is JSON {'step': step, 'status': 'ok', 'summary': ...}."
+    line = last_line(p.stdout)
+    try: doc = json.loads(line)
+    except json.JSONDecodeError: pytest.fail(f'{step}: last stdout line is not JSON: {line!r}')
+    assert doc.get('status') == 'ok', doc
+    assert doc.get('step') == step, doc
+    return doc.get('summary')
+
+
+# helpers reachable from the tests through the tree fixtures (test files do not import conftest)
+OptMLTree.files_under = staticmethod(files_under)
+OptMLTree.last_line = staticmethod(last_line)
+OptMLTree.sha256 = staticmethod(sha256)
+OptMLTree.read_csv = staticmethod(read_csv_rows)
+OptMLTree.check_ok_stdout = staticmethod(check_ok_stdout)
+
+
+@pytest.fixture(scope='session')
+def opt_ml_penguins() -> Path:
+    "The bundled penguins CSV (`mlproj.data.penguins_path()`), 344 rows."
+    try: from mlproj.data import penguins_path
+    except ImportError:
+        sys.path.insert(0, str(REPO)); from mlproj.data import penguins_path
+    p = Path(penguins_path())
+    assert p.is_file(), p
+    return p
+
+
+@pytest.fixture(scope='session')
+def opt_ml_tree_factory():
+    "`make(base)`: a fresh OptMLTree with root `base/opt_ml` (not yet created) and work folder `base/work`."
+    def make(base) -> OptMLTree:
+        base = Path(base)
+        return OptMLTree(base / 'opt_ml', base / 'work')
+    return make
+
+
+@pytest.fixture
+def opt_ml_tree(tmp_path, opt_ml_tree_factory) -> OptMLTree:
+    "A fresh, empty `/opt/ml` tree for one test."
+    return opt_ml_tree_factory(tmp_path)
+
+
+@pytest.fixture(scope='session')
+def opt_ml_trained(tmp_path_factory, opt_ml_tree_factory, opt_ml_penguins) -> dict:
+    "One preprocess + train run on the bundled data, shared by tests that need a model: paths of its files."
+    tree = opt_ml_tree_factory(tmp_path_factory.mktemp('opt_ml_trained'))
+    tree.stage('raw', opt_ml_penguins)
+    tree.run_ok('preprocess')
+    tree.promote('train')
+    tree.run_ok('train', '--n_estimators', 20)
+    out = {'model': tree.output('model') / 'model.tar.gz', 'train_csv': tree.output('train') / 'train-algo-1.csv',
+           'test_csv': tree.output('test') / 'test-algo-1.csv'}
+    for p in out.values(): assert p.is_file(), p
+    return out
+
+
+@pytest.fixture(scope='session')
+def opt_ml_assert_failed():
+    """`check(proc, tree, step, outputs)`: the run failed the contract's way; returns the one error line.
+
+    Non-zero exit, no traceback, stderr's last line is `<step>: ...`, the message file holds exactly that line
+    (UTF-8, at most 1 KB), nothing claims success on stdout, and no file (hidden temp files included) exists at
+    or under any of `outputs`."""
+    def check(p: subprocess.CompletedProcess, tree: OptMLTree, step: str, outputs) -> str:
+        assert p.returncode != 0, f'{step} exited 0 on bad input:\nstdout: {p.stdout}\nstderr: {p.stderr}'
+        assert 'Traceback' not in p.stderr, p.stderr
+        line = last_line(p.stderr)
+        assert line.startswith(f'{step}: '), f'last stderr line does not name the step: {line!r}'
+        assert len(line) > len(step) + 2
+        assert tree.message.is_file(), f'no message file at {tree.message}'
+        raw = tree.message.read_bytes()
+        assert len(raw) <= MAX_MESSAGE_BYTES, len(raw)
+        assert raw.decode('utf-8') == line          # strict decode: the file must be UTF-8
+        assert '"status": "ok"' not in p.stdout, p.stdout
+        for o in outputs:
+            left = files_under(o)
+            assert left == [], f'{step} left output files behind after failing: {left}'
+        return line
+    return check
