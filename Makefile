@@ -42,7 +42,7 @@ nbdev-test: $(VENV)/.installed-dev
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 ## make export: regenerate mlproj/ from the notebooks and clean them
 export: $(VENV)/.installed-dev
