@@ -192,7 +192,9 @@ def run_notebook(notebook, # the job notebook
     cell = f' cell {where[0]}' if where else ''
     if timed_out: etype, msg = 'TimeoutError', f'the notebook ran longer than {timeout} s (--timeout) and was stopped'
     else:
-        err = (cell_error(where[1]) if where else None) or _last_exception(log) or ('Error', f'papermill exited with code {proc.returncode}')
+        last = _last_exception(log)
+        if last and last[0] in ('CellTimeoutError', 'DeadKernelError'): err = last   # the cell itself shows only the interrupt
+        else: err = (cell_error(where[1]) if where else None) or last or ('Error', f'papermill exited with code {proc.returncode}')
         etype, msg = err
         if etype == 'CellTimeoutError': msg = f'the cell ran longer than {cell_timeout} s (--cell-timeout)'
         elif etype == 'DeadKernelError': msg = 'the kernel died'

@@ -43,7 +43,14 @@ def test_every_step_runs_as_a_local_job(chain):
     assert ev['multiclass_classification_metrics']['accuracy']['value'] >= 0.95
     bi = results['batch_inference'][0]
     assert bi['ProcessingResources']['ClusterConfig']['InstanceCount'] == 3
-    assert [i['S3Input']['S3DataDistributionType'] for i in bi['ProcessingInputs']] == ['FullyReplicated', 'ShardedByS3Key']
+    dist = {i['InputName']: i['S3Input']['S3DataDistributionType'] for i in bi['ProcessingInputs']}
+    assert dist == {'model': 'FullyReplicated', 'data': 'ShardedByS3Key', 'code': 'FullyReplicated'}
+    # notebook engine (the default): each job brings back its executed notebook and HTML
+    for step, (d, _) in results.items():
+        report = out/d['ProcessingJobName']/'report'
+        n = d['ProcessingResources']['ClusterConfig']['InstanceCount']
+        stems = [step] if n == 1 else [f'{step}-algo-{i+1}' for i in range(n)]
+        assert sorted(p.name for p in report.iterdir()) == sorted(f'{s}.{x}' for s in stems for x in ('html', 'ipynb')), step
     preds = pd.concat(pd.read_csv(f) for f in (out/bi['ProcessingJobName']/'predictions').glob('predictions-*.csv'))
     assert len(preds) == 344
 
@@ -66,7 +73,13 @@ def test_job_request_prints_a_valid_request_without_running(tmp_path):
     assert req['ProcessingInputs'][1]['S3Input'] == {'S3Uri': 's3://bucket/data/', 'LocalPath': '/opt/ml/processing/input/data',
         'S3DataType': 'S3Prefix', 'S3InputMode': 'File', 'S3DataDistributionType': 'ShardedByS3Key', 'S3CompressionType': 'None'}
     assert req['StoppingCondition'] == {'MaxRuntimeInSeconds': 600}
-    assert req['AppSpecification']['ContainerArguments'] == ['--chunksize', '5000']
+    assert req['AppSpecification']['ContainerArguments'] == ['-p', 'chunksize=5000', '--report', '/opt/ml/processing/output/report']
+    assert req['AppSpecification']['ContainerEntrypoint'] == ['python3', '-m', 'mlproj.runner', '/opt/ml/processing/input/code/batch_inference.ipynb']
+    r = mlproj(tmp_path, 'job', 'request', 'batch_inference', '--input', f'model={tmp_path}/m', '--input', 'data=s3://bucket/data/', '--engine', 'script', '-p', 'chunksize=5000')
+    script = json.loads(r.stdout)
+    assert script['AppSpecification'] == {'ImageUri': 'mlproj-local', 'ContainerEntrypoint': ['python3', '-m', 'mlproj.scripts.batch_inference'],
+                                          'ContainerArguments': ['--chunksize', '5000']}
+    assert [i['InputName'] for i in script['ProcessingInputs']] == ['model', 'data']
     assert not (tmp_path/'jobs').exists()
 
 
