@@ -7,18 +7,15 @@ from __future__ import annotations
 import argparse, json, os, signal, sys
 from pathlib import Path
 from .data import InputError, penguins_path
-from .jobs import STEPS, step_job, render_request, get_step, step_params, SpecError
+from .jobs import STEPS, step_job, render_request, get_step, step_params, outputs_root, SpecError
 
 # %% auto #0
-__all__ = ['DEFAULT_SOURCES', 'outputs_root', 'parse_pairs', 'default_inputs', 'build_spec', 'make_parser', 'cmd_run', 'cmd_job',
-           'main']
+__all__ = ['DEFAULT_SOURCES', 'parse_pairs', 'default_inputs', 'build_spec', 'make_parser', 'cmd_run', 'cmd_job', 'main']
 
 # %% ../nbs/95_cli.ipynb #95-cli-004
 # where a step's inputs come from when not given: bundled data, or (step, output) of the newest completed job
 DEFAULT_SOURCES = {'raw': 'bundled', 'data': 'bundled', 'train': ('preprocess', 'train'), 'test': ('preprocess', 'test'),
                    'model': ('train', 'model')}
-
-def outputs_root()->Path: return Path(os.environ.get('MLPROJ_OUTPUTS', 'outputs'))
 
 def parse_pairs(pairs:list[str]|None, what:str)->dict:
     "NAME=VALUE pairs as a dict; refuses a pair without '='."

@@ -4,16 +4,17 @@
 
 # %% ../nbs/80_jobs.ipynb #80-jobs-002
 from __future__ import annotations
-import datetime as dt, difflib, inspect, os, re, secrets, json
+import datetime as dt, difflib, inspect, os, re, secrets, shutil, json
 from dataclasses import dataclass, field
 from pathlib import Path
 from .contract import PROCESSING_PREFIX, input_dir, output_dir
 from .data import InputError
 
 # %% auto #0
-__all__ = ['STEPS', 'ENGINES', 'CODE_CHANNEL', 'REPORT_CHANNEL', 'SpecError', 'JobInput', 'JobOutput', 'JobSpec', 'to_uri',
-           'uri_path', 'render_request', 'validate_request', 'job_name', 'StepDef', 'get_step', 'step_params',
-           'convert_value', 'parse_params', 'job_notebook', 'step_job']
+__all__ = ['STEPS', 'ENGINES', 'CODE_CHANNEL', 'REPORT_CHANNEL', 'ENTRY_FILE', 'ENTRY_SOURCE', 'SpecError', 'JobInput',
+           'JobOutput', 'JobSpec', 'to_uri', 'uri_path', 'render_request', 'validate_request', 'job_name', 'StepDef',
+           'get_step', 'step_params', 'convert_value', 'parse_params', 'outputs_root', 'job_notebook', 'code_bundle',
+           'step_job']
 
 # %% ../nbs/80_jobs.ipynb #80-jobs-005
 class SpecError(InputError):
@@ -235,7 +236,36 @@ def parse_params(step:str, pairs:list[str]|dict)->dict:
 
 # %% ../nbs/80_jobs.ipynb #80-jobs-026
 ENGINES = ('notebook', 'script')
-CODE_CHANNEL, REPORT_CHANNEL = 'code', 'report'
+CODE_CHANNEL, REPORT_CHANNEL, ENTRY_FILE = 'code', 'report', 'entry.py'
+
+ENTRY_SOURCE = """\
+\"\"\"mlproj job entrypoint: run a module of mlproj; install mlproj from ./wheels first if the image lacks it.\"\"\"
+import importlib.util, os, runpy, subprocess, sys
+
+def fail(msg):
+    root = os.environ.get('MLPROJ_OPT_ML') or '/opt/ml'
+    try:
+        os.makedirs(os.path.join(root, 'output'), exist_ok=True)
+        with open(os.path.join(root, 'output', 'message'), 'w', encoding='utf-8') as f: f.write(msg[:1000])
+    except OSError: pass
+    print(msg, file=sys.stderr); sys.exit(1)
+
+here = os.path.dirname(os.path.abspath(__file__))
+if len(sys.argv) < 2: fail('entry.py: usage: entry.py MODULE [ARGS...]')
+if importlib.util.find_spec('mlproj') is None:
+    wheels = os.path.join(here, 'wheels')
+    if not os.path.isdir(wheels): fail('entry.py: mlproj is not installed in this image and the code channel has no wheels/ folder')
+    print(f'entry.py: installing mlproj from {wheels}', file=sys.stderr, flush=True)
+    r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-index', '--find-links', wheels, 'mlproj'])
+    if r.returncode: fail(f'entry.py: pip could not install mlproj from {wheels} (exit {r.returncode})')
+module = sys.argv[1]
+sys.argv = [module] + sys.argv[2:]
+runpy.run_module(module, run_name='__main__', alter_sys=True)
+"""
+
+def outputs_root()->Path:
+    "Where runs, jobs and code bundles go: `$MLPROJ_OUTPUTS` (default `outputs`)."
+    return Path(os.environ.get('MLPROJ_OUTPUTS', 'outputs'))
 
 def job_notebook(step:str)->Path:
     "The job notebook of `step`."
@@ -246,6 +276,22 @@ def job_notebook(step:str)->Path:
     if not nb.exists(): raise SpecError(f'job notebook for step {step} not found: {nb} (set MLPROJ_JOB_NOTEBOOKS to the folder holding it)')
     return nb
 
+def code_bundle(step:str, engine:str, root=None)->Path:
+    "The folder of a job's code channel (entry.py, and the job notebook for notebook jobs), written once per content."
+    import hashlib, tempfile
+    files = {ENTRY_FILE: ENTRY_SOURCE.encode()}
+    if engine == 'notebook': files[f'{step}.ipynb'] = job_notebook(step).read_bytes()
+    h = hashlib.sha256()
+    for n in sorted(files): h.update(n.encode() + b'\0' + files[n] + b'\0')
+    dest = Path(root or outputs_root()/'code')/h.hexdigest()[:16]
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix='.bundle-'))
+        for n, b in files.items(): (tmp/n).write_bytes(b)
+        try: os.replace(tmp, dest)
+        except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process wrote the same bundle first
+    return dest
+
 # %% ../nbs/80_jobs.ipynb #80-jobs-027
 def step_job(step:str, # pipeline step
              inputs:dict, # {channel: source URI or path}
@@ -254,6 +300,7 @@ def step_job(step:str, # pipeline step
              instance_count:int=1, # number of instances
              name:str|None=None, # job name (default: generated)
              engine:str='script', # 'script' (runtime script) or 'notebook' (job notebook under papermill)
+             code:str|None=None, # the code channel's source (default: a local bundle, see code_bundle)
              **kw, # other JobSpec fields (max_runtime, instance_type, environment, image_uri, role, ...)
             )->JobSpec:
     "The `JobSpec` that runs `step` as a processing job."
@@ -269,14 +316,13 @@ def step_job(step:str, # pipeline step
         if missing: raise SpecError(f"step {step}: no {kind} given for {', '.join(repr(m) for m in missing)}")
     params = parse_params(step, params or {})
     ins = [JobInput(c, inputs[c], distribution='ShardedByS3Key' if c in sd.shardable and instance_count > 1 else 'FullyReplicated') for c in sd.inputs]
+    ins.append(JobInput(CODE_CHANNEL, str(code or code_bundle(step, engine))))
     outs = [JobOutput(c, outputs[c]) for c in want_out]
+    entry = ['python3', f'{input_dir(CODE_CHANNEL)}/{ENTRY_FILE}']
     if engine == 'script':
-        entry = ['python3', '-m', f'mlproj.scripts.{step}']
-        args = [a for k, v in params.items() for a in (f'--{k}', str(v))]
+        args = [f'mlproj.scripts.{step}'] + [a for k, v in params.items() for a in (f'--{k}', str(v))]
     else:
-        nb = job_notebook(step)
-        ins.append(JobInput(CODE_CHANNEL, str(nb)))
-        entry = ['python3', '-m', 'mlproj.runner', f'{input_dir(CODE_CHANNEL)}/{nb.name}']
-        args = [a for k, v in params.items() for a in ('-p', f'{k}={v}')] + ['--report', output_dir(REPORT_CHANNEL)]
+        args = ['mlproj.runner', f'{input_dir(CODE_CHANNEL)}/{step}.ipynb'] + [a for k, v in params.items() for a in ('-p', f'{k}={v}')] \
+               + ['--report', output_dir(REPORT_CHANNEL)]
     tags = {'mlproj:step': step, 'mlproj:engine': engine, **kw.pop('tags', {})}
     return JobSpec(name or job_name(step), entry, args, ins, outs, instance_count=instance_count, tags=tags, **kw)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt, json, os, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 from .contract import ROOT_ENV, OPT_ML, PROCESSING_PREFIX, clip_utf8
-from .jobs import validate_request, uri_path, SpecError
+from .jobs import validate_request, uri_path, outputs_root, SpecError
 
 # %% auto #0
 __all__ = ['split_s3', 'list_objects', 'fetch_object', 'put_object', 'check_local_sources', 'shard_objects', 'default_jobs_dir',
@@ -82,7 +82,7 @@ def shard_objects(objects:list, n_hosts:int, distribution:str)->list[list]:
 # %% ../nbs/81_local.ipynb #81-local-012
 def default_jobs_dir()->Path:
     "Where local job sandboxes live: `$MLPROJ_OUTPUTS/jobs` (default `outputs/jobs`)."
-    return Path(os.environ.get('MLPROJ_OUTPUTS', 'outputs'))/'jobs'
+    return outputs_root()/'jobs'
 
 def _now()->str: return dt.datetime.now(dt.timezone.utc).isoformat(timespec='milliseconds')
 
@@ -151,10 +151,11 @@ class Instance:
         p = self.root/'output/message'
         return clip_utf8(p.read_bytes().decode('utf-8', 'replace')) if p.exists() else None
 
-def container_argv(req:dict)->list[str]:
-    "The instance command: entrypoint + arguments, `python3`/`python` meaning this interpreter."
+def container_argv(req:dict, root:Path)->list[str]:
+    "The instance command: entrypoint + arguments; `python3`/`python` is this interpreter, `/opt/ml/...` in the entrypoint is the instance's sandbox."
     app = req['AppSpecification']
-    argv = list(app.get('ContainerEntrypoint') or []) + list(app.get('ContainerArguments') or [])
+    entry = [str(container_local(root, e)) if e.startswith(OPT_ML + '/') else e for e in app.get('ContainerEntrypoint') or []]
+    argv = entry + list(app.get('ContainerArguments') or [])
     if not argv: raise SpecError('AppSpecification.ContainerEntrypoint: the local executor needs an entrypoint')
     if argv[0] in ('python3', 'python'): argv[0] = sys.executable
     return argv
@@ -223,11 +224,11 @@ def run_local(req:dict, # a CreateProcessingJob request document
     try: stage_inputs(req, roots, say)
     except Exception as e:
         return _save(job_dir, _describe(req, 'Failed', job_dir, FailureReason=f'ClientError: {e}', ProcessingEndTime=_now(), **base))
-    argv = container_argv(req)
     limit = req['StoppingCondition']['MaxRuntimeInSeconds']
-    say(f"starting {len(roots)} instance(s): {' '.join(argv[1:]) if argv[0] == sys.executable else ' '.join(argv)}")
+    app = req['AppSpecification']
+    say(f"starting {len(roots)} instance(s): {' '.join(app.get('ContainerEntrypoint', []) + app.get('ContainerArguments', []))}")
     start, t0 = _now(), time.monotonic()
-    insts = [Instance(r.name, r, argv, instance_env(req, r), job_dir/f'{r.name}.log', stream) for r in roots]
+    insts = [Instance(r.name, r, container_argv(req, r), instance_env(req, r), job_dir/f'{r.name}.log', stream) for r in roots]
     status, reason = None, None
     try:
         while status is None:

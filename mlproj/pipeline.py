@@ -8,7 +8,7 @@ import datetime as dt, json, os, secrets, sys, time
 from pathlib import Path
 from .contract import atomic_path
 from .data import penguins_path
-from .jobs import step_job, render_request, step_params, parse_params, uri_path, to_uri, SpecError
+from .jobs import step_job, render_request, step_params, parse_params, code_bundle, uri_path, to_uri, SpecError
 from .local import run_local, list_objects
 from .train import sha256_file
 
@@ -65,7 +65,8 @@ def run_pipeline(raw=None, # raw training data (default: the bundled penguins ta
     for i, step in enumerate(ORDER, 1):
         ins, outs = wiring(run_dir, raw, data)[step]
         if engine == 'notebook': outs = {**outs, 'report': str(run_dir/step/'report')}
-        spec = step_job(step, ins, outs, params.get(step, {}), max_runtime=max_runtime, engine=engine)
+        spec = step_job(step, ins, outs, params.get(step, {}), max_runtime=max_runtime, engine=engine,
+                        code=str(code_bundle(step, engine, outputs_dir/'code')))
         req = render_request(spec)
         say(f'step {i}/{len(ORDER)}: {step} (job {spec.name})')
         t0 = time.perf_counter()

@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_MESSAGE_BYTES = 1024          # SageMaker keeps the first 1 KB of /opt/ml/output/message
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _outputs_in_a_temp_folder(tmp_path_factory):
+    "Runs, job sandboxes and code bundles made by tests go to a temporary folder, not the checkout's outputs/."
+    old = os.environ.get('MLPROJ_OUTPUTS')
+    os.environ['MLPROJ_OUTPUTS'] = str(tmp_path_factory.mktemp('outputs'))
+    yield
+    if old is None: os.environ.pop('MLPROJ_OUTPUTS', None)
+    else: os.environ['MLPROJ_OUTPUTS'] = old
+
+
 def _subprocess_env(root: Path, extra: dict | None = None) -> dict:
     "The environment of a script run: the caller's, with the container root moved to `root`."
     env = {k: v for k, v in os.environ.items() if k not in ('MLPROJ_OPT_ML', 'MLPROJ_TRACEBACK')}

@@ -73,13 +73,16 @@ def test_job_request_prints_a_valid_request_without_running(tmp_path):
     assert req['ProcessingInputs'][1]['S3Input'] == {'S3Uri': 's3://bucket/data/', 'LocalPath': '/opt/ml/processing/input/data',
         'S3DataType': 'S3Prefix', 'S3InputMode': 'File', 'S3DataDistributionType': 'ShardedByS3Key', 'S3CompressionType': 'None'}
     assert req['StoppingCondition'] == {'MaxRuntimeInSeconds': 600}
-    assert req['AppSpecification']['ContainerArguments'] == ['-p', 'chunksize=5000', '--report', '/opt/ml/processing/output/report']
-    assert req['AppSpecification']['ContainerEntrypoint'] == ['python3', '-m', 'mlproj.runner', '/opt/ml/processing/input/code/batch_inference.ipynb']
+    assert req['AppSpecification']['ContainerEntrypoint'] == ['python3', '/opt/ml/processing/input/code/entry.py']
+    assert req['AppSpecification']['ContainerArguments'] == ['mlproj.runner', '/opt/ml/processing/input/code/batch_inference.ipynb',
+                                                             '-p', 'chunksize=5000', '--report', '/opt/ml/processing/output/report']
     r = mlproj(tmp_path, 'job', 'request', 'batch_inference', '--input', f'model={tmp_path}/m', '--input', 'data=s3://bucket/data/', '--engine', 'script', '-p', 'chunksize=5000')
     script = json.loads(r.stdout)
-    assert script['AppSpecification'] == {'ImageUri': 'mlproj-local', 'ContainerEntrypoint': ['python3', '-m', 'mlproj.scripts.batch_inference'],
-                                          'ContainerArguments': ['--chunksize', '5000']}
-    assert [i['InputName'] for i in script['ProcessingInputs']] == ['model', 'data']
+    assert script['AppSpecification'] == {'ImageUri': 'mlproj-local', 'ContainerEntrypoint': ['python3', '/opt/ml/processing/input/code/entry.py'],
+                                          'ContainerArguments': ['mlproj.scripts.batch_inference', '--chunksize', '5000']}
+    assert [i['InputName'] for i in script['ProcessingInputs']] == ['model', 'data', 'code']
+    code = Path(script['ProcessingInputs'][2]['S3Input']['S3Uri'][len('file://'):])
+    assert sorted(p.name for p in code.iterdir()) == ['entry.py']
     assert not (tmp_path/'jobs').exists()
 
 
