@@ -10,7 +10,8 @@ from .data import InputError, penguins_path
 from .jobs import STEPS, step_job, render_request, get_step, step_params, outputs_root, SpecError
 
 # %% auto #0
-__all__ = ['DEFAULT_SOURCES', 'parse_pairs', 'default_inputs', 'build_spec', 'make_parser', 'cmd_run', 'cmd_job', 'main']
+__all__ = ['DEFAULT_SOURCES', 'parse_pairs', 'default_inputs', 'build_spec', 'make_parser', 'cmd_run', 'cmd_sagemaker', 'cmd_job',
+           'main']
 
 # %% ../nbs/95_cli.ipynb #95-cli-004
 # where a step's inputs come from when not given: bundled data, or (step, output) of the newest completed job
@@ -54,6 +55,7 @@ def build_spec(a)->'JobSpec':
     outs.update({k: v for k, v in given_outs.items() if k not in outs})   # unknown names are refused by step_job
     kw = dict(max_runtime=a.max_runtime, instance_type=a.instance_type, volume_size_gb=a.volume_size)
     if a.env: kw['environment'] = parse_pairs(a.env, '--env')
+    if getattr(a, 'role', None): kw['role'] = a.role
     return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, engine=a.engine, **kw)
 
 # %% ../nbs/95_cli.ipynb #95-cli-006
@@ -70,6 +72,19 @@ def _job_args(p):
     p.add_argument('--name', help='job name (default mlproj-<step>-<time>-<random>)')
     p.add_argument('--engine', choices=('notebook', 'script'), default='notebook',
                    help='notebook: the job notebook under papermill, with an executed-notebook report (default); script: the runtime script')
+    _backend_args(p)
+    p.add_argument('--wait', action=argparse.BooleanOptionalAction, default=True, help='sagemaker: follow the job until it ends (default: wait)')
+    p.add_argument('--download', action='store_true', help="sagemaker: copy a completed job's outputs back under outputs/")
+    p.add_argument('--no-dependency-wheels', action='store_true', help='sagemaker, stock image: ship only the mlproj wheel (the image must already have the dependencies)')
+
+def _backend_args(p):
+    p.add_argument('--backend', choices=('local', 'sagemaker'), default='local', help='where the job runs (default: local)')
+    p.add_argument('--role', help='sagemaker: execution role ARN')
+    p.add_argument('--bucket', help='sagemaker: S3 bucket for inputs, code and outputs')
+    p.add_argument('--prefix', default='mlproj', help='sagemaker: key prefix in the bucket (default: mlproj)')
+    p.add_argument('--region', help='sagemaker: AWS region (default: the standard AWS configuration)')
+    p.add_argument('--profile', help='sagemaker: AWS profile (default: the standard AWS configuration)')
+    p.add_argument('--image-uri', help='sagemaker: a prebuilt image with mlproj (default: the stock scikit-learn processing image + wheels)')
 
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
@@ -84,7 +99,10 @@ def make_parser()->argparse.ArgumentParser:
     job = sub.add_parser('job', help='processing jobs').add_subparsers(dest='jobcmd', required=True)
     _job_args(job.add_parser('run', help='run a step as a processing job on this machine and print its describe result'))
     _job_args(job.add_parser('request', help='print the CreateProcessingJob request of a step, without running it'))
-    job.add_parser('show', help="print a local job's describe result").add_argument('name')
+    show = job.add_parser('show', help="print a job's describe result (local, or --backend sagemaker)")
+    show.add_argument('name'); _backend_args(show)
+    stop = job.add_parser('stop', help='stop a SageMaker job'); stop.add_argument('name')
+    stop.add_argument('--region'); stop.add_argument('--profile')
     job.add_parser('list', help='list local jobs, newest first')
     job.add_parser('params', help="list a step's parameters").add_argument('step')
     return ap
@@ -105,8 +123,29 @@ def cmd_run(a)->int:
     _print_json(rec)
     return 0 if rec['status'] == 'Completed' else 1
 
+def _sagemaker_exit(d)->int: return 0 if d['ProcessingJobStatus'] in ('Completed', 'InProgress', 'Starting') else 1
+
+def cmd_sagemaker(a)->int:
+    "The `--backend sagemaker` side of `job run|request|show|stop` (the SDK is imported only here, and only when used)."
+    from mlproj import sagemaker_backend as smb
+    say = lambda m: print(m, file=sys.stderr, flush=True)
+    if a.jobcmd == 'stop':
+        d = smb.stop_remote(a.name, smb.aws_session(a.region, a.profile)); _print_json(d); return 0
+    if a.jobcmd == 'show':
+        _print_json(smb.describe_remote(a.name, smb.aws_session(a.region, a.profile))); return 0
+    req = render_request(build_spec(a))
+    if a.jobcmd == 'request':
+        smb.check_target(a.bucket, a.role)
+        region = a.region or smb.aws_session(None, a.profile).region_name
+        _print_json(smb.to_remote(req, a.bucket, a.role, a.image_uri or smb.stock_image_uri(region), a.prefix)[0]); return 0
+    d = smb.run_sagemaker(req, a.bucket, a.role, a.prefix, a.region, a.profile, a.image_uri, wait=a.wait, download=a.download,
+                          dependencies=not a.no_dependency_wheels, say=say)
+    _print_json(d)
+    return _sagemaker_exit(d)
+
 def cmd_job(a)->int:
     from mlproj import local
+    if a.jobcmd == 'stop' or getattr(a, 'backend', 'local') == 'sagemaker': return cmd_sagemaker(a)
     if a.jobcmd == 'show': _print_json(local.show_job(a.name, outputs_root()/'jobs')); return 0
     if a.jobcmd == 'list':
         for d in local.list_jobs(outputs_root()/'jobs'):
@@ -129,6 +168,9 @@ def main(argv=None)->int:
     try: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (InputError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
+    except Exception as e:
+        if not type(e).__module__.startswith(('botocore', 'boto3')): raise
+        print(f"mlproj: error: AWS: {' '.join(str(e).split())}", file=sys.stderr); code = 2   # e.g. no credentials, endpoint unreachable
     except KeyboardInterrupt:
         print('mlproj: interrupted', file=sys.stderr); code = 130
     if argv is None: sys.exit(code)

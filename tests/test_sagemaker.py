@@ -1,0 +1,226 @@
+"""The SageMaker backend against a real S3 + SageMaker API server on loopback (moto), never AWS.
+
+moto marks a processing job Completed at once and runs nothing; the tests then play the job locally from the
+request moto stored, with inputs read from and outputs written to moto's S3."""
+import copy, json, os, socket, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROLE = 'arn:aws:iam::123456789012:role/service-role/MlprojProcessing'
+BUCKET = 'mlproj-test-bucket'
+LOOPBACK = {'127.0.0.1', 'localhost', '::1'}
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    "Fail any test that tries to reach a host other than loopback."
+    real, attempts = socket.socket.connect, []
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in LOOPBACK and not host.startswith('/'):
+            attempts.append(address)      # recorded too, in case the caller swallows the error (telemetry would)
+            raise ConnectionRefusedError(f'test tried to reach {address}: only loopback is allowed')
+        return real(self, address)
+    monkeypatch.setattr(socket.socket, 'connect', guarded)
+    yield
+    assert not attempts, f'tried to reach non-loopback endpoints: {attempts}'
+
+
+@pytest.fixture(scope='module')
+def moto_server():
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {'AWS_ENDPOINT_URL': f'http://127.0.0.1:{port}', 'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing',
+           'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_REGION': 'us-east-1', 'AWS_CONFIG_FILE': '/dev/null', 'AWS_SHARED_CREDENTIALS_FILE': '/dev/null'}
+    old = {k: os.environ.get(k) for k in list(env) + ['AWS_PROFILE', 'AWS_SESSION_TOKEN']}
+    os.environ.update(env); os.environ.pop('AWS_PROFILE', None); os.environ.pop('AWS_SESSION_TOKEN', None)
+    import boto3
+    boto3.client('s3').create_bucket(Bucket=BUCKET)
+    yield env
+    server.stop()
+    for k, v in old.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
+
+
+def keys(prefix=''):
+    import boto3
+    r = boto3.client('s3').list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o['Key'] for o in r.get('Contents', []))
+
+
+def local_request(step, tmp_path, engine='notebook', instance_count=1, name=None, params=None, inputs=None):
+    from mlproj.data import penguins_path
+    from mlproj.jobs import step_job, render_request, get_step, code_bundle
+    ins = inputs or {'raw': str(penguins_path())}
+    outs = {ch: str(tmp_path/'out'/ch) for ch in get_step(step).outputs + (('report',) if engine == 'notebook' else ())}
+    return render_request(step_job(step, ins, outs, params, instance_count=instance_count, engine=engine, name=name, role=ROLE,
+                                   code=str(code_bundle(step, engine, tmp_path/'code'))))
+
+
+@pytest.fixture(scope='module')
+def submitted(moto_server, tmp_path_factory):
+    "A preprocess notebook job submitted through the SDK, stock-image route (mlproj wheel only, no dependency wheels)."
+    from mlproj.sagemaker_backend import run_sagemaker
+    tmp = tmp_path_factory.mktemp('sm')
+    req = local_request('preprocess', tmp, name='sm-preprocess-1', params={'seed': 7})
+    captured, said = [], []
+    d = run_sagemaker(req, BUCKET, ROLE, prefix='team', dependencies=False, poll=0.05, say=said.append, capture=captured)
+    return {'local': req, 'describe': d, 'captured': captured, 'said': said, 'tmp': tmp}
+
+
+def test_code_and_inputs_are_uploaded(submitted):
+    ks = keys('team/sm-preprocess-1/')
+    assert 'team/sm-preprocess-1/input/raw/penguins.csv' in ks
+    assert 'team/sm-preprocess-1/code/entry.py' in ks and 'team/sm-preprocess-1/code/preprocess.ipynb' in ks
+    assert any(k.startswith('team/sm-preprocess-1/code/wheels/mlproj-') and k.endswith('.whl') for k in ks)
+
+
+def test_job_created_through_the_sdk_and_followed(submitted):
+    d = submitted['describe']
+    assert d['ProcessingJobName'] == 'sm-preprocess-1' and d['ProcessingJobStatus'] == 'Completed'
+    assert len(submitted['captured']) == 1
+    assert any('sm-preprocess-1: Completed' in m for m in submitted['said'])
+    assert d['AppSpecification']['ImageUri'].endswith('sagemaker-scikit-learn:1.4-2-cpu-py3') or 'scikit-learn' in d['AppSpecification']['ImageUri']
+
+
+def test_request_at_the_server_equals_the_local_request_but_uris_and_image(submitted):
+    sent, local = copy.deepcopy(submitted['captured'][0]), copy.deepcopy(submitted['local'])
+    for r in (sent, local):
+        r['AppSpecification']['ImageUri'] = '<image>'
+        for i in r['ProcessingInputs']: i['S3Input']['S3Uri'] = f"<{i['InputName']}>"
+        for o in r['ProcessingOutputConfig']['Outputs']: o['S3Output']['S3Uri'] = f"<{o['OutputName']}>"
+    assert sorted(sent) == sorted(local)
+    for field in local: assert sent[field] == local[field], field
+    # and what moto stored is what was sent
+    d = submitted['describe']
+    assert d['ProcessingInputs'] == submitted['captured'][0]['ProcessingInputs']
+    assert d['AppSpecification'] == submitted['captured'][0]['AppSpecification']
+
+
+def test_replay_locally_puts_outputs_in_moto_s3(submitted, tmp_path):
+    from mlproj.local import run_local
+    from mlproj.sagemaker_backend import describe_remote, download_outputs, aws_session
+    stored = describe_remote('sm-preprocess-1', aws_session())
+    req = {k: stored[k] for k in ('ProcessingJobName', 'ProcessingInputs', 'ProcessingOutputConfig', 'AppSpecification', 'RoleArn', 'StoppingCondition')}
+    req['ProcessingResources'] = stored.get('ProcessingResources') or submitted['captured'][0]['ProcessingResources']
+    d = run_local(req, jobs_dir=tmp_path/'jobs', stream=None)
+    assert d['ProcessingJobStatus'] == 'Completed', d.get('FailureReason')
+    out = keys('team/sm-preprocess-1/output/')
+    assert 'team/sm-preprocess-1/output/train/train-algo-1.csv' in out and 'team/sm-preprocess-1/output/test/test-algo-1.csv' in out
+    assert 'team/sm-preprocess-1/output/report/preprocess.html' in out
+    # --download brings them back
+    got = download_outputs(stored, {'train': str(tmp_path/'back/train')}, aws_session(), say=lambda m: None, root=tmp_path/'back')
+    assert (tmp_path/'back/train/train-algo-1.csv').exists() and (tmp_path/'back/sm-preprocess-1/test/test-algo-1.csv').exists()
+    assert set(got) == {'train', 'test', 'report'}
+
+
+def test_three_instances_sharded_by_key(moto_server, tmp_path):
+    from mlproj.sagemaker_backend import run_sagemaker
+    rows = tmp_path/'rows'; rows.mkdir()
+    for i in range(4): (rows/f'part-{i}.csv').write_text('penguin_id\n1\n')
+    req = local_request('batch_inference', tmp_path, engine='script', instance_count=3, name='sm-bi-3',
+                        inputs={'model': 's3://models-elsewhere/m/', 'data': str(rows)})
+    captured = []
+    d = run_sagemaker(req, BUCKET, ROLE, image_uri='123456789012.dkr.ecr.us-east-1.amazonaws.com/mlproj:1', poll=0.05,
+                      say=lambda m: None, capture=captured)
+    sent = captured[0]
+    assert sent['ProcessingResources']['ClusterConfig']['InstanceCount'] == 3
+    dist = {i['InputName']: (i['S3Input']['S3Uri'], i['S3Input']['S3DataDistributionType']) for i in sent['ProcessingInputs']}
+    assert dist['data'] == ('s3://mlproj-test-bucket/mlproj/sm-bi-3/input/data/', 'ShardedByS3Key')
+    assert dist['model'] == ('s3://models-elsewhere/m/', 'FullyReplicated')
+    assert len(keys('mlproj/sm-bi-3/input/data/')) == 4
+    # prebuilt image route: no wheels shipped
+    assert not [k for k in keys('mlproj/sm-bi-3/code/') if '/wheels/' in k]
+    assert d['ProcessingJobStatus'] == 'Completed'
+
+
+def test_stop(moto_server, tmp_path):
+    from mlproj.sagemaker_backend import run_sagemaker, stop_remote, aws_session
+    req = local_request('preprocess', tmp_path, engine='script', name='sm-stop-1')
+    run_sagemaker(req, BUCKET, ROLE, image_uri='img:1', wait=False, say=lambda m: None)
+    assert stop_remote('sm-stop-1', aws_session())['ProcessingJobStatus'] == 'Stopped'
+
+
+def test_failed_job_prints_reason_and_exit_message_and_exits_non_zero(moto_server, tmp_path, monkeypatch, capsys):
+    "A job SageMaker fails: FailureReason and ExitMessage printed, non-zero exit (moto made to fail the job)."
+    from moto.sagemaker import models
+    real_init = models.FakeProcessingJob.__init__
+    def failing(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.processing_job_status = 'Failed'
+        self.failure_reason = 'AlgorithmError: see job logs'
+        self.exit_message = "preprocess.ipynb cell 3: InputError: raw.csv row 7, column 'island': unknown category 'Atlantis'"
+    monkeypatch.setattr(models.FakeProcessingJob, '__init__', failing)
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
+    from mlproj.cli import main
+    code = main(['job', 'run', 'preprocess', '--backend', 'sagemaker', '--role', ROLE, '--bucket', BUCKET, '--image-uri', 'img:1',
+                 '--engine', 'script', '--name', 'sm-fail-1'])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert 'FailureReason: AlgorithmError: see job logs' in err
+    assert "ExitMessage: preprocess.ipynb cell 3: InputError: raw.csv row 7, column 'island': unknown category 'Atlantis'" in err
+    assert main(['job', 'show', 'sm-fail-1', '--backend', 'sagemaker']) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown['ProcessingJobStatus'] == 'Failed' and shown['FailureReason'] == 'AlgorithmError: see job logs'
+
+
+def test_job_request_for_sagemaker_prints_the_remote_request(moto_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
+    from mlproj.cli import main
+    assert main(['job', 'request', 'batch_inference', '--backend', 'sagemaker', '--role', ROLE, '--bucket', BUCKET,
+                 '--input', 'model=s3://m/model/', '--input', 'data=s3://d/rows/', '--instance-count', '2', '--name', 'req-1']) == 0
+    req = json.loads(capsys.readouterr().out)
+    assert req['RoleArn'] == ROLE and 'sagemaker-scikit-learn' in req['AppSpecification']['ImageUri']
+    assert {i['InputName']: i['S3Input']['S3Uri'] for i in req['ProcessingInputs']} == {
+        'model': 's3://m/model/', 'data': 's3://d/rows/', 'code': 's3://mlproj-test-bucket/mlproj/req-1/code/'}
+    assert not keys('mlproj/req-1/')          # printing a request uploads nothing
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--bucket', BUCKET], '--role is required'),
+    (['--role', ROLE], '--bucket is required'),
+    (['--role', ROLE, '--bucket', 'no-such-bucket-here'], 'AWS HeadBucket'),
+])
+def test_missing_role_or_bucket_is_one_line(moto_server, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
+    from mlproj.cli import main
+    code = main(['job', 'run', 'preprocess', '--backend', 'sagemaker', '--image-uri', 'img:1', '--engine', 'script', *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.strip().count('\n') == 0, err
+
+
+def test_missing_credentials_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('AWS_')}
+    env.update({'AWS_CONFIG_FILE': '/dev/null', 'AWS_SHARED_CREDENTIALS_FILE': '/dev/null', 'AWS_EC2_METADATA_DISABLED': 'true',
+                'MLPROJ_OUTPUTS': str(tmp_path), 'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'NO_PROXY': '127.0.0.1,localhost'})
+    r = subprocess.run([str(Path(sys.executable).parent/'mlproj'), 'job', 'run', 'preprocess', '--backend', 'sagemaker', '--role', ROLE,
+                        '--bucket', BUCKET, '--region', 'us-east-1', '--engine', 'script'], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == 'mlproj: error: no AWS credentials found: set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role is available'
+
+
+def test_secrets_never_reach_output_or_artifacts(submitted):
+    said = '\n'.join(submitted['said'])
+    assert 'testing' not in said            # the fake key id and secret
+    blob = json.dumps(submitted['describe'], default=str) + json.dumps(submitted['captured'], default=str)
+    assert 'AWS_SECRET_ACCESS_KEY' not in blob and 'AWS_ACCESS_KEY_ID' not in blob
+
+
+def test_local_path_never_imports_the_sdk(tmp_path):
+    code = f"""
+import sys, os
+os.environ['MLPROJ_OUTPUTS'] = {str(tmp_path)!r}
+import mlproj.cli, mlproj.local, mlproj.pipeline, mlproj.runner, mlproj.steps
+import mlproj.scripts.preprocess, mlproj.scripts.train, mlproj.scripts.evaluate, mlproj.scripts.batch_inference
+from mlproj.pipeline import run_pipeline
+rec = run_pipeline(outputs_dir={str(tmp_path)!r}, params={{'train': {{'n_estimators': 10}}}}, engine='script', stream=None)
+assert rec['status'] == 'Completed', rec
+bad = sorted(m for m in sys.modules if m == 'sagemaker' or m.startswith('sagemaker.'))
+print('SDK MODULES', bad)
+"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'SDK MODULES []' in r.stdout
