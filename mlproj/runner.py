@@ -11,9 +11,9 @@ from .jobs import convert_value
 from .data import InputError
 
 # %% auto #0
-__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'ParameterError', 'notebook_parameters',
-           'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams', 'default_total_timeout',
-           'run_notebook', 'make_parser', 'main']
+__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'KERNEL_START_ATTEMPTS', 'ParameterError',
+           'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams',
+           'default_total_timeout', 'kernel_start_failed', 'run_notebook', 'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
 TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str, 'list': list, 'dict': dict, 'Path': Path}
@@ -133,6 +133,29 @@ def _stop_group(proc, grace:float=5):
         except subprocess.TimeoutExpired: pass
 
 # %% ../nbs/85_runner.ipynb #85-runner-015
+KERNEL_START_ATTEMPTS = 3   # a kernel that dies before its first reply is started again (see below)
+
+def kernel_start_failed(log:str)->bool:
+    "Did the run end because the kernel died while starting, before any cell ran?"
+    return 'Executing Cell' not in log and ('Kernel died before replying to kernel_info' in log or "Kernel didn't respond" in log)
+
+def _papermill(cmd:list, timeout:float, stream)->tuple[int|None, bool, str]:
+    "Run papermill in its own process group: (exit code, timed out?, its output)."
+    import threading
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, text=True, errors='replace')
+    lines, timed_out = [], False
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if stream is not None: print(line, end='', file=stream, flush=True)
+    th = threading.Thread(target=pump, daemon=True); th.start()
+    try: proc.wait(timeout)
+    except subprocess.TimeoutExpired: timed_out = True; _stop_group(proc)
+    except KeyboardInterrupt: _stop_group(proc); raise
+    finally: th.join(10)
+    return proc.returncode, timed_out, ''.join(lines)
+
 def _last_exception(stderr:str)->tuple[str, str]|None:
     "(type, message) of the last `pkg.Type: message` line papermill printed."
     for line in reversed(stderr.strip().splitlines()):
@@ -166,35 +189,26 @@ def run_notebook(notebook, # the job notebook
         cmd = [sys.executable, '-m', 'papermill', str(nb_path), str(work_nb), '-f', str(pfile), '-k', kernel,
                '--execution-timeout', str(cell_timeout), '--log-output', '--no-progress-bar', '--autosave-cell-every', '10']
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, text=True, errors='replace')
-        lines, timed_out = [], False
-        import threading
-        def pump():
-            for line in proc.stdout:
-                lines.append(line)
-                if stream is not None: print(line, end='', file=stream, flush=True)
-        th = threading.Thread(target=pump, daemon=True); th.start()
-        try: proc.wait(timeout)
-        except subprocess.TimeoutExpired: timed_out = True; _stop_group(proc)
-        except KeyboardInterrupt: _stop_group(proc); raise
-        finally: th.join(10)
+        for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
+            rc, timed_out, log = _papermill(cmd, max(1, timeout - (time.monotonic() - t0)), stream)
+            if rc == 0 or timed_out or not kernel_start_failed(log) or attempt == KERNEL_START_ATTEMPTS: break
+            if stream is not None: print(f'{name}: the kernel died while starting (attempt {attempt} of {KERNEL_START_ATTEMPTS}); starting another', file=stream, flush=True)
+            time.sleep(attempt)
         seconds = time.monotonic() - t0
-        log = ''.join(lines)
         nb = nbformat.read(work_nb, as_version=4) if work_nb.exists() else nbformat.read(nb_path, as_version=4)
         cut = truncate_streams(nb, output_cap)
         with atomic_path(executed) as t: nbformat.write(nb, t)
     _render_html(executed, html)
     outcome = {'notebook': name, 'status': 'Completed', 'seconds': round(seconds, 3), 'executed_notebook': str(executed),
                'html': str(html), 'parameters': params, 'truncated_outputs': cut}
-    if proc.returncode == 0 and not timed_out: return outcome
+    if rc == 0 and not timed_out: return outcome
     where = failing_cell(nb)
     cell = f' cell {where[0]}' if where else ''
     if timed_out: etype, msg = 'TimeoutError', f'the notebook ran longer than {timeout} s (--timeout) and was stopped'
     else:
         last = _last_exception(log)
         if last and last[0] in ('CellTimeoutError', 'DeadKernelError'): err = last   # the cell itself shows only the interrupt
-        else: err = (cell_error(where[1]) if where else None) or last or ('Error', f'papermill exited with code {proc.returncode}')
+        else: err = (cell_error(where[1]) if where else None) or last or ('Error', f'papermill exited with code {rc}')
         etype, msg = err
         if etype == 'CellTimeoutError': msg = f'the cell ran longer than {cell_timeout} s (--cell-timeout)'
         elif etype == 'DeadKernelError': msg = 'the kernel died'
