@@ -213,7 +213,7 @@ def run_local(req:dict, # a CreateProcessingJob request document
     validate_request(req)
     check_local_sources(req)
     name = req['ProcessingJobName']
-    job_dir = Path(jobs_dir or default_jobs_dir())/name
+    job_dir = Path(jobs_dir or default_jobs_dir()).resolve()/name    # absolute: instances run with their sandbox as working folder
     if job_dir.exists(): raise SpecError(f'ProcessingJobName: a job named {name!r} already exists in {job_dir.parent}')
     say = (lambda m: print(f'[{name}] {m}', file=stream, flush=True)) if stream is not None else (lambda m: None)
     created = _now()

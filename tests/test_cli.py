@@ -117,3 +117,14 @@ def test_mlproj_run_writes_the_run_record(tmp_path):
               'evaluate/evaluation/evaluation.json', 'evaluate/evaluation/confusion_matrix.png', 'batch_inference/predictions/predictions-algo-1.csv']:
         assert (tmp_path/'r1'/f).exists(), f
     assert rec['steps'][1]['parameters']['n_estimators'] == 30
+
+
+def test_default_outputs_folder_relative_to_the_working_folder(tmp_path):
+    "As `make run` does: no MLPROJ_OUTPUTS, outputs/ relative to where the command runs."
+    env = {k: v for k, v in os.environ.items() if k != 'MLPROJ_OUTPUTS'}
+    for engine in ('script', 'notebook'):
+        r = subprocess.run(MLPROJ + ['job', 'run', 'preprocess', '--engine', engine], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        d = json.loads(r.stdout)
+        assert d['ProcessingJobStatus'] == 'Completed'
+        assert (tmp_path/'outputs'/d['ProcessingJobName']/'train/train-algo-1.csv').exists()
