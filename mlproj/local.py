@@ -17,7 +17,8 @@ __all__ = ['split_s3', 'list_objects', 'fetch_object', 'put_object', 'check_loca
 
 # %% ../nbs/81_local.ipynb #81-local-005
 def _s3():
-    import boto3
+    try: import boto3
+    except ImportError: raise SpecError("s3:// URIs need boto3: pip install -e '.[aws]'") from None
     return boto3.client('s3')
 
 def split_s3(uri:str)->tuple[str,str]:
