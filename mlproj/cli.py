@@ -136,7 +136,9 @@ def cmd_sagemaker(a)->int:
     req = render_request(build_spec(a))
     if a.jobcmd == 'request':
         smb.check_target(a.bucket, a.role)
-        region = a.region or smb.aws_session(None, a.profile).region_name
+        import boto3
+        region = a.region or boto3.Session(profile_name=a.profile).region_name   # printing a request needs no credentials
+        if not region: raise SpecError('no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION')
         _print_json(smb.to_remote(req, a.bucket, a.role, a.image_uri or smb.stock_image_uri(region), a.prefix)[0]); return 0
     d = smb.run_sagemaker(req, a.bucket, a.role, a.prefix, a.region, a.profile, a.image_uri, wait=a.wait, download=a.download,
                           dependencies=not a.no_dependency_wheels, say=say)

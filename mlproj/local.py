@@ -8,6 +8,7 @@ import datetime as dt, json, os, shutil, signal, subprocess, sys, threading, tim
 from pathlib import Path
 from .contract import ROOT_ENV, OPT_ML, PROCESSING_PREFIX, clip_utf8
 from .jobs import validate_request, uri_path, outputs_root, SpecError
+from .runner import stop_process_group
 
 # %% auto #0
 __all__ = ['split_s3', 'list_objects', 'fetch_object', 'put_object', 'check_local_sources', 'shard_objects', 'default_jobs_dir',
@@ -142,12 +143,7 @@ class Instance:
                     except ValueError: pass
     def stop(self, grace:float=5.0):
         "SIGTERM the instance's process group, SIGKILL after `grace` seconds."
-        if self.proc.poll() is not None: return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-            try: os.killpg(self.proc.pid, sig)
-            except ProcessLookupError: return
-            try: self.proc.wait(wait); return
-            except subprocess.TimeoutExpired: pass
+        stop_process_group(self.proc, grace)
     def exit_message(self)->str|None:
         p = self.root/'output/message'
         return clip_utf8(p.read_bytes().decode('utf-8', 'replace')) if p.exists() else None

@@ -13,7 +13,7 @@ from .data import InputError
 # %% auto #0
 __all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'KERNEL_START_ATTEMPTS', 'ParameterError',
            'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams',
-           'default_total_timeout', 'kernel_start_failed', 'run_notebook', 'make_parser', 'main']
+           'default_total_timeout', 'stop_process_group', 'kernel_start_failed', 'run_notebook', 'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
 TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str, 'list': list, 'dict': dict, 'Path': Path}
@@ -125,7 +125,9 @@ def _render_html(nb_path:Path, html_path:Path):
     body, _ = HTMLExporter().from_filename(str(nb_path))
     with atomic_path(html_path) as t: t.write_text(body, encoding='utf-8')
 
-def _stop_group(proc, grace:float=5):
+def stop_process_group(proc, grace:float=5):
+    "SIGTERM the process group of `proc` (started with start_new_session), SIGKILL it after `grace` seconds."
+    if proc.poll() is not None: return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         try: os.killpg(proc.pid, sig)
         except ProcessLookupError: return
@@ -151,8 +153,8 @@ def _papermill(cmd:list, timeout:float, stream)->tuple[int|None, bool, str]:
             if stream is not None: print(line, end='', file=stream, flush=True)
     th = threading.Thread(target=pump, daemon=True); th.start()
     try: proc.wait(timeout)
-    except subprocess.TimeoutExpired: timed_out = True; _stop_group(proc)
-    except KeyboardInterrupt: _stop_group(proc); raise
+    except subprocess.TimeoutExpired: timed_out = True; stop_process_group(proc)
+    except KeyboardInterrupt: stop_process_group(proc); raise
     finally: th.join(10)
     return proc.returncode, timed_out, ''.join(lines)
 
