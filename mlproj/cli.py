@@ -121,7 +121,9 @@ def cmd_run(a)->int:
         params.setdefault(step, {})[name] = v
     rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=params, run_id=a.run_id, max_runtime=a.max_runtime, engine=a.engine)
     _print_json(rec)
-    return 0 if rec['status'] == 'Completed' else 1
+    if rec['status'] == 'Completed': return 0
+    interrupted = any(st.get('failure_reason', '').startswith('Stopped by user') for st in rec['steps'])
+    return 130 if interrupted else 1
 
 def _sagemaker_exit(d)->int: return 0 if d['ProcessingJobStatus'] in ('Completed', 'InProgress', 'Starting') else 1
 
