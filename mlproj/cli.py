@@ -4,8 +4,7 @@
 
 # %% ../nbs/95_cli.ipynb #95-cli-002
 from __future__ import annotations
-import argparse, json, os, signal, sys
-from pathlib import Path
+import argparse, json, signal, sys
 from .data import InputError, penguins_path
 from .jobs import STEPS, step_job, render_request, get_step, step_params, outputs_root, SpecError
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_contract.ipynb #00-contract-002
 from __future__ import annotations
-import json, os, sys, tempfile, shutil
+import json, os, sys, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -4,8 +4,7 @@
 
 # %% ../nbs/10_data.ipynb #10-data-002
 from __future__ import annotations
-import csv, io, re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 import numpy as np

@@ -4,9 +4,6 @@
 
 # %% ../nbs/40_evaluate.ipynb #40-evaluate-002
 from __future__ import annotations
-import json
-from pathlib import Path
-import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from .data import FEATURES, TARGET, InputError

@@ -4,11 +4,9 @@
 
 # %% ../nbs/50_inference.ipynb #50-inference-002
 from __future__ import annotations
-import time
-from pathlib import Path
 import numpy as np
 import pandas as pd
-from .data import FEATURES, ID, TARGET, iter_tables, InputError
+from .data import FEATURES, ID, iter_tables
 
 # %% auto #0
 __all__ = ['PREDICTION', 'PROBA_DECIMALS', 'predict_frame', 'predict_files']

@@ -4,9 +4,9 @@
 
 # %% ../nbs/81_local.ipynb #81-local-002
 from __future__ import annotations
-import datetime as dt, json, os, shutil, signal, subprocess, sys, threading, time
+import datetime as dt, json, os, shutil, subprocess, sys, threading, time
 from pathlib import Path
-from .contract import ROOT_ENV, OPT_ML, PROCESSING_PREFIX, clip_utf8
+from .contract import ROOT_ENV, OPT_ML, atomic_path, clip_utf8
 from .jobs import validate_request, uri_path, outputs_root, SpecError
 from .runner import stop_process_group
 
@@ -57,10 +57,7 @@ def put_object(src:Path, uri:str, rel:str):
     "Copy file `src` to `<uri>/<rel>` (local folder or s3:// prefix); local copies appear whole."
     p = uri_path(uri)
     if p is not None:
-        dest = p/rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f'.{dest.name}.upload')
-        shutil.copyfile(src, tmp); os.replace(tmp, dest)
+        with atomic_path(p/rel) as tmp: shutil.copyfile(src, tmp)
     else:
         bucket, prefix = split_s3(uri)
         _s3().upload_file(str(src), bucket, f"{prefix.rstrip('/')}/{rel}" if prefix else rel)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-002
 from __future__ import annotations
-import datetime as dt, json, os, secrets, sys, time
+import datetime as dt, json, secrets, sys, time
 from pathlib import Path
 from .contract import atomic_path
 from .data import penguins_path

@@ -4,7 +4,7 @@
 
 # %% ../nbs/85_runner.ipynb #85-runner-003
 from __future__ import annotations
-import argparse, ast, datetime as dt, difflib, json, os, re, signal, subprocess, sys, tempfile, time
+import argparse, ast, difflib, json, os, re, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 from .contract import JOB_CONFIG_FILE, output_dir, read_json_config, write_exit_message, atomic_path
 from .jobs import convert_value

@@ -4,7 +4,7 @@
 
 # %% ../nbs/82_sagemaker.ipynb #82-sagemaker-003
 from __future__ import annotations
-import copy, json, os, subprocess, sys, tempfile, time
+import copy, subprocess, sys, tempfile, time
 from pathlib import Path
 from .jobs import validate_request, uri_path, outputs_root, SpecError, CODE_CHANNEL
 from .local import split_s3
@@ -27,7 +27,7 @@ def aws_session(region:str|None=None, profile:str|None=None):
     "A boto3 session from the standard credential chain; refuses missing credentials or region in one line."
     import boto3, botocore.exceptions
     try: s = boto3.Session(region_name=region, profile_name=profile)
-    except botocore.exceptions.ProfileNotFound as e: raise BackendError(f'AWS profile not found: {profile}') from None
+    except botocore.exceptions.ProfileNotFound: raise BackendError(f'AWS profile not found: {profile}') from None
     if s.get_credentials() is None:
         raise BackendError('no AWS credentials found: set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role is available')
     if not s.region_name: raise BackendError('no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION')

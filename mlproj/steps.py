@@ -4,11 +4,10 @@
 
 # %% ../nbs/60_steps.ipynb #60-steps-002
 from __future__ import annotations
-import sys, time
+import json, sys, time
 from pathlib import Path
-import pandas as pd
 from .contract import container_path, current_host, host_rank, input_dir, output_dir, OutputSet
-from .data import load_table, list_data_files, split_table, InputError, TARGET, FEATURES, DATA_SUFFIXES
+from .data import load_table, split_table, InputError, TARGET, FEATURES, DATA_SUFFIXES
 from .train import train_model, write_model_artifact, load_model, ARTIFACT
 from .evaluate import evaluate_model, plot_confusion, plot_per_class
 from .inference import predict_files
@@ -82,7 +81,6 @@ def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
     report = evaluate_model(m, df)
     out = container_path(evaluation)
     with OutputSet() as outs:
-        import json
         outs.path(out/'evaluation.json').write_text(json.dumps(report, indent=2), encoding='utf-8')
         plot_confusion(report, outs.path(out/'confusion_matrix.png'))
         plot_per_class(report, outs.path(out/'per_class.png'))
@@ -101,7 +99,7 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
     if chunksize < 1: raise InputError(f'chunksize must be at least 1, got {chunksize}')
     m, manifest = load_model(existing_dir(model, 'model input'))
     src = container_path(data)
-    host, (rank, n_hosts) = current_host(), host_rank()
+    host, (_, n_hosts) = current_host(), host_rank()
     if n_hosts > 1 and src.is_dir() and not has_data(src):
         log('batch_inference', f'{host}: no input objects in this shard ({src}); nothing to do')
         return {'rows': 0, 'files': [], 'predicted_counts': {}, 'host': host}
