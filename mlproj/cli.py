@@ -5,61 +5,53 @@
 # %% ../nbs/95_cli.ipynb #95-cli-002
 from __future__ import annotations
 import argparse, json, signal, sys
-from .data import InputError, penguins_path
-from .jobs import STEPS, step_job, render_request, get_step, step_params, outputs_root, SpecError
+from .errors import MlprojError, SpecError
+from .params import parse_pairs
+from .steps import BUNDLED, STEPS, get_step, step_sources
+from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle
 
 # %% auto #0
-__all__ = ['DEFAULT_SOURCES', 'parse_pairs', 'default_inputs', 'build_spec', 'make_parser', 'cmd_run', 'cmd_sagemaker', 'cmd_job',
+__all__ = ['default_inputs', 'build_spec', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params', 'cmd_job',
            'main']
 
-# %% ../nbs/95_cli.ipynb #95-cli-004
-# where a step's inputs come from when not given: bundled data, or (step, output) of the newest completed job
-DEFAULT_SOURCES = {'raw': 'bundled', 'data': 'bundled', 'train': ('preprocess', 'train'), 'test': ('preprocess', 'test'),
-                   'model': ('train', 'model')}
-
-def parse_pairs(pairs:list[str]|None, what:str)->dict:
-    "NAME=VALUE pairs as a dict; refuses a pair without '='."
-    out = {}
-    for p in pairs or []:
-        k, sep, v = p.partition('=')
-        if not sep or not k: raise SpecError(f'{what} {p!r}: expected NAME=VALUE')
-        out[k] = v
-    return out
-
+# %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
-    "The step's inputs: `given`, else bundled data or the newest completed job's outputs."
+    "The step's inputs: `given`, else its declared source — the bundled data, or the newest completed job's output of that name."
     from mlproj.local import latest_output
-    sd, ins = get_step(step), {}
-    for ch in sd.inputs:
-        if ch in given: ins[ch] = given[ch]; continue
-        src = DEFAULT_SOURCES.get(ch)
-        if src == 'bundled': ins[ch] = str(penguins_path()); continue
-        uri = latest_output(*src, jobs_dir=outputs_root()/'jobs') if src else None
-        if uri is None:
-            raise SpecError(f"step {step}: no input {ch!r} given and no completed {src[0]} job found in {outputs_root()/'jobs'}; "
-                            f"run `make run` (or `mlproj job run {src[0]}`) first, or pass --input {ch}=PATH")
-        ins[ch] = uri
+    ins = {}
+    for ch, src in step_sources(step).items():
+        if ch in given: ins[ch] = given[ch]
+        elif src == BUNDLED:
+            from mlproj.data import penguins_path
+            ins[ch] = str(penguins_path())
+        else:
+            uri = latest_output(*src, jobs_dir=outputs_root()/'jobs')
+            if uri is None:
+                raise SpecError(f"step {step}: no input {ch!r} given and no completed {src[0]} job found in {outputs_root()/'jobs'}; "
+                                f"run `make run` (or `mlproj job run {src[0]}`) first, or pass --input {ch}=PATH")
+            ins[ch] = uri
+    ins.update({k: v for k, v in given.items() if k not in ins})   # unknown names are refused by step_job
     return ins
 
-# %% ../nbs/95_cli.ipynb #95-cli-005
+# %% ../nbs/95_cli.ipynb #95-cli-007
 def build_spec(a)->'JobSpec':
-    "The JobSpec of a `job run`/`job request` command line."
-    from mlproj.jobs import job_name
+    "The JobSpec of a `job run`/`job request` command line (nothing is written)."
     get_step(a.step)
     name = a.name or job_name(a.step)
     ins = default_inputs(a.step, parse_pairs(a.input, '--input'))
     given_outs = parse_pairs(a.output, '--output')
-    channels = get_step(a.step).outputs + (('report',) if a.engine == 'notebook' else ())
+    channels = get_step(a.step).outputs + ((REPORT_CHANNEL,) if a.engine == 'notebook' else ())
     outs = {ch: given_outs.get(ch, str(outputs_root()/name/ch)) for ch in channels}
     outs.update({k: v for k, v in given_outs.items() if k not in outs})   # unknown names are refused by step_job
     kw = dict(max_runtime=a.max_runtime, instance_type=a.instance_type, volume_size_gb=a.volume_size)
     if a.env: kw['environment'] = parse_pairs(a.env, '--env')
     if getattr(a, 'role', None): kw['role'] = a.role
-    return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, engine=a.engine, **kw)
+    code = code_dir(code_files(a.step, a.engine), outputs_root()/'code')   # its path only: `job run` writes it, `job request` does not
+    return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, engine=a.engine, code=str(code), **kw)
 
-# %% ../nbs/95_cli.ipynb #95-cli-006
+# %% ../nbs/95_cli.ipynb #95-cli-009
 def _job_args(p):
-    p.add_argument('step', help=f"pipeline step: {', '.join(STEPS)}")
+    p.add_argument('step', help=f"pipeline step: {', '.join(STEPS)} (see 'mlproj job params')")
     p.add_argument('--instance-count', type=int, default=1, metavar='N', help='number of instances (default 1)')
     p.add_argument('--input', action='append', metavar='NAME=URI', help='input channel source: a path, file:// or s3:// URI (repeatable)')
     p.add_argument('--output', action='append', metavar='NAME=URI', help='output channel destination (default outputs/<job-name>/<name>)')
@@ -69,13 +61,14 @@ def _job_args(p):
     p.add_argument('--volume-size', type=int, default=30, metavar='GB', help='VolumeSizeInGB (default 30)')
     p.add_argument('--env', action='append', metavar='NAME=VALUE', help='container environment variable (repeatable)')
     p.add_argument('--name', help='job name (default mlproj-<step>-<time>-<random>)')
-    p.add_argument('--engine', choices=('notebook', 'script'), default='notebook',
+    p.add_argument('--engine', choices=ENGINES, default='notebook',
                    help='notebook: the job notebook under papermill, with an executed-notebook report (default); script: the runtime script')
     _backend_args(p)
     p.add_argument('--wait', action=argparse.BooleanOptionalAction, default=True, help='sagemaker: follow the job until it ends (default: wait)')
     p.add_argument('--download', action='store_true', help="sagemaker: copy a completed job's outputs back under outputs/")
     p.add_argument('--no-dependency-wheels', action='store_true', help='sagemaker, stock image: ship only the mlproj wheel (the image must already have the dependencies)')
 
+# %% ../nbs/95_cli.ipynb #95-cli-010
 def _backend_args(p):
     p.add_argument('--backend', choices=('local', 'sagemaker'), default='local', help='where the job runs (default: local)')
     p.add_argument('--role', help='sagemaker: execution role ARN')
@@ -85,6 +78,7 @@ def _backend_args(p):
     p.add_argument('--profile', help='sagemaker: AWS profile (default: the standard AWS configuration)')
     p.add_argument('--image-uri', help='sagemaker: a prebuilt image with mlproj (default: the stock scikit-learn processing image + wheels)')
 
+# %% ../nbs/95_cli.ipynb #95-cli-011
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
     sub = ap.add_subparsers(dest='cmd', required=True)
@@ -94,7 +88,7 @@ def make_parser()->argparse.ArgumentParser:
     r.add_argument('-p', '--param', action='append', metavar='STEP.NAME=VALUE', help='step parameter, e.g. -p train.seed=7')
     r.add_argument('--run-id', help='run folder name under outputs/ (default: timestamp)')
     r.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='per-step MaxRuntimeInSeconds (default 3600)')
-    r.add_argument('--engine', choices=('notebook', 'script'), default='notebook', help='run job notebooks (default) or runtime scripts')
+    r.add_argument('--engine', choices=ENGINES, default='notebook', help='run job notebooks (default) or runtime scripts')
     job = sub.add_parser('job', help='processing jobs').add_subparsers(dest='jobcmd', required=True)
     _job_args(job.add_parser('run', help='run a step as a processing job on this machine and print its describe result'))
     _job_args(job.add_parser('request', help='print the CreateProcessingJob request of a step, without running it'))
@@ -103,50 +97,68 @@ def make_parser()->argparse.ArgumentParser:
     stop = job.add_parser('stop', help='stop a SageMaker job'); stop.add_argument('name')
     stop.add_argument('--region'); stop.add_argument('--profile')
     job.add_parser('list', help='list local jobs, newest first')
-    job.add_parser('params', help="list a step's parameters").add_argument('step')
+    job.add_parser('params', help="list the steps' parameters, or one step's").add_argument('step', nargs='?')
     return ap
 
-# %% ../nbs/95_cli.ipynb #95-cli-007
+# %% ../nbs/95_cli.ipynb #95-cli-014
 def _print_json(d): print(json.dumps(d, indent=2, default=str), flush=True)
 
-def _sigterm(*_): raise KeyboardInterrupt
-
-def cmd_run(a)->int:
-    from mlproj.pipeline import run_pipeline
+# %% ../nbs/95_cli.ipynb #95-cli-015
+def run_params(pairs:list[str]|None)->dict:
+    "{step: {name: value}} of `-p STEP.NAME=VALUE` pairs."
     params = {}
-    for k, v in parse_pairs(a.param, '-p').items():
+    for k, v in parse_pairs(pairs, '-p').items():
         step, dot, name = k.partition('.')
         if not dot: raise SpecError(f"-p {k}={v}: expected STEP.NAME=VALUE, e.g. train.seed=7")
         params.setdefault(step, {})[name] = v
-    rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=params, run_id=a.run_id, max_runtime=a.max_runtime, engine=a.engine)
+    return params
+
+# %% ../nbs/95_cli.ipynb #95-cli-017
+def cmd_run(a)->int:
+    "`mlproj run`: the pipeline, locally."
+    from mlproj.pipeline import run_pipeline
+    rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=run_params(a.param), run_id=a.run_id,
+                       max_runtime=a.max_runtime, engine=a.engine)
     _print_json(rec)
     if rec['status'] == 'Completed': return 0
     interrupted = any(st.get('failure_reason', '').startswith('Stopped by user') for st in rec['steps'])
     return 130 if interrupted else 1
 
-def _sagemaker_exit(d)->int: return 0 if d['ProcessingJobStatus'] in ('Completed', 'InProgress', 'Starting') else 1
-
+# %% ../nbs/95_cli.ipynb #95-cli-018
 def cmd_sagemaker(a)->int:
     "The `--backend sagemaker` side of `job run|request|show|stop` (the SDK is imported only here, and only when used)."
     from mlproj import sagemaker_backend as smb
     say = lambda m: print(m, file=sys.stderr, flush=True)
     if a.jobcmd == 'stop':
-        d = smb.stop_remote(a.name, smb.aws_session(a.region, a.profile)); _print_json(d); return 0
+        _print_json(smb.stop_remote(a.name, smb.aws_session(a.region, a.profile))); return 0
     if a.jobcmd == 'show':
         _print_json(smb.describe_remote(a.name, smb.aws_session(a.region, a.profile))); return 0
-    req = render_request(build_spec(a))
+    spec = build_spec(a)
     if a.jobcmd == 'request':
         smb.check_target(a.bucket, a.role)
         import boto3
         region = a.region or boto3.Session(profile_name=a.profile).region_name   # printing a request needs no credentials
         if not region: raise SpecError('no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION')
-        _print_json(smb.to_remote(req, a.bucket, a.role, a.image_uri or smb.stock_image_uri(region), a.prefix)[0]); return 0
-    d = smb.run_sagemaker(req, a.bucket, a.role, a.prefix, a.region, a.profile, a.image_uri, wait=a.wait, download=a.download,
+        _print_json(smb.to_remote(render_request(spec), a.bucket, a.role, a.image_uri or smb.stock_image_uri(region), a.prefix)[0]); return 0
+    write_code_bundle(a.step, a.engine, outputs_root()/'code')
+    d = smb.run_sagemaker(render_request(spec), a.bucket, a.role, a.prefix, a.region, a.profile, a.image_uri, wait=a.wait, download=a.download,
                           dependencies=not a.no_dependency_wheels, say=say)
     _print_json(d)
-    return _sagemaker_exit(d)
+    return 0 if d['ProcessingJobStatus'] in ('Completed', 'InProgress', 'Starting') else 1
 
+# %% ../nbs/95_cli.ipynb #95-cli-019
+def cmd_params(step:str|None=None):
+    "`mlproj job params [STEP]`: each step's channels and parameters, from its declaration."
+    for s in ([get_step(step)] if step else STEPS.values()):
+        print(f"{s.name}: {s.doc.splitlines()[0] if s.doc else ''}")
+        print(f"  inputs: {', '.join(s.inputs)}   outputs: {', '.join(s.outputs)}" + (f"   sharded: {', '.join(s.shardable)}" if s.shardable else '')
+              + f"   instances: at most {s.max_instances}")
+        for p in s.params.values(): print(f'  -p {p.name}={p.default!r:<10} {p.type.__name__:<6} {p.help}')
+    return 0
+
+# %% ../nbs/95_cli.ipynb #95-cli-021
 def cmd_job(a)->int:
+    "`mlproj job ...`: one step as a processing job, and past jobs."
     from mlproj import local
     if a.jobcmd == 'stop' or getattr(a, 'backend', 'local') == 'sagemaker': return cmd_sagemaker(a)
     if a.jobcmd == 'show': _print_json(local.show_job(a.name, outputs_root()/'jobs')); return 0
@@ -154,22 +166,24 @@ def cmd_job(a)->int:
         for d in local.list_jobs(outputs_root()/'jobs'):
             print(f"{d['ProcessingJobName']:<50} {d['ProcessingJobStatus']:<10} {d.get('CreationTime', '')}")
         return 0
-    if a.jobcmd == 'params':
-        for n, (t, dflt) in step_params(a.step).items(): print(f'{n}: {t.__name__} = {dflt!r}')
-        return 0
-    req = render_request(build_spec(a))
-    if a.jobcmd == 'request': _print_json(req); return 0
-    d = local.run_local(req, jobs_dir=outputs_root()/'jobs', stream=sys.stderr)
+    if a.jobcmd == 'params': return cmd_params(a.step)
+    spec = build_spec(a)
+    if a.jobcmd == 'request': _print_json(render_request(spec)); return 0
+    write_code_bundle(a.step, a.engine, outputs_root()/'code')
+    d = local.run_local(render_request(spec), jobs_dir=outputs_root()/'jobs', stream=sys.stderr)
     _print_json(d)
     if d['ProcessingJobStatus'] == 'Completed': return 0
     return 130 if d.get('FailureReason', '').startswith('Stopped by user') else 1
 
+# %% ../nbs/95_cli.ipynb #95-cli-022
+def _sigterm(*_): raise KeyboardInterrupt
+
 def main(argv=None)->int:
-    "Entry point of the `mlproj` command."
+    "Entry point of the `mlproj` command: exit 0 done, 1 a job that did not complete, 2 refused (one line), 130 interrupted."
     a = make_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)   # a terminated CLI stops its job's instances like Ctrl-C
     try: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
-    except (InputError, FileExistsError) as e:
+    except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
     except Exception as e:
         if not type(e).__module__.startswith(('botocore', 'boto3')): raise

@@ -9,17 +9,14 @@ from pathlib import Path
 from typing import Iterator
 import numpy as np
 import pandas as pd
+from .errors import InputError
 
 # %% auto #0
 __all__ = ['ID', 'TARGET', 'SPECIES', 'SCHEMA', 'COLUMNS', 'FEATURES', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES',
-           'DATA_SUFFIXES', 'InputError', 'Column', 'penguins_path', 'synthetic_penguins', 'list_data_files',
-           'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'validate', 'Chunk', 'iter_tables', 'load_table',
-           'split_table']
+           'DATA_SUFFIXES', 'Column', 'penguins_path', 'synthetic_penguins', 'list_data_files', 'read_csv_chunks',
+           'read_parquet_chunks', 'read_chunks', 'validate', 'Chunk', 'iter_tables', 'load_table', 'split_table']
 
 # %% ../nbs/10_data.ipynb #10-data-005
-class InputError(ValueError):
-    "Bad input data: the message names what is wrong and where."
-
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -197,10 +194,7 @@ def validate(raw:pd.DataFrame, # one chunk as read
             out[c.name] = text.where(~isna, np.nan).astype(object)
         else:
             out[c.name] = text.astype(object)
-    df = pd.DataFrame(out, index=raw.index)
-    feats = [f for f in FEATURES if f in df.columns]
-    if len(feats) != len(FEATURES): raise InputError(f'{source}: expected {len(FEATURES)} features, found {len(feats)}')
-    return df
+    return pd.DataFrame(out, index=raw.index)
 
 # %% ../nbs/10_data.ipynb #10-data-018
 @dataclass
@@ -228,10 +222,7 @@ def iter_tables(path, # a data file or a folder of shards
 def load_table(path, require_target:bool=True, notes:list|None=None)->pd.DataFrame:
     "All rows at `path`, validated, as one DataFrame."
     parts = [c.df for c in iter_tables(path, None, require_target, notes)]
-    df = pd.concat(parts, ignore_index=True)
-    n_feats = sum(f in df.columns for f in FEATURES)
-    if n_feats != len(FEATURES): raise InputError(f'{path}: expected {len(FEATURES)} features after loading, found {n_feats}')
-    return df
+    return pd.concat(parts, ignore_index=True)
 
 # %% ../nbs/10_data.ipynb #10-data-021
 def split_table(df:pd.DataFrame, test_size:float=0.2, seed:int=42)->tuple[pd.DataFrame, pd.DataFrame]:

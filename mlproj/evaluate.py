@@ -6,7 +6,8 @@
 from __future__ import annotations
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-from .data import FEATURES, TARGET, InputError
+from .data import FEATURES, TARGET
+from .errors import InputError
 
 # %% auto #0
 __all__ = ['compute_metrics', 'evaluate_model', 'metrics_table', 'plot_confusion', 'plot_per_class']

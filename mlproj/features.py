@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
-from .data import COLUMNS, FEATURES, NUMERIC_FEATURES, CATEGORICAL_FEATURES, InputError
+from .data import COLUMNS, FEATURES, NUMERIC_FEATURES, CATEGORICAL_FEATURES
+from .errors import InputError
 
 # %% auto #0
 __all__ = ['fit_features', 'feature_names', 'transform_features', 'PenguinFeatures']

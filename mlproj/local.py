@@ -4,65 +4,19 @@
 
 # %% ../nbs/81_local.ipynb #81-local-002
 from __future__ import annotations
-import datetime as dt, json, os, shutil, subprocess, sys, threading, time
+import datetime as dt, json, os, subprocess, sys, threading, time
 from pathlib import Path
-from .contract import ROOT_ENV, OPT_ML, atomic_path, clip_utf8
-from .jobs import validate_request, uri_path, outputs_root, SpecError
-from .runner import stop_process_group
+from .contract import ROOT_ENV, OPT_ML, atomic_path, clip_utf8, stop_process_group
+from .errors import SpecError, StorageError
+from .storage import list_objects, download, upload, uri_path
+from .jobs import validate_request, outputs_root
 
 # %% auto #0
-__all__ = ['split_s3', 'list_objects', 'fetch_object', 'put_object', 'check_local_sources', 'shard_objects', 'default_jobs_dir',
-           'host_names', 'local_arn', 'container_local', 'prepare_sandbox', 'stage_inputs', 'Instance',
-           'container_argv', 'instance_env', 'collect_outputs', 'upload_outputs', 'run_local', 'show_job', 'list_jobs',
-           'latest_output']
+__all__ = ['check_local_sources', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn', 'container_local',
+           'prepare_sandbox', 'stage_inputs', 'Instance', 'container_argv', 'instance_env', 'collect_outputs',
+           'upload_outputs', 'describe', 'save_describe', 'run_local', 'show_job', 'list_jobs', 'latest_output']
 
 # %% ../nbs/81_local.ipynb #81-local-005
-def _s3():
-    try: import boto3
-    except ImportError: raise SpecError("s3:// URIs need boto3: pip install -e '.[aws]'") from None
-    return boto3.client('s3')
-
-def split_s3(uri:str)->tuple[str,str]:
-    "(bucket, key) of an s3:// URI."
-    rest = uri[len('s3://'):]
-    bucket, _, key = rest.partition('/')
-    return bucket, key
-
-def list_objects(uri:str)->list[tuple[str, object]]:
-    "Sorted [(relative key, handle)] of the objects under `uri` (local file/folder or s3:// prefix)."
-    p = uri_path(uri)
-    if p is not None:
-        if p.is_file(): return [(p.name, p)]
-        if p.is_dir(): return sorted((f.relative_to(p).as_posix(), f) for f in p.rglob('*') if f.is_file())
-        raise SpecError(f'input source not found: {uri}')
-    if not uri.startswith('s3://'): raise SpecError(f'unsupported URI scheme: {uri}')
-    bucket, prefix = split_s3(uri)
-    objs = []
-    for page in _s3().get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=prefix):
-        for o in page.get('Contents', []):
-            k = o['Key']
-            if k.endswith('/'): continue
-            rel = k[len(prefix):].lstrip('/') if k != prefix else k.rsplit('/', 1)[-1]
-            objs.append((rel, ('s3', bucket, k)))
-    if not objs: raise SpecError(f'input source has no objects: {uri}')
-    return sorted(objs, key=lambda o: o[0])
-
-def fetch_object(handle, dest:Path):
-    "Copy one object (local file or s3 object) to `dest`."
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(handle, Path): shutil.copyfile(handle, dest)
-    else: _s3().download_file(handle[1], handle[2], str(dest))
-
-def put_object(src:Path, uri:str, rel:str):
-    "Copy file `src` to `<uri>/<rel>` (local folder or s3:// prefix); local copies appear whole."
-    p = uri_path(uri)
-    if p is not None:
-        with atomic_path(p/rel) as tmp: shutil.copyfile(src, tmp)
-    else:
-        bucket, prefix = split_s3(uri)
-        _s3().upload_file(str(src), bucket, f"{prefix.rstrip('/')}/{rel}" if prefix else rel)
-
-# %% ../nbs/81_local.ipynb #81-local-007
 def check_local_sources(req:dict):
     "Refuse, before anything runs, a request whose local input sources do not exist."
     for i, inp in enumerate(req.get('ProcessingInputs', [])):
@@ -70,7 +24,7 @@ def check_local_sources(req:dict):
         if p is not None and not p.exists():
             raise SpecError(f"ProcessingInputs[{i}].S3Input.S3Uri: input {inp['InputName']!r} source not found: {p}")
 
-# %% ../nbs/81_local.ipynb #81-local-009
+# %% ../nbs/81_local.ipynb #81-local-008
 def shard_objects(objects:list, n_hosts:int, distribution:str)->list[list]:
     "Per-host object lists for `distribution` ('FullyReplicated' or 'ShardedByS3Key')."
     if distribution == 'FullyReplicated': return [list(objects) for _ in range(n_hosts)]
@@ -78,23 +32,29 @@ def shard_objects(objects:list, n_hosts:int, distribution:str)->list[list]:
     objs = sorted(objects, key=lambda o: o[0])
     return [objs[h::n_hosts] for h in range(n_hosts)]
 
-# %% ../nbs/81_local.ipynb #81-local-012
+# %% ../nbs/81_local.ipynb #81-local-011
 def default_jobs_dir()->Path:
     "Where local job sandboxes live: `$MLPROJ_OUTPUTS/jobs` (default `outputs/jobs`)."
     return outputs_root()/'jobs'
 
-def _now()->str: return dt.datetime.now(dt.timezone.utc).isoformat(timespec='milliseconds')
+# %% ../nbs/81_local.ipynb #81-local-012
+def host_names(n:int)->list[str]:
+    "SageMaker's instance names: algo-1 … algo-n."
+    return [f'algo-{i+1}' for i in range(n)]
 
-def host_names(n:int)->list[str]: return [f'algo-{i+1}' for i in range(n)]
+# %% ../nbs/81_local.ipynb #81-local-014
+def local_arn(name:str)->str:
+    "The ARN a local job reports (account 0, region `local`)."
+    return f'arn:aws:sagemaker:local:000000000000:processing-job/{name.lower()}'
 
-def local_arn(name:str)->str: return f'arn:aws:sagemaker:local:000000000000:processing-job/{name.lower()}'
-
+# %% ../nbs/81_local.ipynb #81-local-016
 def container_local(root:Path, local_path:str)->Path:
     "A container path (under /opt/ml) inside the instance root `root`."
     return root/Path(local_path).relative_to(OPT_ML)
 
+# %% ../nbs/81_local.ipynb #81-local-018
 def prepare_sandbox(req:dict, job_dir:Path)->list[Path]:
-    "Create the per-instance /opt/ml trees with config files; returns the instance roots."
+    "Create the per-instance /opt/ml trees with config files and empty output folders; returns the instance roots."
     hosts = host_names(req['ProcessingResources']['ClusterConfig']['InstanceCount'])
     job_dir.mkdir(parents=True, exist_ok=False)
     (job_dir/'request.json').write_text(json.dumps(req, indent=2))
@@ -110,22 +70,24 @@ def prepare_sandbox(req:dict, job_dir:Path)->list[Path]:
         roots.append(root)
     return roots
 
+# %% ../nbs/81_local.ipynb #81-local-020
 def stage_inputs(req:dict, roots:list[Path], say=print):
-    "Copy each input's objects into every instance root, by its distribution type."
+    "Copy each input's objects into every instance root, by its distribution type (through `mlproj.storage`)."
     for inp in req.get('ProcessingInputs', []):
         s3 = inp['S3Input']
-        objs = list_objects(s3['S3Uri'])
+        try: objs = list_objects(s3['S3Uri'])
+        except StorageError as e: raise StorageError(f"input {inp['InputName']!r}: {e}") from None
         shards = shard_objects(objs, len(roots), s3.get('S3DataDistributionType', 'FullyReplicated'))
         for root, share in zip(roots, shards):
             dest = container_local(root, s3['LocalPath'])
             dest.mkdir(parents=True, exist_ok=True)
-            for rel, handle in share: fetch_object(handle, dest/rel)
+            download(s3['S3Uri'], dest, objects=share)
         say(f"input {inp['InputName']}: {len(objs)} object(s) from {s3['S3Uri']} "
             f"({s3.get('S3DataDistributionType')}: {', '.join(str(len(s)) for s in shards)} per instance)")
 
-# %% ../nbs/81_local.ipynb #81-local-014
+# %% ../nbs/81_local.ipynb #81-local-023
 class Instance:
-    "One simulated instance: a process, its log, its exit."
+    "One simulated instance: a process in its own session, its log, its exit."
     def __init__(self, host:str, root:Path, argv:list, env:dict, log:Path, stream=None):
         self.host, self.root, self.log, self.stream = host, root, log, stream
         self.proc = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -139,12 +101,14 @@ class Instance:
                     try: print(f'{self.host} | {line.decode("utf-8", "replace").rstrip()}', file=self.stream, flush=True)
                     except ValueError: pass
     def stop(self, grace:float=5.0):
-        "SIGTERM the instance's process group, SIGKILL after `grace` seconds."
+        "Stop the instance as SageMaker stops a container (see `contract.stop_process_group`)."
         stop_process_group(self.proc, grace)
     def exit_message(self)->str|None:
+        "The first 1 KB of the instance's `/opt/ml/output/message`, if it wrote one."
         p = self.root/'output/message'
         return clip_utf8(p.read_bytes().decode('utf-8', 'replace')) if p.exists() else None
 
+# %% ../nbs/81_local.ipynb #81-local-025
 def container_argv(req:dict, root:Path)->list[str]:
     "The instance command: entrypoint + arguments; `python3`/`python` is this interpreter, `/opt/ml/...` in the entrypoint is the instance's sandbox."
     app = req['AppSpecification']
@@ -154,12 +118,14 @@ def container_argv(req:dict, root:Path)->list[str]:
     if argv[0] in ('python3', 'python'): argv[0] = sys.executable
     return argv
 
+# %% ../nbs/81_local.ipynb #81-local-027
 def instance_env(req:dict, root:Path)->dict:
+    "The instance's environment: this process's, the request's `Environment`, and the `/opt/ml` root moved to `root`."
     env = {**os.environ, **req.get('Environment', {}), ROOT_ENV: str(root.resolve()), 'PYTHONUNBUFFERED': '1'}
     env.setdefault('MPLBACKEND', 'Agg')
     return env
 
-# %% ../nbs/81_local.ipynb #81-local-016
+# %% ../nbs/81_local.ipynb #81-local-030
 def collect_outputs(req:dict, roots:list[Path])->dict:
     "{output name: [(relative name, file, host)]}; refuses two instances writing the same name."
     found = {}
@@ -176,27 +142,31 @@ def collect_outputs(req:dict, roots:list[Path])->dict:
         found[o['OutputName']] = files
     return found
 
+# %% ../nbs/81_local.ipynb #81-local-031
 def upload_outputs(req:dict, found:dict, say=print)->dict:
-    "Copy collected files to each output's destination; {output name: [relative names]}."
+    "Copy collected files to each output's destination (through `mlproj.storage`); {output name: [relative names]}."
     done = {}
     for o in req.get('ProcessingOutputConfig', {}).get('Outputs', []):
         uri = o['S3Output']['S3Uri']
-        for rel, f, _ in found[o['OutputName']]: put_object(f, uri, rel)
-        done[o['OutputName']] = [rel for rel, _, _ in found[o['OutputName']]]
+        done[o['OutputName']] = upload([(rel, f) for rel, f, _ in found[o['OutputName']]], uri)
         say(f"output {o['OutputName']}: {len(done[o['OutputName']])} file(s) -> {uri}")
     return done
 
-# %% ../nbs/81_local.ipynb #81-local-018
-def _describe(req, status, job_dir, **kw)->dict:
+# %% ../nbs/81_local.ipynb #81-local-034
+def _now()->str: return dt.datetime.now(dt.timezone.utc).isoformat(timespec='milliseconds')
+
+def describe(req:dict, status:str, **kw)->dict:
+    "A `DescribeProcessingJob`-shaped result of `req` with `status` and the given fields."
     d = {k: v for k, v in req.items() if k != 'Tags'}
     d.update({'ProcessingJobArn': local_arn(req['ProcessingJobName']), 'ProcessingJobStatus': status, **kw})
     return d
 
-def _save(job_dir:Path, d:dict)->dict:
-    tmp = job_dir/'.describe.json.tmp'
-    tmp.write_text(json.dumps(d, indent=2, default=str)); os.replace(tmp, job_dir/'describe.json')
+def save_describe(job_dir:Path, d:dict)->dict:
+    "Write `d` as the job's describe.json, atomically; returns it."
+    with atomic_path(job_dir/'describe.json') as t: t.write_text(json.dumps(d, indent=2, default=str))
     return d
 
+# %% ../nbs/81_local.ipynb #81-local-037
 def run_local(req:dict, # a CreateProcessingJob request document
               jobs_dir=None, # where sandboxes go (default outputs/jobs)
               stream=sys.stdout, # where instance logs and progress are echoed (None: quiet)
@@ -210,14 +180,13 @@ def run_local(req:dict, # a CreateProcessingJob request document
     job_dir = Path(jobs_dir or default_jobs_dir()).resolve()/name    # absolute: instances run with their sandbox as working folder
     if job_dir.exists(): raise SpecError(f'ProcessingJobName: a job named {name!r} already exists in {job_dir.parent}')
     say = (lambda m: print(f'[{name}] {m}', file=stream, flush=True)) if stream is not None else (lambda m: None)
-    created = _now()
     roots = prepare_sandbox(req, job_dir)
-    info = {'sandbox': str(job_dir.resolve()), 'instances': []}
-    base = dict(CreationTime=created, LocalExecution=info)
-    _save(job_dir, _describe(req, 'InProgress', job_dir, **base))
+    info = {'sandbox': str(job_dir), 'instances': []}
+    base = dict(CreationTime=_now(), LocalExecution=info)
+    save_describe(job_dir, describe(req, 'InProgress', **base))
     try: stage_inputs(req, roots, say)
     except Exception as e:
-        return _save(job_dir, _describe(req, 'Failed', job_dir, FailureReason=f'ClientError: {e}', ProcessingEndTime=_now(), **base))
+        return save_describe(job_dir, describe(req, 'Failed', FailureReason=f'ClientError: {e}', ProcessingEndTime=_now(), **base))
     limit = req['StoppingCondition']['MaxRuntimeInSeconds']
     app = req['AppSpecification']
     say(f"starting {len(roots)} instance(s): {' '.join(app.get('ContainerEntrypoint', []) + app.get('ContainerArguments', []))}")
@@ -229,9 +198,8 @@ def run_local(req:dict, # a CreateProcessingJob request document
             codes = [i.proc.poll() for i in insts]
             failed = [i for i, c in zip(insts, codes) if c not in (None, 0)]
             if failed:
-                status = 'Failed'
                 f = failed[0]
-                reason = f'AlgorithmError: {f.host} exited with code {f.proc.returncode}' + (f': {f.exit_message()}' if f.exit_message() else '')
+                status, reason = 'Failed', f'AlgorithmError: {f.host} exited with code {f.proc.returncode}' + (f': {f.exit_message()}' if f.exit_message() else '')
             elif all(c == 0 for c in codes): status = 'Completed'
             elif time.monotonic() - t0 > limit:
                 status, reason = 'Stopped', f'MaxRuntimeInSeconds exceeded: the job ran longer than {limit} s and was stopped'
@@ -248,25 +216,27 @@ def run_local(req:dict, # a CreateProcessingJob request document
     if status == 'Completed':
         try: info['uploaded'] = upload_outputs(req, collect_outputs(req, roots), say)
         except Exception as e: status, reason = 'Failed', f'ClientError: {e}'
-    d = _describe(req, status, job_dir, ProcessingStartTime=start, ProcessingEndTime=end, LastModifiedTime=end, **base)
+    d = describe(req, status, ProcessingStartTime=start, ProcessingEndTime=end, LastModifiedTime=end, **base)
     if reason: d['FailureReason'] = reason
     if exit_message: d['ExitMessage'] = clip_utf8(exit_message)
     say(f'{status}' + (f': {reason}' if reason else '') + f' ({time.monotonic()-t0:.1f}s)')
-    return _save(job_dir, d)
+    return save_describe(job_dir, d)
 
-# %% ../nbs/81_local.ipynb #81-local-022
+# %% ../nbs/81_local.ipynb #81-local-041
 def show_job(name:str, jobs_dir=None)->dict:
     "The describe result of local job `name`."
     p = Path(jobs_dir or default_jobs_dir())/name/'describe.json'
     if not p.exists(): raise SpecError(f'no local job named {name!r} in {p.parent.parent}')
     return json.loads(p.read_text())
 
+# %% ../nbs/81_local.ipynb #81-local-042
 def list_jobs(jobs_dir=None)->list[dict]:
     "Describe results of all local jobs, newest first."
     base = Path(jobs_dir or default_jobs_dir())
     ds = [json.loads(p.read_text()) for p in base.glob('*/describe.json')] if base.exists() else []
     return sorted(ds, key=lambda d: d.get('CreationTime', ''), reverse=True)
 
+# %% ../nbs/81_local.ipynb #81-local-043
 def latest_output(step:str, output:str, jobs_dir=None)->str|None:
     "Destination URI of `output` of the newest completed local job of `step`, if any."
     base = Path(jobs_dir or default_jobs_dir())

@@ -7,36 +7,48 @@ from __future__ import annotations
 import datetime as dt, json, secrets, sys, time
 from pathlib import Path
 from .contract import atomic_path
-from .data import penguins_path
-from .jobs import step_job, render_request, step_params, parse_params, code_bundle, uri_path, to_uri, SpecError
-from .local import run_local, list_objects
-from .train import sha256_file
+from .errors import SpecError
+from .params import did_you_mean
+from .storage import to_uri, digests
+from .steps import BUNDLED, STEPS, step_order, step_sources, check_step_params
+from .jobs import step_job, render_request, write_code_bundle, REPORT_CHANNEL
+from .local import run_local
 
 # %% auto #0
-__all__ = ['ORDER', 'wiring', 'file_digests', 'new_run_id', 'run_pipeline']
-
-# %% ../nbs/90_pipeline.ipynb #90-pipeline-004
-ORDER = ('preprocess', 'train', 'evaluate', 'batch_inference')
-
-def wiring(run_dir:Path, raw:str, data:str)->dict:
-    "{step: (inputs, outputs)} of a pipeline run writing under `run_dir`."
-    o = lambda step, ch: str(run_dir/step/ch)
-    return {
-        'preprocess': ({'raw': raw}, {'train': o('preprocess', 'train'), 'test': o('preprocess', 'test')}),
-        'train': ({'train': o('preprocess', 'train')}, {'model': o('train', 'model')}),
-        'evaluate': ({'model': o('train', 'model'), 'test': o('preprocess', 'test')}, {'evaluation': o('evaluate', 'evaluation')}),
-        'batch_inference': ({'model': o('train', 'model'), 'data': data}, {'predictions': o('batch_inference', 'predictions')}),
-    }
-
-def file_digests(uri:str)->dict:
-    "{relative name: sha256} of the local files under `uri` (remote URIs: not hashed)."
-    p = uri_path(uri)
-    if p is None or not p.exists(): return {}
-    return {rel: sha256_file(h) for rel, h in list_objects(uri)}
-
-def new_run_id()->str: return f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+__all__ = ['wiring', 'external_inputs', 'check_run_params', 'new_run_id', 'run_pipeline']
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-005
+def wiring(run_dir:Path, # the run's folder: each step writes under <run_dir>/<step>/<channel>
+           external:dict, # {input channel: source} of the inputs no step produces, e.g. {'raw': ..., 'data': ...}
+          )->dict:
+    "{step: (inputs, outputs)} of a pipeline run writing under `run_dir`, in run order."
+    out = {}
+    for step in step_order():
+        ins = {}
+        for ch, src in step_sources(step).items():
+            if src == BUNDLED: ins[ch] = str(external[ch])
+            else: ins[ch] = str(run_dir/src[0]/src[1])
+        out[step] = (ins, {ch: str(run_dir/step/ch) for ch in STEPS[step].outputs})
+    return out
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-007
+def external_inputs()->list[str]:
+    "The input channels no step produces (the pipeline's own inputs), in run order."
+    return list(dict.fromkeys(ch for s in step_order() for ch, src in step_sources(s).items() if src == BUNDLED))
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-009
+def check_run_params(params:dict)->dict:
+    "{step: {name: typed value}} of `{step: {name: value}}`; an unknown step or parameter is refused before anything runs."
+    for step in params:
+        if step not in STEPS: raise SpecError(f"unknown step {step!r} in parameters" + did_you_mean(step, STEPS) + f"; steps: {', '.join(STEPS)}")
+    return {step: check_step_params(step, p) for step, p in params.items()}
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-011
+def new_run_id()->str:
+    "A fresh run folder name: UTC time and a random suffix."
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-014
 def run_pipeline(raw=None, # raw training data (default: the bundled penguins table)
                  data=None, # rows to score in batch inference (default: the bundled table)
                  outputs_dir='outputs', # where runs and job sandboxes go
@@ -46,37 +58,36 @@ def run_pipeline(raw=None, # raw training data (default: the bundled penguins ta
                  engine:str='notebook', # 'notebook' (job notebooks under papermill, with reports) or 'script'
                  stream=sys.stderr, # progress and job logs (None: quiet)
                 )->dict:
-    "Run the four steps as local processing jobs; returns the run record (also written to run.json)."
-    params = params or {}
-    unknown = set(params) - set(ORDER)
-    if unknown: raise SpecError(f"unknown step {sorted(unknown)[0]!r} in parameters; steps: {', '.join(ORDER)}")
-    params = {step: parse_params(step, p) for step, p in params.items()}   # refuse a bad parameter before any step runs
+    "Run every step as a local processing job, in graph order; returns the run record (also written to run.json)."
+    from mlproj.data import penguins_path
+    params = check_run_params(params or {})             # refuse a bad parameter before any step runs
+    order = step_order()
     run_id = run_id or new_run_id()
     outputs_dir = Path(outputs_dir); run_dir = outputs_dir/run_id
     if run_dir.exists(): raise SpecError(f'run folder already exists: {run_dir}')
+    given = {'raw': raw, 'data': data}
+    external = {ch: str(given.get(ch) or penguins_path()) for ch in external_inputs()}
+    bundles = {step: write_code_bundle(step, engine, outputs_dir/'code') for step in order}   # also checks the job notebooks
     run_dir.mkdir(parents=True)
-    raw, data = str(raw or penguins_path()), str(data or penguins_path())
     record = {'run_id': run_id, 'status': 'InProgress', 'engine': engine, 'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
               'run_dir': str(run_dir.resolve()), 'steps': []}
     def save():
         with atomic_path(run_dir/'run.json') as t: t.write_text(json.dumps(record, indent=2))
     say = (lambda m: print(f'[run {run_id}] {m}', file=stream, flush=True)) if stream else (lambda m: None)
     t_run = time.perf_counter()
-    for i, step in enumerate(ORDER, 1):
-        ins, outs = wiring(run_dir, raw, data)[step]
-        if engine == 'notebook': outs = {**outs, 'report': str(run_dir/step/'report')}
-        spec = step_job(step, ins, outs, params.get(step, {}), max_runtime=max_runtime, engine=engine,
-                        code=str(code_bundle(step, engine, outputs_dir/'code')))
+    for i, (step, (ins, outs)) in enumerate(wiring(run_dir, external).items(), 1):
+        if engine == 'notebook': outs = {**outs, REPORT_CHANNEL: str(run_dir/step/REPORT_CHANNEL)}
+        spec = step_job(step, ins, outs, params.get(step, {}), max_runtime=max_runtime, engine=engine, code=str(bundles[step]))
         req = render_request(spec)
-        say(f'step {i}/{len(ORDER)}: {step} (job {spec.name})')
+        say(f'step {i}/{len(order)}: {step} (job {spec.name})')
         t0 = time.perf_counter()
         d = run_local(req, jobs_dir=outputs_dir/'jobs', stream=stream)
-        full = {k: v for k, (_, v) in step_params(step).items()} | params.get(step, {})
+        full = {n: p.default for n, p in STEPS[step].params.items()} | params.get(step, {})
         record['steps'].append({
             'step': step, 'job_name': spec.name, 'status': d['ProcessingJobStatus'], 'parameters': full,
             'seconds': round(time.perf_counter() - t0, 3), 'started': d.get('ProcessingStartTime'), 'ended': d.get('ProcessingEndTime'),
-            'inputs': {k: {'uri': to_uri(v), 'sha256': file_digests(to_uri(v))} for k, v in ins.items()},
-            'outputs': {k: {'uri': to_uri(v), 'sha256': file_digests(to_uri(v))} for k, v in outs.items()},
+            'inputs': {k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in ins.items()},
+            'outputs': {k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in outs.items()},
             **({'failure_reason': d['FailureReason']} if d.get('FailureReason') else {})})
         save()
         if d['ProcessingJobStatus'] != 'Completed':

@@ -4,22 +4,20 @@
 
 # %% ../nbs/85_runner.ipynb #85-runner-003
 from __future__ import annotations
-import argparse, ast, difflib, json, os, re, signal, subprocess, sys, tempfile, time
+import argparse, ast, json, os, re, signal, subprocess, sys, tempfile, time
 from pathlib import Path
-from .contract import JOB_CONFIG_FILE, output_dir, read_json_config, write_exit_message, atomic_path
-from .jobs import convert_value
-from .data import InputError
+from .contract import JOB_CONFIG_FILE, output_dir, read_json_config, write_exit_message, atomic_path, stop_process_group
+from .errors import MlprojError, InputError, ParameterError
+from .params import check_params, parse_pairs, read_param_files
 
 # %% auto #0
-__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'KERNEL_START_ATTEMPTS', 'ParameterError',
+__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'KERNEL_START_ATTEMPTS',
            'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams',
-           'default_total_timeout', 'stop_process_group', 'kernel_start_failed', 'run_notebook', 'make_parser', 'main']
+           'default_total_timeout', 'kernel_start_failed', 'run_notebook', 'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
 TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str, 'list': list, 'dict': dict, 'Path': Path}
 
-class ParameterError(InputError):
-    "A parameter the notebook does not declare, or a value that does not fit its type."
 
 def notebook_parameters(path)->dict:
     "{name: {'type', 'default', 'help'}} from the notebook's `parameters` cell (papermill's own reading)."
@@ -40,33 +38,11 @@ def resolve_parameters(path, # notebook
                        pairs:list[str]|None=None, # NAME=VALUE strings, as given on the command line
                        files:list|None=None, # YAML (or JSON) files of {name: value}
                       )->dict:
-    "Typed parameters for `path`: files first, then pairs; unknown names and bad values refused."
-    declared, given = notebook_parameters(path), {}
-    for f in files or []:
-        import yaml
-        try: data = yaml.safe_load(Path(f).read_text(encoding='utf-8')) or {}
-        except FileNotFoundError: raise ParameterError(f'parameters file not found: {f}') from None
-        except yaml.YAMLError as e: raise ParameterError(f'parameters file {f}: not valid YAML ({" ".join(str(e).split())[:200]})') from None
-        if not isinstance(data, dict): raise ParameterError(f'parameters file {f}: expected a mapping of name: value')
-        given.update(data)
-    for p in pairs or []:
-        k, sep, v = p.partition('=')
-        if not sep: raise ParameterError(f'parameter {p!r}: expected NAME=VALUE')
-        given[k.strip()] = v
-    out = {}
-    for k, v in given.items():
-        if k not in declared:
-            close = difflib.get_close_matches(k, declared, n=1)
-            raise ParameterError(f"{Path(path).name}: unknown parameter {k!r}" + (f" (did you mean {close[0]!r}?)" if close else '')
-                                 + f"; parameters: {', '.join(declared) or 'none'}")
-        typ = declared[k]['type']
-        val = convert_value(k, v, typ) if isinstance(v, str) else v
-        if typ is float and isinstance(val, int) and not isinstance(val, bool): val = float(val)
-        if typ is Path and isinstance(val, str): val = Path(val)
-        if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
-            raise ParameterError(f"parameter {k}={v!r}: expected {typ.__name__}")
-        out[k] = val
-    return out
+    "Typed parameters for `path`: files first, then pairs; unknown names and bad values refused (`mlproj.params`)."
+    declared = notebook_parameters(path)
+    given = {**read_param_files(files), **parse_pairs(pairs)}
+    try: return check_params(given, {k: d['type'] for k, d in declared.items()})
+    except ParameterError as e: raise ParameterError(f'{Path(path).name}: {e}') from None
 
 # %% ../nbs/85_runner.ipynb #85-runner-010
 _PAPERMILL_TAGS = {'injected-parameters', 'papermill-error-cell-tag'}
@@ -79,6 +55,7 @@ def _author_cells(nb):
         n += 1; out.append((n, c))
     return out
 
+# %% ../nbs/85_runner.ipynb #85-runner-011
 def failing_cell(nb)->tuple[int, dict]|None:
     "(author cell number, cell) of the cell that raised, else of the last cell that started."
     cells = _author_cells(nb)
@@ -87,13 +64,14 @@ def failing_cell(nb)->tuple[int, dict]|None:
     started = [(n, c) for n, c in cells if c.cell_type == 'code' and c.get('metadata', {}).get('papermill', {}).get('start_time')]
     return started[-1] if started else None
 
+# %% ../nbs/85_runner.ipynb #85-runner-012
 def cell_error(cell)->tuple[str, str]|None:
     "(exception type, message) of a cell's error output, if any."
     for o in cell.get('outputs', []):
         if o.get('output_type') == 'error': return o.get('ename', 'Error'), ' '.join(str(o.get('evalue', '')).split())
     return None
 
-# %% ../nbs/85_runner.ipynb #85-runner-011
+# %% ../nbs/85_runner.ipynb #85-runner-013
 def truncate_streams(nb, cap:int=100_000)->int:
     "Cut stream outputs longer than `cap` characters to head + tail with a note; returns how many were cut."
     cut = 0
@@ -108,7 +86,7 @@ def truncate_streams(nb, cap:int=100_000)->int:
             cut += 1
     return cut
 
-# %% ../nbs/85_runner.ipynb #85-runner-014
+# %% ../nbs/85_runner.ipynb #85-runner-016
 DEFAULT_CELL_TIMEOUT = 3600        # seconds a single cell may run
 DEFAULT_TIMEOUT = 6 * 3600         # seconds the whole notebook may run outside a processing job
 DEFAULT_OUTPUT_CAP = 100_000       # characters kept of one stream output
@@ -120,27 +98,20 @@ def default_total_timeout()->int:
     if not limit: return DEFAULT_TIMEOUT
     return max(1, int(limit - max(30, 0.05 * limit)))
 
+# %% ../nbs/85_runner.ipynb #85-runner-017
 def _render_html(nb_path:Path, html_path:Path):
     from nbconvert import HTMLExporter
     body, _ = HTMLExporter().from_filename(str(nb_path))
     with atomic_path(html_path) as t: t.write_text(body, encoding='utf-8')
 
-def stop_process_group(proc, grace:float=5):
-    "SIGTERM the process group of `proc` (started with start_new_session), SIGKILL it after `grace` seconds."
-    if proc.poll() is not None: return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try: os.killpg(proc.pid, sig)
-        except ProcessLookupError: return
-        try: proc.wait(wait); return
-        except subprocess.TimeoutExpired: pass
-
-# %% ../nbs/85_runner.ipynb #85-runner-015
+# %% ../nbs/85_runner.ipynb #85-runner-018
 KERNEL_START_ATTEMPTS = 3   # a kernel that dies before its first reply is started again (see below)
 
 def kernel_start_failed(log:str)->bool:
     "Did the run end because the kernel died while starting, before any cell ran?"
     return 'Executing Cell' not in log and ('Kernel died before replying to kernel_info' in log or "Kernel didn't respond" in log)
 
+# %% ../nbs/85_runner.ipynb #85-runner-019
 def _papermill(cmd:list, timeout:float, stream)->tuple[int|None, bool, str]:
     "Run papermill in its own process group: (exit code, timed out?, its output)."
     import threading
@@ -158,6 +129,7 @@ def _papermill(cmd:list, timeout:float, stream)->tuple[int|None, bool, str]:
     finally: th.join(10)
     return proc.returncode, timed_out, ''.join(lines)
 
+# %% ../nbs/85_runner.ipynb #85-runner-020
 def _last_exception(stderr:str)->tuple[str, str]|None:
     "(type, message) of the last `pkg.Type: message` line papermill printed."
     for line in reversed(stderr.strip().splitlines()):
@@ -165,6 +137,7 @@ def _last_exception(stderr:str)->tuple[str, str]|None:
         if m: return m.group(1).rsplit('.', 1)[-1], (m.group(2) or '').strip()
     return None
 
+# %% ../nbs/85_runner.ipynb #85-runner-021
 def run_notebook(notebook, # the job notebook
                  parameters:dict|None=None, # typed parameters (see resolve_parameters)
                  report=output_dir('report'), # folder for the executed notebook and its HTML
@@ -208,15 +181,16 @@ def run_notebook(notebook, # the job notebook
     cell = f' cell {where[0]}' if where else ''
     if timed_out: etype, msg = 'TimeoutError', f'the notebook ran longer than {timeout} s (--timeout) and was stopped'
     else:
-        last = _last_exception(log)
-        if last and last[0] in ('CellTimeoutError', 'DeadKernelError'): err = last   # the cell itself shows only the interrupt
-        else: err = (cell_error(where[1]) if where else None) or last or ('Error', f'papermill exited with code {rc}')
+        err = cell_error(where[1]) if where else None          # the executed notebook holds the cell's error
+        if err is None or err[0] == 'KeyboardInterrupt':       # stopped from outside: the cell shows no error, or only the interrupt
+            last = _last_exception(log)                        # papermill's verdict: CellTimeoutError, DeadKernelError
+            err = last if last and last[0] in ('CellTimeoutError', 'DeadKernelError') else (err or last or ('Error', f'papermill exited with code {rc}'))
         etype, msg = err
         if etype == 'CellTimeoutError': msg = f'the cell ran longer than {cell_timeout} s (--cell-timeout)'
         elif etype == 'DeadKernelError': msg = 'the kernel died'
     return {**outcome, 'status': 'Failed', 'message': f'{name}{cell}: {etype}: {msg}'}
 
-# %% ../nbs/85_runner.ipynb #85-runner-017
+# %% ../nbs/85_runner.ipynb #85-runner-023
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m mlproj.runner', description='Run a job notebook with papermill: validated parameters, report kept, timeouts.')
     ap.add_argument('notebook', help='the job notebook (.ipynb)')
@@ -230,6 +204,7 @@ def make_parser()->argparse.ArgumentParser:
     ap.add_argument('--list-params', action='store_true', help="print the notebook's parameters and exit")
     return ap
 
+# %% ../nbs/85_runner.ipynb #85-runner-024
 def main(argv=None):
     "Entry point: exit 0 on success; else one line on stderr, the exit message file, exit 1."
     a = make_parser().parse_args(argv)
@@ -243,12 +218,12 @@ def main(argv=None):
         out = run_notebook(a.notebook, params, a.report, a.cell_timeout, a.timeout, a.output_cap, a.kernel)
     except KeyboardInterrupt:
         out = {'status': 'Failed', 'message': f'{name}: interrupted'}
-    except InputError as e:
+    except MlprojError as e:
         out = {'status': 'Failed', 'message': f'{name}: {e}' if not str(e).startswith(name) else str(e)}
     print(json.dumps(out, default=str), flush=True)
     if out['status'] == 'Completed': return 0
     write_exit_message(out['message']); print(out['message'], file=sys.stderr, flush=True)
     return 1
 
-# %% ../nbs/85_runner.ipynb #85-runner-018
+# %% ../nbs/85_runner.ipynb #85-runner-025
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: sys.exit(main())

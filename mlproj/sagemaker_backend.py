@@ -6,19 +6,18 @@
 from __future__ import annotations
 import copy, subprocess, sys, tempfile, time
 from pathlib import Path
-from .jobs import validate_request, uri_path, outputs_root, SpecError, CODE_CHANNEL
-from .local import split_s3
+from .errors import BackendError
+from . import storage
+from .errors import StorageError
+from .storage import split_s3, s3_join, uri_path
+from .jobs import validate_request, outputs_root, CODE_CHANNEL
 
 # %% auto #0
-__all__ = ['DEFAULT_SKLEARN_VERSION', 'IMAGE_PYTHON', 'IMAGE_PLATFORM', 'TELEMETRY_OFF', 'TERMINAL', 'LOG_GROUP', 'BackendError',
-           'aws_session', 'check_target', 'stock_image_uri', 's3_join', 'to_remote', 'project_root',
-           'runtime_requirements', 'build_wheels', 'upload', 'download', 'submit', 'describe_remote', 'stop_remote',
-           'follow', 'run_sagemaker', 'download_outputs']
+__all__ = ['DEFAULT_SKLEARN_VERSION', 'IMAGE_PYTHON', 'IMAGE_PLATFORM', 'TELEMETRY_OFF', 'TERMINAL', 'LOG_GROUP', 'aws_session',
+           'check_target', 'stock_image_uri', 'to_remote', 'project_root', 'runtime_requirements', 'build_wheels',
+           'submit', 'describe_remote', 'stop_remote', 'follow', 'run_sagemaker', 'download_outputs']
 
 # %% ../nbs/82_sagemaker.ipynb #82-sagemaker-006
-class BackendError(SpecError):
-    "A SageMaker backend problem, said in one line."
-
 DEFAULT_SKLEARN_VERSION = '1.4-2-py312'   # stock processing image: scikit-learn 1.4, Python 3.12
 IMAGE_PYTHON, IMAGE_PLATFORM = '3.12', 'manylinux2014_x86_64'
 TELEMETRY_OFF = {'SchemaVersion': '1.0', 'SageMaker': {'PythonSDK': {'Modules': {'TelemetryOptOut': True}}}}
@@ -33,6 +32,7 @@ def aws_session(region:str|None=None, profile:str|None=None):
     if not s.region_name: raise BackendError('no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION')
     return s
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-007
 def check_target(bucket:str|None, role:str|None):
     "Refuse a missing or malformed bucket/role before anything is uploaded."
     import re
@@ -42,15 +42,14 @@ def check_target(bucket:str|None, role:str|None):
     if not re.fullmatch(r'arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+', role):
         raise BackendError(f'--role {role!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)')
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-008
 def stock_image_uri(region:str, version:str=DEFAULT_SKLEARN_VERSION)->str:
     "URI of SageMaker's scikit-learn processing image in `region` (offline: from the SDK's tables)."
     from sagemaker.core import image_uris
     try: return image_uris.retrieve('sklearn', region, version=version)
     except ValueError as e: raise BackendError(f'no SageMaker scikit-learn image {version} in {region}: {" ".join(str(e).split())[:200]}') from None
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-009
-def s3_join(*parts)->str: return 's3://' + '/'.join(str(p).strip('/') for p in parts if str(p).strip('/')) + '/'
-
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-011
 def to_remote(req:dict, # the locally rendered request (mlproj.jobs.render_request)
               bucket:str, # S3 bucket for inputs, code and outputs
               role:str, # SageMaker execution role ARN
@@ -63,7 +62,6 @@ def to_remote(req:dict, # the locally rendered request (mlproj.jobs.render_reque
     for inp in r.get('ProcessingInputs', []):
         s3 = inp['S3Input']; p = uri_path(s3['S3Uri'])
         if p is None: continue
-        if not p.exists(): raise BackendError(f"input {inp['InputName']!r}: local source not found: {p}")
         dest = s3_join(bucket, prefix, name, 'code' if inp['InputName'] == CODE_CHANNEL else f"input/{inp['InputName']}")
         uploads.append((p, dest)); s3['S3Uri'] = dest
     for out in r.get('ProcessingOutputConfig', {}).get('Outputs', []):
@@ -76,7 +74,7 @@ def to_remote(req:dict, # the locally rendered request (mlproj.jobs.render_reque
     validate_request(r, local_uris=False)
     return r, uploads, downloads
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-012
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-014
 def project_root()->Path:
     "The checkout `mlproj` is installed from (where setup.py is)."
     import mlproj
@@ -84,17 +82,20 @@ def project_root()->Path:
     if not (root/'setup.py').exists(): raise BackendError(f'cannot build the mlproj wheel: no setup.py above {Path(mlproj.__file__).parent} (install mlproj from a checkout, or pass --image-uri of an image with mlproj)')
     return root
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-015
 def runtime_requirements()->list[str]:
     "The package's pinned runtime requirements (no extras)."
     from importlib.metadata import requires
     return [r for r in (requires('mlproj') or []) if 'extra ==' not in r]
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-016
 def _pip(args:list, what:str, say):
     r = subprocess.run([sys.executable, '-m', 'pip', *args], capture_output=True, text=True)
     if r.returncode:
         tail = ' '.join((r.stderr or r.stdout).strip().splitlines()[-1:])[:300]
         raise BackendError(f'{what} failed: {tail}')
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-017
 def build_wheels(dest, # folder to put the wheels in
                  dependencies:bool=True, # also the pinned dependencies, for the image's Python and platform
                  python_version:str=IMAGE_PYTHON, platform:str=IMAGE_PLATFORM,
@@ -114,28 +115,7 @@ def build_wheels(dest, # folder to put the wheels in
         for w in cache.glob('*.whl'): shutil.copy2(w, dest/w.name)
     return sorted(dest.glob('*.whl'))
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-014
-def upload(src:Path, uri:str, s3, say=print)->int:
-    "Upload a file or a folder (recursively) under the prefix `uri`; returns the number of objects."
-    bucket, prefix = split_s3(uri)
-    files = [(src.name, src)] if src.is_file() else sorted((f.relative_to(src).as_posix(), f) for f in src.rglob('*') if f.is_file())
-    for rel, f in files: s3.upload_file(str(f), bucket, f"{prefix.rstrip('/')}/{rel}" if prefix else rel)
-    say(f'uploaded {len(files)} file(s) {src} -> {uri}')
-    return len(files)
-
-def download(uri:str, dest, s3, say=print)->int:
-    "Download every object under the prefix `uri` into the folder `dest`; returns how many."
-    bucket, prefix = split_s3(uri); dest = Path(dest); n = 0
-    for page in s3.get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=prefix):
-        for o in page.get('Contents', []):
-            rel = o['Key'][len(prefix):].lstrip('/')
-            if not rel or rel.endswith('/'): continue
-            (dest/rel).parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, o['Key'], str(dest/rel)); n += 1
-    say(f'downloaded {n} file(s) {uri} -> {dest}')
-    return n
-
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-016
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-019
 def _shapes(req:dict):
     "SDK shape objects for the request's inputs and outputs."
     from sagemaker.core.shapes import ProcessingInput, ProcessingS3Input, ProcessingOutput, ProcessingS3Output
@@ -148,6 +128,7 @@ def _shapes(req:dict):
             for o in req.get('ProcessingOutputConfig', {}).get('Outputs', [])]
     return ins, outs
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-020
 def submit(req:dict, boto_session, capture:list|None=None)->str:
     "Create the processing job `req` through the SageMaker Python SDK; returns its name. `capture` receives the request sent."
     import logging
@@ -168,7 +149,7 @@ def submit(req:dict, boto_session, capture:list|None=None)->str:
     proc.run(inputs=ins, outputs=outs, arguments=app.get('ContainerArguments'), wait=False, logs=False, job_name=req['ProcessingJobName'])
     return req['ProcessingJobName']
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-017
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-021
 TERMINAL = ('Completed', 'Failed', 'Stopped')
 LOG_GROUP = '/aws/sagemaker/ProcessingJobs'
 
@@ -180,6 +161,7 @@ def describe_remote(name:str, boto_session)->dict:
     d.pop('ResponseMetadata', None)
     return d
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-022
 def stop_remote(name:str, boto_session)->dict:
     "Ask SageMaker to stop job `name`; returns its describe result."
     import botocore.exceptions
@@ -187,6 +169,7 @@ def stop_remote(name:str, boto_session)->dict:
     except botocore.exceptions.ClientError as e: raise BackendError(f"SageMaker: {e.response['Error'].get('Message', e)}") from None
     return describe_remote(name, boto_session)
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-023
 def _log_lines(logs, name:str, tokens:dict):
     "New CloudWatch log lines of job `name` since the last call: [(stream, message)]."
     import botocore.exceptions
@@ -202,6 +185,7 @@ def _log_lines(logs, name:str, tokens:dict):
         out += [(s['logStreamName'].split('/', 1)[-1], e['message']) for e in r.get('events', [])]
     return out
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-024
 def follow(name:str, boto_session, say=print, poll:float=15, logs:bool=True)->dict:
     "Wait for job `name` to end, printing status transitions and its CloudWatch log lines; returns the describe result."
     cw = boto_session.client('logs') if logs else None
@@ -215,7 +199,7 @@ def follow(name:str, boto_session, say=print, poll:float=15, logs:bool=True)->di
         if st in TERMINAL: return d
         time.sleep(poll)
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-019
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-026
 def run_sagemaker(req:dict, # the locally rendered request
                   bucket:str, role:str, # S3 bucket and SageMaker execution role
                   prefix:str='mlproj', # key prefix under the bucket
@@ -231,16 +215,18 @@ def run_sagemaker(req:dict, # the locally rendered request
     bs = aws_session(region, profile)
     image = image_uri or stock_image_uri(bs.region_name)
     remote, uploads, downloads = to_remote(req, bucket, role, image, prefix)
+    for src, _ in uploads:
+        if not src.exists(): raise BackendError(f'local source not found: {src}')
     s3 = bs.client('s3')
     import botocore.exceptions
     try:
         s3.head_bucket(Bucket=bucket)
-        for src, uri in uploads: upload(src, uri, s3, say)
+        for src, uri in uploads: say(f'uploaded {len(storage.upload(src, uri, s3))} file(s) {src} -> {uri}')
         if image_uri is None:
             code = next(i['S3Input']['S3Uri'] for i in remote['ProcessingInputs'] if i['InputName'] == CODE_CHANNEL)
             with tempfile.TemporaryDirectory() as w:
                 build_wheels(w, dependencies, say=say)
-                upload(Path(w), code + 'wheels/', s3, say)
+                say(f"uploaded {len(storage.upload(Path(w), code + 'wheels/', s3))} wheel(s) -> {code}wheels/")
         submit(remote, bs, capture)
     except botocore.exceptions.ClientError as e:
         err = e.response.get('Error', {})
@@ -254,10 +240,14 @@ def run_sagemaker(req:dict, # the locally rendered request
     if download and d['ProcessingJobStatus'] == 'Completed': d['Downloads'] = download_outputs(d, downloads, bs, say)
     return d
 
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-027
 def download_outputs(d:dict, destinations:dict|None, boto_session, say=print, root=None)->dict:
     "Copy a completed job's outputs to `destinations` {output: local path} (default outputs/<job>/<output>)."
     s3, out = boto_session.client('s3'), {}
     for o in d.get('ProcessingOutputConfig', {}).get('Outputs', []):
         dest = (destinations or {}).get(o['OutputName']) or str(Path(root or outputs_root())/d['ProcessingJobName']/o['OutputName'])
-        download(o['S3Output']['S3Uri'], dest, s3, say); out[o['OutputName']] = dest
+        try: n = len(storage.download(o['S3Output']['S3Uri'], dest, s3))
+        except StorageError: n = 0                      # the job wrote nothing to this output
+        out[o['OutputName']] = dest
+        say(f"downloaded {n} file(s) {o['S3Output']['S3Uri']} -> {dest}")
     return out

@@ -13,12 +13,13 @@ import pandas as pd
 import sklearn
 from sklearn.ensemble import ExtraTreesClassifier
 from sklearn.pipeline import Pipeline
-from .data import SCHEMA, FEATURES, TARGET, ID, InputError
+from .data import SCHEMA, FEATURES, TARGET, ID
+from .errors import InputError
 from .features import PenguinFeatures
 
 # %% auto #0
-__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'train_model', 'sha256_file', 'library_versions', 'build_manifest',
-           'write_model_artifact', 'load_model']
+__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'train_model', 'library_versions', 'build_manifest', 'write_model_artifact',
+           'load_model']
 
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with `species`
@@ -36,13 +37,6 @@ def train_model(train:pd.DataFrame, # validated training table, with `species`
 
 # %% ../nbs/30_train.ipynb #30-train-007
 MODEL_FILE, MANIFEST_FILE, ARTIFACT = 'model.joblib', 'manifest.json', 'model.tar.gz'
-
-def sha256_file(path, bufsize:int=1<<20)->str:
-    "Hex sha256 of a file, read in blocks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while b := f.read(bufsize): h.update(b)
-    return h.hexdigest()
 
 def library_versions()->dict:
     "Versions that decide whether a pickled model loads and predicts the same."

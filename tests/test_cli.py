@@ -82,8 +82,8 @@ def test_job_request_prints_a_valid_request_without_running(tmp_path):
                                           'ContainerArguments': ['mlproj.scripts.batch_inference', '--chunksize', '5000']}
     assert [i['InputName'] for i in script['ProcessingInputs']] == ['model', 'data', 'code']
     code = Path(script['ProcessingInputs'][2]['S3Input']['S3Uri'][len('file://'):])
-    assert sorted(p.name for p in code.iterdir()) == ['entry.py']
-    assert not (tmp_path/'jobs').exists()
+    assert code.parent == (tmp_path/'code').resolve()          # where `job run` would write the bundle ...
+    assert list(tmp_path.iterdir()) == []                      # ... but printing a request wrote nothing at all
 
 
 @pytest.mark.parametrize('args,message', [

@@ -53,11 +53,12 @@ def keys(prefix=''):
 
 def local_request(step, tmp_path, engine='notebook', instance_count=1, name=None, params=None, inputs=None):
     from mlproj.data import penguins_path
-    from mlproj.jobs import step_job, render_request, get_step, code_bundle
+    from mlproj.jobs import step_job, render_request, write_code_bundle
+    from mlproj.steps import get_step
     ins = inputs or {'raw': str(penguins_path())}
     outs = {ch: str(tmp_path/'out'/ch) for ch in get_step(step).outputs + (('report',) if engine == 'notebook' else ())}
     return render_request(step_job(step, ins, outs, params, instance_count=instance_count, engine=engine, name=name, role=ROLE,
-                                   code=str(code_bundle(step, engine, tmp_path/'code'))))
+                                   code=str(write_code_bundle(step, engine, tmp_path/'code'))))
 
 
 @pytest.fixture(scope='module')
