@@ -49,7 +49,7 @@ def stock_image_uri(region:str, version:str=DEFAULT_SKLEARN_VERSION)->str:
     try: return image_uris.retrieve('sklearn', region, version=version)
     except ValueError as e: raise BackendError(f'no SageMaker scikit-learn image {version} in {region}: {" ".join(str(e).split())[:200]}') from None
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-011
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-013
 def to_remote(req:dict, # the locally rendered request (mlproj.jobs.render_request)
               bucket:str, # S3 bucket for inputs, code and outputs
               role:str, # SageMaker execution role ARN
@@ -74,7 +74,7 @@ def to_remote(req:dict, # the locally rendered request (mlproj.jobs.render_reque
     validate_request(r, local_uris=False)
     return r, uploads, downloads
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-014
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-016
 def project_root()->Path:
     "The checkout `mlproj` is installed from (where setup.py is)."
     import mlproj
@@ -82,20 +82,20 @@ def project_root()->Path:
     if not (root/'setup.py').exists(): raise BackendError(f'cannot build the mlproj wheel: no setup.py above {Path(mlproj.__file__).parent} (install mlproj from a checkout, or pass --image-uri of an image with mlproj)')
     return root
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-015
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-017
 def runtime_requirements()->list[str]:
     "The package's pinned runtime requirements (no extras)."
     from importlib.metadata import requires
     return [r for r in (requires('mlproj') or []) if 'extra ==' not in r]
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-016
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-018
 def _pip(args:list, what:str, say):
     r = subprocess.run([sys.executable, '-m', 'pip', *args], capture_output=True, text=True)
     if r.returncode:
         tail = ' '.join((r.stderr or r.stdout).strip().splitlines()[-1:])[:300]
         raise BackendError(f'{what} failed: {tail}')
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-017
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-019
 def build_wheels(dest, # folder to put the wheels in
                  dependencies:bool=True, # also the pinned dependencies, for the image's Python and platform
                  python_version:str=IMAGE_PYTHON, platform:str=IMAGE_PLATFORM,
@@ -105,7 +105,10 @@ def build_wheels(dest, # folder to put the wheels in
     import shutil
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     say(f'building the mlproj wheel from {project_root()}')
-    _pip(['wheel', '--quiet', '--no-deps', '--no-build-isolation', '-w', str(dest), str(project_root())], 'building the mlproj wheel', say)
+    with tempfile.TemporaryDirectory() as tmp:       # a clean copy: a stale build/ of the checkout must not leak into the wheel
+        src = Path(tmp)/'src'
+        shutil.copytree(project_root(), src, symlinks=True, ignore=shutil.ignore_patterns('.git', '.venv', 'outputs', 'build', 'dist', '*.egg-info', '__pycache__'))
+        _pip(['wheel', '--quiet', '--no-deps', '--no-build-isolation', '-w', str(dest), str(src)], 'building the mlproj wheel', say)
     if dependencies:
         cache = Path(cache or outputs_root()/'wheels'/f'py{python_version}-{platform}')
         cache.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,7 @@ def build_wheels(dest, # folder to put the wheels in
         for w in cache.glob('*.whl'): shutil.copy2(w, dest/w.name)
     return sorted(dest.glob('*.whl'))
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-019
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-021
 def _shapes(req:dict):
     "SDK shape objects for the request's inputs and outputs."
     from sagemaker.core.shapes import ProcessingInput, ProcessingS3Input, ProcessingOutput, ProcessingS3Output
@@ -128,7 +131,7 @@ def _shapes(req:dict):
             for o in req.get('ProcessingOutputConfig', {}).get('Outputs', [])]
     return ins, outs
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-020
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-023
 def submit(req:dict, boto_session, capture:list|None=None)->str:
     "Create the processing job `req` through the SageMaker Python SDK; returns its name. `capture` receives the request sent."
     import logging
@@ -149,7 +152,7 @@ def submit(req:dict, boto_session, capture:list|None=None)->str:
     proc.run(inputs=ins, outputs=outs, arguments=app.get('ContainerArguments'), wait=False, logs=False, job_name=req['ProcessingJobName'])
     return req['ProcessingJobName']
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-021
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-024
 TERMINAL = ('Completed', 'Failed', 'Stopped')
 LOG_GROUP = '/aws/sagemaker/ProcessingJobs'
 
@@ -161,7 +164,7 @@ def describe_remote(name:str, boto_session)->dict:
     d.pop('ResponseMetadata', None)
     return d
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-022
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-025
 def stop_remote(name:str, boto_session)->dict:
     "Ask SageMaker to stop job `name`; returns its describe result."
     import botocore.exceptions
@@ -169,7 +172,7 @@ def stop_remote(name:str, boto_session)->dict:
     except botocore.exceptions.ClientError as e: raise BackendError(f"SageMaker: {e.response['Error'].get('Message', e)}") from None
     return describe_remote(name, boto_session)
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-023
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-026
 def _log_lines(logs, name:str, tokens:dict):
     "New CloudWatch log lines of job `name` since the last call: [(stream, message)]."
     import botocore.exceptions
@@ -185,7 +188,7 @@ def _log_lines(logs, name:str, tokens:dict):
         out += [(s['logStreamName'].split('/', 1)[-1], e['message']) for e in r.get('events', [])]
     return out
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-024
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-027
 def follow(name:str, boto_session, say=print, poll:float=15, logs:bool=True)->dict:
     "Wait for job `name` to end, printing status transitions and its CloudWatch log lines; returns the describe result."
     cw = boto_session.client('logs') if logs else None
@@ -199,7 +202,7 @@ def follow(name:str, boto_session, say=print, poll:float=15, logs:bool=True)->di
         if st in TERMINAL: return d
         time.sleep(poll)
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-026
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-029
 def run_sagemaker(req:dict, # the locally rendered request
                   bucket:str, role:str, # S3 bucket and SageMaker execution role
                   prefix:str='mlproj', # key prefix under the bucket
@@ -240,7 +243,7 @@ def run_sagemaker(req:dict, # the locally rendered request
     if download and d['ProcessingJobStatus'] == 'Completed': d['Downloads'] = download_outputs(d, downloads, bs, say)
     return d
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-027
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-030
 def download_outputs(d:dict, destinations:dict|None, boto_session, say=print, root=None)->dict:
     "Copy a completed job's outputs to `destinations` {output: local path} (default outputs/<job>/<output>)."
     s3, out = boto_session.client('s3'), {}

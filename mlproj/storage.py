@@ -66,7 +66,13 @@ class LocalHandler:
         with atomic_path(uri_path(uri)/rel) as tmp: shutil.copyfile(src, tmp)
     def sha256(self, handle:Path)->str: return sha256_file(handle)
 
-# %% ../nbs/05_storage.ipynb #05-storage-016
+# %% ../nbs/05_storage.ipynb #05-storage-017
+def _relative(key:str, prefix:str)->str:
+    "The name under which object `key` lands when staging the S3 prefix `prefix`."
+    if prefix.endswith('/') or key.startswith(prefix + '/'): return key[len(prefix):].lstrip('/')
+    return key[len(prefix.rsplit('/', 1)[0]) + 1:] if '/' in prefix else key
+
+# %% ../nbs/05_storage.ipynb #05-storage-019
 class S3Handler:
     "Objects under an `s3://` prefix, through one boto3 S3 client."
     def __init__(self, client=None): self._client = client
@@ -85,8 +91,7 @@ class S3Handler:
             for o in page.get('Contents', []):
                 k = o['Key']
                 if k.endswith('/'): continue                  # folder markers the console creates
-                rel = k[len(prefix):].lstrip('/') if k != prefix else k.rsplit('/', 1)[-1]
-                objs.append((rel, (bucket, k)))
+                objs.append((_relative(k, prefix), (bucket, k)))
         if not objs: raise StorageError(f'no objects under {uri}')
         return sorted(objs, key=lambda o: o[0])
     def get(self, handle:tuple, dest:Path):
@@ -100,19 +105,19 @@ class S3Handler:
         for b in iter(lambda: body.read(1 << 20), b''): h.update(b)
         return h.hexdigest()
 
-# %% ../nbs/05_storage.ipynb #05-storage-017
+# %% ../nbs/05_storage.ipynb #05-storage-020
 def get_handler(uri, client=None)->LocalHandler|S3Handler:
     "The handler of `uri`'s scheme (`client`: the S3 client to use for `s3://`)."
     if uri_path(uri) is not None: return LocalHandler()
     if str(uri).startswith('s3://'): return S3Handler(client)
     raise StorageError(f'unsupported location (not a path, file:// or s3:// URI): {uri}')
 
-# %% ../nbs/05_storage.ipynb #05-storage-020
+# %% ../nbs/05_storage.ipynb #05-storage-023
 def list_objects(uri, client=None)->list[tuple[str, object]]:
     "Sorted [(relative name, handle)] of the objects at `uri` (a file, a folder, an `s3://` prefix)."
     return get_handler(uri, client).list(uri)
 
-# %% ../nbs/05_storage.ipynb #05-storage-021
+# %% ../nbs/05_storage.ipynb #05-storage-024
 def download(uri, dest, client=None, objects:list|None=None)->list[str]:
     "Copy the objects at `uri` (or the given subset of its listing) into the local folder `dest`; returns their relative names."
     h, dest = get_handler(uri, client), Path(dest)
@@ -120,7 +125,7 @@ def download(uri, dest, client=None, objects:list|None=None)->list[str]:
     for rel, handle in objects: h.get(handle, dest/rel)
     return [rel for rel, _ in objects]
 
-# %% ../nbs/05_storage.ipynb #05-storage-022
+# %% ../nbs/05_storage.ipynb #05-storage-025
 def upload(src, # a local file or folder, or a listing [(relative name, local file)]
            uri, # destination: a local folder, file:// or s3:// prefix
            client=None, # the S3 client for s3:// (default: boto3's)
@@ -131,7 +136,7 @@ def upload(src, # a local file or folder, or a listing [(relative name, local fi
     for rel, f in files: h.put(Path(f), uri, rel)
     return [rel for rel, _ in files]
 
-# %% ../nbs/05_storage.ipynb #05-storage-023
+# %% ../nbs/05_storage.ipynb #05-storage-026
 def digests(uri, client=None)->dict:
     "{relative name: sha256} of the objects at `uri`; {} if there is nothing there."
     h = get_handler(uri, client)
