@@ -100,10 +100,10 @@ def make_parser()->argparse.ArgumentParser:
     job.add_parser('params', help="list the steps' parameters, or one step's").add_argument('step', nargs='?')
     return ap
 
-# %% ../nbs/95_cli.ipynb #95-cli-014
+# %% ../nbs/95_cli.ipynb #95-cli-015
 def _print_json(d): print(json.dumps(d, indent=2, default=str), flush=True)
 
-# %% ../nbs/95_cli.ipynb #95-cli-015
+# %% ../nbs/95_cli.ipynb #95-cli-016
 def run_params(pairs:list[str]|None)->dict:
     "{step: {name: value}} of `-p STEP.NAME=VALUE` pairs."
     params = {}
@@ -113,7 +113,7 @@ def run_params(pairs:list[str]|None)->dict:
         params.setdefault(step, {})[name] = v
     return params
 
-# %% ../nbs/95_cli.ipynb #95-cli-017
+# %% ../nbs/95_cli.ipynb #95-cli-018
 def cmd_run(a)->int:
     "`mlproj run`: the pipeline, locally."
     from mlproj.pipeline import run_pipeline
@@ -124,7 +124,7 @@ def cmd_run(a)->int:
     interrupted = any(st.get('failure_reason', '').startswith('Stopped by user') for st in rec['steps'])
     return 130 if interrupted else 1
 
-# %% ../nbs/95_cli.ipynb #95-cli-018
+# %% ../nbs/95_cli.ipynb #95-cli-019
 def cmd_sagemaker(a)->int:
     "The `--backend sagemaker` side of `job run|request|show|stop` (the SDK is imported only here, and only when used)."
     from mlproj import sagemaker_backend as smb
@@ -146,7 +146,7 @@ def cmd_sagemaker(a)->int:
     _print_json(d)
     return 0 if d['ProcessingJobStatus'] in ('Completed', 'InProgress', 'Starting') else 1
 
-# %% ../nbs/95_cli.ipynb #95-cli-019
+# %% ../nbs/95_cli.ipynb #95-cli-020
 def cmd_params(step:str|None=None):
     "`mlproj job params [STEP]`: each step's channels and parameters, from its declaration."
     for s in ([get_step(step)] if step else STEPS.values()):
@@ -156,7 +156,7 @@ def cmd_params(step:str|None=None):
         for p in s.params.values(): print(f"  -p {f'{p.name}={p.default!r}':<22} {p.type.__name__:<6} {p.help}")
     return 0
 
-# %% ../nbs/95_cli.ipynb #95-cli-021
+# %% ../nbs/95_cli.ipynb #95-cli-022
 def cmd_job(a)->int:
     "`mlproj job ...`: one step as a processing job, and past jobs."
     from mlproj import local
@@ -175,7 +175,7 @@ def cmd_job(a)->int:
     if d['ProcessingJobStatus'] == 'Completed': return 0
     return 130 if d.get('FailureReason', '').startswith('Stopped by user') else 1
 
-# %% ../nbs/95_cli.ipynb #95-cli-022
+# %% ../nbs/95_cli.ipynb #95-cli-023
 def _sigterm(*_): raise KeyboardInterrupt
 
 def main(argv=None)->int:

@@ -162,7 +162,7 @@ def outputs_root()->Path:
     "Where runs, jobs and code bundles go: `$MLPROJ_OUTPUTS` (default `outputs`)."
     return Path(os.environ.get('MLPROJ_OUTPUTS', 'outputs'))
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-025
+# %% ../nbs/80_jobs.ipynb #80-jobs-026
 ENTRY_SOURCE = f'''\
 """mlproj job entrypoint: run a module of mlproj; install mlproj from ./wheels first if the image lacks it."""
 import importlib.util, os, runpy, subprocess, sys
@@ -189,7 +189,7 @@ sys.argv = [module] + sys.argv[2:]
 runpy.run_module(module, run_name='__main__', alter_sys=True)
 '''
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-028
+# %% ../nbs/80_jobs.ipynb #80-jobs-029
 def job_notebook(step:str)->Path:
     "The job notebook of `step`: `$MLPROJ_JOB_NOTEBOOKS/<step>.ipynb`, else the one shipped in the package."
     get_step(step)
@@ -199,7 +199,7 @@ def job_notebook(step:str)->Path:
     if not nb.exists(): raise SpecError(f'job notebook for step {step} not found: {nb} (set MLPROJ_JOB_NOTEBOOKS to the folder holding it)')
     return nb
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-030
+# %% ../nbs/80_jobs.ipynb #80-jobs-032
 def check_job_notebook(step:str, notebook=None)->Path:
     "Refuse a job notebook whose `parameters` cell differs from step `step`'s entry function; returns its path."
     from mlproj.runner import notebook_parameters
@@ -214,7 +214,7 @@ def check_job_notebook(step:str, notebook=None)->Path:
                             f'step {step} has {want[0].__name__} = {want[1]!r}  # {want[2]}')
     return nb
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-033
+# %% ../nbs/80_jobs.ipynb #80-jobs-035
 def code_files(step:str, engine:str)->dict:
     "{file name: bytes} of a job's code channel: entry.py, and the job notebook for notebook jobs."
     if engine not in ENGINES: raise SpecError(f"unknown engine {engine!r}" + did_you_mean(engine, ENGINES) + f"; engines: {', '.join(ENGINES)}")
@@ -228,7 +228,7 @@ def code_dir(files:dict, root=None)->Path:
     for n in sorted(files): h.update(n.encode() + b'\0' + files[n] + b'\0')
     return Path(root or outputs_root()/'code')/h.hexdigest()[:16]
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-034
+# %% ../nbs/80_jobs.ipynb #80-jobs-036
 def write_code_bundle(step:str, engine:str, root=None)->Path:
     "Write the code channel of a `step` job (once per content) and return its folder."
     files = code_files(step, engine)
@@ -241,7 +241,7 @@ def write_code_bundle(step:str, engine:str, root=None)->Path:
         except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process wrote the same bundle first
     return dest
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-037
+# %% ../nbs/80_jobs.ipynb #80-jobs-039
 def step_job(step:str, # pipeline step
              inputs:dict, # {channel: source URI or path}
              outputs:dict, # {channel: destination URI or path}; with engine='notebook' also 'report'

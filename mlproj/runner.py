@@ -71,7 +71,7 @@ def cell_error(cell)->tuple[str, str]|None:
         if o.get('output_type') == 'error': return o.get('ename', 'Error'), ' '.join(str(o.get('evalue', '')).split())
     return None
 
-# %% ../nbs/85_runner.ipynb #85-runner-013
+# %% ../nbs/85_runner.ipynb #85-runner-014
 def truncate_streams(nb, cap:int=100_000)->int:
     "Cut stream outputs longer than `cap` characters to head + tail with a note; returns how many were cut."
     cut = 0
@@ -86,7 +86,7 @@ def truncate_streams(nb, cap:int=100_000)->int:
             cut += 1
     return cut
 
-# %% ../nbs/85_runner.ipynb #85-runner-016
+# %% ../nbs/85_runner.ipynb #85-runner-017
 DEFAULT_CELL_TIMEOUT = 3600        # seconds a single cell may run
 DEFAULT_TIMEOUT = 6 * 3600         # seconds the whole notebook may run outside a processing job
 DEFAULT_OUTPUT_CAP = 100_000       # characters kept of one stream output
@@ -98,20 +98,20 @@ def default_total_timeout()->int:
     if not limit: return DEFAULT_TIMEOUT
     return max(1, int(limit - max(30, 0.05 * limit)))
 
-# %% ../nbs/85_runner.ipynb #85-runner-017
+# %% ../nbs/85_runner.ipynb #85-runner-019
 def _render_html(nb_path:Path, html_path:Path):
     from nbconvert import HTMLExporter
     body, _ = HTMLExporter().from_filename(str(nb_path))
     with atomic_path(html_path) as t: t.write_text(body, encoding='utf-8')
 
-# %% ../nbs/85_runner.ipynb #85-runner-018
+# %% ../nbs/85_runner.ipynb #85-runner-020
 KERNEL_START_ATTEMPTS = 3   # a kernel that dies before its first reply is started again (see below)
 
 def kernel_start_failed(log:str)->bool:
     "Did the run end because the kernel died while starting, before any cell ran?"
     return 'Executing Cell' not in log and ('Kernel died before replying to kernel_info' in log or "Kernel didn't respond" in log)
 
-# %% ../nbs/85_runner.ipynb #85-runner-019
+# %% ../nbs/85_runner.ipynb #85-runner-022
 def _papermill(cmd:list, timeout:float, stream)->tuple[int|None, bool, str]:
     "Run papermill in its own process group: (exit code, timed out?, its output)."
     import threading
@@ -129,7 +129,7 @@ def _papermill(cmd:list, timeout:float, stream)->tuple[int|None, bool, str]:
     finally: th.join(10)
     return proc.returncode, timed_out, ''.join(lines)
 
-# %% ../nbs/85_runner.ipynb #85-runner-020
+# %% ../nbs/85_runner.ipynb #85-runner-023
 def _last_exception(stderr:str)->tuple[str, str]|None:
     "(type, message) of the last `pkg.Type: message` line papermill printed."
     for line in reversed(stderr.strip().splitlines()):
@@ -137,7 +137,7 @@ def _last_exception(stderr:str)->tuple[str, str]|None:
         if m: return m.group(1).rsplit('.', 1)[-1], (m.group(2) or '').strip()
     return None
 
-# %% ../nbs/85_runner.ipynb #85-runner-021
+# %% ../nbs/85_runner.ipynb #85-runner-025
 def run_notebook(notebook, # the job notebook
                  parameters:dict|None=None, # typed parameters (see resolve_parameters)
                  report=output_dir('report'), # folder for the executed notebook and its HTML
@@ -190,7 +190,7 @@ def run_notebook(notebook, # the job notebook
         elif etype == 'DeadKernelError': msg = 'the kernel died'
     return {**outcome, 'status': 'Failed', 'message': f'{name}{cell}: {etype}: {msg}'}
 
-# %% ../nbs/85_runner.ipynb #85-runner-023
+# %% ../nbs/85_runner.ipynb #85-runner-027
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m mlproj.runner', description='Run a job notebook with papermill: validated parameters, report kept, timeouts.')
     ap.add_argument('notebook', help='the job notebook (.ipynb)')
@@ -204,7 +204,7 @@ def make_parser()->argparse.ArgumentParser:
     ap.add_argument('--list-params', action='store_true', help="print the notebook's parameters and exit")
     return ap
 
-# %% ../nbs/85_runner.ipynb #85-runner-024
+# %% ../nbs/85_runner.ipynb #85-runner-029
 def main(argv=None):
     "Entry point: exit 0 on success; else one line on stderr, the exit message file, exit 1."
     a = make_parser().parse_args(argv)
@@ -225,5 +225,5 @@ def main(argv=None):
     write_exit_message(out['message']); print(out['message'], file=sys.stderr, flush=True)
     return 1
 
-# %% ../nbs/85_runner.ipynb #85-runner-025
+# %% ../nbs/85_runner.ipynb #85-runner-030
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: sys.exit(main())

@@ -88,14 +88,14 @@ def runtime_requirements()->list[str]:
     from importlib.metadata import requires
     return [r for r in (requires('mlproj') or []) if 'extra ==' not in r]
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-018
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-019
 def _pip(args:list, what:str, say):
     r = subprocess.run([sys.executable, '-m', 'pip', *args], capture_output=True, text=True)
     if r.returncode:
         tail = ' '.join((r.stderr or r.stdout).strip().splitlines()[-1:])[:300]
         raise BackendError(f'{what} failed: {tail}')
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-019
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-020
 def build_wheels(dest, # folder to put the wheels in
                  dependencies:bool=True, # also the pinned dependencies, for the image's Python and platform
                  python_version:str=IMAGE_PYTHON, platform:str=IMAGE_PLATFORM,
@@ -118,7 +118,7 @@ def build_wheels(dest, # folder to put the wheels in
         for w in cache.glob('*.whl'): shutil.copy2(w, dest/w.name)
     return sorted(dest.glob('*.whl'))
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-021
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-022
 def _shapes(req:dict):
     "SDK shape objects for the request's inputs and outputs."
     from sagemaker.core.shapes import ProcessingInput, ProcessingS3Input, ProcessingOutput, ProcessingS3Output
@@ -131,7 +131,7 @@ def _shapes(req:dict):
             for o in req.get('ProcessingOutputConfig', {}).get('Outputs', [])]
     return ins, outs
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-023
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-024
 def submit(req:dict, boto_session, capture:list|None=None)->str:
     "Create the processing job `req` through the SageMaker Python SDK; returns its name. `capture` receives the request sent."
     import logging
@@ -152,7 +152,7 @@ def submit(req:dict, boto_session, capture:list|None=None)->str:
     proc.run(inputs=ins, outputs=outs, arguments=app.get('ContainerArguments'), wait=False, logs=False, job_name=req['ProcessingJobName'])
     return req['ProcessingJobName']
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-024
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-025
 TERMINAL = ('Completed', 'Failed', 'Stopped')
 LOG_GROUP = '/aws/sagemaker/ProcessingJobs'
 
@@ -164,7 +164,7 @@ def describe_remote(name:str, boto_session)->dict:
     d.pop('ResponseMetadata', None)
     return d
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-025
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-026
 def stop_remote(name:str, boto_session)->dict:
     "Ask SageMaker to stop job `name`; returns its describe result."
     import botocore.exceptions
@@ -172,7 +172,7 @@ def stop_remote(name:str, boto_session)->dict:
     except botocore.exceptions.ClientError as e: raise BackendError(f"SageMaker: {e.response['Error'].get('Message', e)}") from None
     return describe_remote(name, boto_session)
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-026
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-027
 def _log_lines(logs, name:str, tokens:dict):
     "New CloudWatch log lines of job `name` since the last call: [(stream, message)]."
     import botocore.exceptions
@@ -188,7 +188,7 @@ def _log_lines(logs, name:str, tokens:dict):
         out += [(s['logStreamName'].split('/', 1)[-1], e['message']) for e in r.get('events', [])]
     return out
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-027
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-028
 def follow(name:str, boto_session, say=print, poll:float=15, logs:bool=True)->dict:
     "Wait for job `name` to end, printing status transitions and its CloudWatch log lines; returns the describe result."
     cw = boto_session.client('logs') if logs else None
@@ -202,7 +202,7 @@ def follow(name:str, boto_session, say=print, poll:float=15, logs:bool=True)->di
         if st in TERMINAL: return d
         time.sleep(poll)
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-029
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-030
 def run_sagemaker(req:dict, # the locally rendered request
                   bucket:str, role:str, # S3 bucket and SageMaker execution role
                   prefix:str='mlproj', # key prefix under the bucket
@@ -243,7 +243,7 @@ def run_sagemaker(req:dict, # the locally rendered request
     if download and d['ProcessingJobStatus'] == 'Completed': d['Downloads'] = download_outputs(d, downloads, bs, say)
     return d
 
-# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-030
+# %% ../nbs/82_sagemaker.ipynb #82-sagemaker-031
 def download_outputs(d:dict, destinations:dict|None, boto_session, say=print, root=None)->dict:
     "Copy a completed job's outputs to `destinations` {output: local path} (default outputs/<job>/<output>)."
     s3, out = boto_session.client('s3'), {}
