@@ -6,7 +6,7 @@ Every script runs as a real subprocess over a temporary tree shaped like `/opt/m
 other test files may add.
 """
 from __future__ import annotations
-import csv, hashlib, json, os, shutil, subprocess, sys
+import csv, fcntl, hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -158,13 +158,38 @@ def opt_ml_tree(tmp_path, opt_ml_tree_factory) -> OptMLTree:
 
 
 @pytest.fixture(scope='session')
-def opt_ml_trained(tmp_path_factory, opt_ml_tree_factory, opt_ml_penguins) -> dict:
+def opt_ml_build_once(tmp_path_factory):
+    """`build(name, make) -> folder`: `make(folder)` runs once per test session, however many xdist workers ask
+    (a module- or session-scoped fixture otherwise runs once in every worker that gets one of its tests); every
+    caller gets the same folder, filled. Use it only for read-only material."""
+    worker = os.environ.get('PYTEST_XDIST_WORKER')
+    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()   # shared by this run's workers
+    def build(name: str, make) -> Path:
+        folder, done = root / f'built-once-{name}', root / f'built-once-{name}.done'
+        with open(root / f'built-once-{name}.lock', 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)       # another worker building it: wait, then reuse
+            try:
+                if not done.exists():
+                    if folder.exists(): shutil.rmtree(folder)     # what a failed attempt left
+                    folder.mkdir()
+                    make(folder)
+                    done.touch()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return folder
+    return build
+
+
+@pytest.fixture(scope='session')
+def opt_ml_trained(opt_ml_build_once, opt_ml_tree_factory, opt_ml_penguins) -> dict:
     "One preprocess + train run on the bundled data, shared by tests that need a model: paths of its files."
-    tree = opt_ml_tree_factory(tmp_path_factory.mktemp('opt_ml_trained'))
-    tree.stage('raw', opt_ml_penguins)
-    tree.run_ok('preprocess')
-    tree.promote('train')
-    tree.run_ok('train', '--n_estimators', 20)
+    def make(base):
+        tree = opt_ml_tree_factory(base)
+        tree.stage('raw', opt_ml_penguins)
+        tree.run_ok('preprocess')
+        tree.promote('train')
+        tree.run_ok('train', '--n_estimators', 20)
+    tree = opt_ml_tree_factory(opt_ml_build_once('opt_ml_trained', make))
     out = {'model': tree.output('model') / 'model.tar.gz', 'train_csv': tree.output('train') / 'train-algo-1.csv',
            'test_csv': tree.output('test') / 'test-algo-1.csv'}
     for p in out.values(): assert p.is_file(), p

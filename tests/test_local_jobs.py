@@ -165,17 +165,17 @@ def test_missing_input_source_is_refused_before_anything_runs(tmp_path):
 # --- pipeline steps as jobs --------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    "A model trained by preprocess + train jobs on the bundled data."
-    d = tmp_path_factory.mktemp('trained')
+def trained(opt_ml_build_once):
+    "A model trained by preprocess + train jobs on the bundled data (built once per session, even across workers)."
     from mlproj.data import penguins_path
-    for step, ins, outs, params in [
-        ('preprocess', {'raw': str(penguins_path())}, {'train': str(d/'train'), 'test': str(d/'test')}, {}),
-        ('train', {'train': str(d/'train')}, {'model': str(d/'model')}, {'n_estimators': 30}),
-    ]:
-        r = run_local(render_request(step_job(step, ins, outs, params)), jobs_dir=d/'jobs', stream=None)
-        assert r['ProcessingJobStatus'] == 'Completed', r.get('FailureReason')
-    return d
+    def make(d):
+        for step, ins, outs, params in [
+            ('preprocess', {'raw': str(penguins_path())}, {'train': str(d/'train'), 'test': str(d/'test')}, {}),
+            ('train', {'train': str(d/'train')}, {'model': str(d/'model')}, {'n_estimators': 30}),
+        ]:
+            r = run_local(render_request(step_job(step, ins, outs, params)), jobs_dir=d/'jobs', stream=None)
+            assert r['ProcessingJobStatus'] == 'Completed', r.get('FailureReason')
+    return opt_ml_build_once('local_jobs_trained', make)
 
 
 def test_sharded_batch_inference_equals_single_instance(trained, tmp_path):
@@ -213,4 +213,6 @@ def test_bad_input_in_a_job_fails_with_exit_message(trained, tmp_path):
     d = run_local(req, jobs_dir=tmp_path/'jobs', stream=None)
     assert d['ProcessingJobStatus'] == 'Failed'
     assert "bad.csv row 6, column 'bill_depth_mm': 'abc' is not a number" in d['ExitMessage']
-    assert not (tmp_path/'p').exists() or not any((tmp_path/'p').iterdir())
+    assert not (tmp_path/'p').exists()                       # a failed job uploads nothing, not even an empty folder
+    left = [f for f in (tmp_path/'jobs'/req['ProcessingJobName']/'algo-1/processing/output').rglob('*') if f.is_file()]
+    assert left == []                                        # and the instance left no partial predictions in its sandbox

@@ -1,6 +1,7 @@
 """Seeds decide everything: the same seeds give byte-identical artifacts in two separate runs (two processes, two
 roots); a different seed changes what it seeds, and only that."""
 import tarfile, hashlib
+from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 N_EST = 30
@@ -22,15 +23,24 @@ def _chain(tree, penguins, split_seed=42, train_seed=42, split_from=None):
 
 
 @pytest.fixture(scope='module')
-def opt_ml_repro_runs(tmp_path_factory, opt_ml_tree_factory, opt_ml_penguins):
+def opt_ml_repro_runs(opt_ml_build_once, opt_ml_tree_factory, opt_ml_penguins):
     "a, b: same seeds in two roots; train_seed: a's split, another forest seed; split_seed: preprocess only, another seed."
-    mk = lambda name: opt_ml_tree_factory(tmp_path_factory.mktemp(f'opt_ml_repro_{name}'))
-    a = _chain(mk('a'), opt_ml_penguins)
-    b = _chain(mk('b'), opt_ml_penguins)
-    c = _chain(mk('train_seed'), opt_ml_penguins, train_seed=7, split_from=a)
-    d = mk('split_seed'); d.stage('raw', opt_ml_penguins); d.run_ok('preprocess', '--seed', 7)
-    assert a.root != b.root
-    return {'a': a, 'b': b, 'train_seed': c, 'split_seed': d}
+    names = ('a', 'b', 'train_seed', 'split_seed')
+    def make(base):
+        a, b, c, d = (opt_ml_tree_factory(base / n) for n in names)
+        def split_only(t):
+            t.stage('raw', opt_ml_penguins); t.run_ok('preprocess', '--seed', 7)
+        # the independent chains run at the same time (each step still its own process, each chain its own root);
+        # the train_seed chain reuses a's split, so it starts once a is done
+        with ThreadPoolExecutor(3) as pool:
+            fa, fb, fd = pool.submit(_chain, a, opt_ml_penguins), pool.submit(_chain, b, opt_ml_penguins), pool.submit(split_only, d)
+            fa.result()
+            fc = pool.submit(_chain, c, opt_ml_penguins, train_seed=7, split_from=a)
+            for f in (fb, fc, fd): f.result()
+    base = opt_ml_build_once('opt_ml_repro_runs', make)      # once per session, even when the tests below land on two workers
+    runs = {n: opt_ml_tree_factory(base / n) for n in names}
+    assert runs['a'].root != runs['b'].root
+    return runs
 
 
 def _model(t): return t.output('model') / 'model.tar.gz'

@@ -40,7 +40,8 @@ def message(tmp_path):
 def test_notebook_parameters_mirror_the_entry_function(step):
     "The check every notebook job passes before it is built: the parameters cell is the entry function's signature."
     from mlproj.jobs import check_job_notebook
-    assert check_job_notebook(step) == JOBS/f'{step}.ipynb' or check_job_notebook(step).resolve() == (JOBS/f'{step}.ipynb').resolve()
+    nb = check_job_notebook(step)                 # raises if the parameters cell and the step's declaration differ
+    assert nb.resolve() == (JOBS/f'{step}.ipynb').resolve()     # and the notebook checked is the one this repository ships
 
 
 @pytest.mark.parametrize('step', list(STEPS))
@@ -116,6 +117,18 @@ def test_runner_executes_a_job_notebook_and_saves_the_report(tmp_path):
     assert sum(1 for _ in open(test_csv)) - 1 == 86      # 25% of 344, stratified
 
 
+def test_each_instance_of_a_multi_instance_job_names_its_own_report(tmp_path):
+    "One of several instances (resourceconfig.json as SageMaker writes it) saves `<notebook>-<host>.*`, never `<notebook>.*`."
+    cfg = tmp_path/'opt_ml/config'; cfg.mkdir(parents=True)
+    (cfg/'resourceconfig.json').write_text(json.dumps({'current_host': 'algo-2', 'hosts': ['algo-1', 'algo-2', 'algo-3']}))
+    nb = make_nb(tmp_path/'multi.ipynb', ['print("n is", n)'])
+    r = run_runner(tmp_path, nb, '--report', tmp_path/'report')
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in (tmp_path/'report').iterdir()) == ['multi-algo-2.html', 'multi-algo-2.ipynb']
+    assert Path(out['executed_notebook']) == tmp_path/'report/multi-algo-2.ipynb' and Path(out['html']) == tmp_path/'report/multi-algo-2.html'
+
+
 def test_unknown_parameter_is_refused_with_a_suggestion_before_any_kernel(tmp_path):
     r = run_runner(tmp_path, JOBS/'train.ipynb', '-p', 'sed=3', '--report', tmp_path/'report')
     assert r.returncode == 1
@@ -124,22 +137,33 @@ def test_unknown_parameter_is_refused_with_a_suggestion_before_any_kernel(tmp_pa
     assert not (tmp_path/'report').exists()           # refused before anything ran
 
 
-@pytest.mark.parametrize('pair,name,expected', [
+CONVERSIONS = [
     ('n=12', 'n', 12), ('rate=0.25', 'rate', 0.25), ('rate=2', 'rate', 2.0), ('flag=true', 'flag', True), ('flag=0', 'flag', False),
     ('flag=No', 'flag', False), ('name=hello', 'name', 'hello'), ('items=[1, "a"]', 'items', [1, 'a']), ('opts={"k": 2}', 'opts', {'k': 2}),
     ('where=/tmp/some/where', 'where', '/tmp/some/where'),
-])
-def test_string_values_are_converted_to_the_declared_type(tmp_path, pair, name, expected):
+]
+# every conversion above goes through a kernel; one run takes one value per parameter, so three runs cover them all
+CONVERSION_RUNS = [[c for c in CONVERSIONS if c[0] in ('n=12', 'rate=0.25', 'flag=true', 'name=hello', 'items=[1, "a"]', 'opts={"k": 2}', 'where=/tmp/some/where')],
+                   [c for c in CONVERSIONS if c[0] in ('rate=2', 'flag=0')],
+                   [c for c in CONVERSIONS if c[0] in ('flag=No',)]]
+assert sorted(c[0] for run in CONVERSION_RUNS for c in run) == sorted(c[0] for c in CONVERSIONS)   # each conversion in exactly one run
+assert all(len({c[1] for c in run}) == len(run) for run in CONVERSION_RUNS)                     # and a run sets a parameter once
+
+
+@pytest.mark.parametrize('conversions', CONVERSION_RUNS, ids=lambda cs: ','.join(c[0] for c in cs))
+def test_string_values_are_converted_to_the_declared_type(tmp_path, conversions):
     import ast
     params = ("from pathlib import Path\nn: int = 3  # count\nrate: float = 0.5  # rate\nflag: bool = True  # switch\n"
               "name: str = 'x'  # name\nitems: list = []  # items\nopts: dict = {}  # options\nwhere: Path = Path('.')  # place")
     nb = make_nb(tmp_path/'types.ipynb', ["print(repr(dict(n=n, rate=rate, flag=flag, name=name, items=items, opts=opts, where=str(where))))"], params)
-    r = run_runner(tmp_path, nb, '-p', pair, '--report', tmp_path/'report')
+    args = [x for pair, _, _ in conversions for x in ('-p', pair)]
+    r = run_runner(tmp_path, nb, *args, '--report', tmp_path/'report')
     assert r.returncode == 0, r.stderr[-2000:]
     executed = nbformat.read(tmp_path/'report/types.ipynb', as_version=4)
     printed = [o['text'] for c in executed.cells for o in c.get('outputs', []) if o.get('output_type') == 'stream'][-1]
-    seen = ast.literal_eval(printed.strip())[name]
-    assert seen == expected and type(seen) is type(expected), (seen, expected)
+    seen = ast.literal_eval(printed.strip())
+    for pair, name, expected in conversions:
+        assert seen[name] == expected and type(seen[name]) is type(expected), (pair, seen[name], expected)
 
 
 @pytest.mark.parametrize('pair,expected', [('n=three', "parameter n='three': expected int"),
@@ -183,13 +207,13 @@ def test_cell_timeout_ends_the_run(tmp_path):
 
 
 def test_total_timeout_ends_the_run(tmp_path):
-    nb = make_nb(tmp_path/'long.ipynb', ['import time', 'time.sleep(2)', 'time.sleep(2)', 'time.sleep(2)', 'time.sleep(120)'])
+    nb = make_nb(tmp_path/'long.ipynb', ['import time', 'time.sleep(1)', 'time.sleep(1)', 'time.sleep(1)', 'time.sleep(120)'])
     t0 = time.monotonic()
-    r = run_runner(tmp_path, nb, '--timeout', '12', '--report', tmp_path/'report')
+    r = run_runner(tmp_path, nb, '--timeout', '8', '--report', tmp_path/'report')
     assert time.monotonic() - t0 < 90
     assert r.returncode == 1
     msg = message(tmp_path)
-    assert msg.startswith('long.ipynb cell ') and msg.endswith('TimeoutError: the notebook ran longer than 12 s (--timeout) and was stopped'), msg
+    assert msg.startswith('long.ipynb cell ') and msg.endswith('TimeoutError: the notebook ran longer than 8 s (--timeout) and was stopped'), msg
     assert (tmp_path/'report/long.ipynb').exists() and (tmp_path/'report/long.html').exists()
     # no papermill or kernel left behind
     ps = subprocess.run(['ps', '-eo', 'args'], capture_output=True, text=True).stdout

@@ -2,13 +2,15 @@
 
 moto marks a processing job Completed at once and runs nothing; the tests then play the job locally from the
 request moto stored, with inputs read from and outputs written to moto's S3."""
-import copy, json, os, socket, subprocess, sys
+import contextlib, copy, io, json, logging, os, socket, subprocess, sys, tarfile, zipfile
 from pathlib import Path
 import pytest
 
 ROLE = 'arn:aws:iam::123456789012:role/service-role/MlprojProcessing'
 BUCKET = 'mlproj-test-bucket'
 LOOPBACK = {'127.0.0.1', 'localhost', '::1'}
+# fake credentials for moto, distinctive enough that finding one anywhere means it leaked
+FAKE_KEY_ID, FAKE_SECRET = 'AKIAMLPROJTESTKEY0001', 'mlproj-test-secret-do-not-leak-0001'
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +34,7 @@ def moto_server():
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {'AWS_ENDPOINT_URL': f'http://127.0.0.1:{port}', 'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing',
+    env = {'AWS_ENDPOINT_URL': f'http://127.0.0.1:{port}', 'AWS_ACCESS_KEY_ID': FAKE_KEY_ID, 'AWS_SECRET_ACCESS_KEY': FAKE_SECRET,
            'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_REGION': 'us-east-1', 'AWS_CONFIG_FILE': '/dev/null', 'AWS_SHARED_CREDENTIALS_FILE': '/dev/null'}
     old = {k: os.environ.get(k) for k in list(env) + ['AWS_PROFILE', 'AWS_SESSION_TOKEN']}
     os.environ.update(env); os.environ.pop('AWS_PROFILE', None); os.environ.pop('AWS_SESSION_TOKEN', None)
@@ -68,8 +70,17 @@ def submitted(moto_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('sm')
     req = local_request('preprocess', tmp, name='sm-preprocess-1', params={'seed': 7})
     captured, said = [], []
-    d = run_sagemaker(req, BUCKET, ROLE, prefix='team', dependencies=False, poll=0.05, say=said.append, capture=captured)
-    return {'local': req, 'describe': d, 'captured': captured, 'said': said, 'tmp': tmp}
+    printed, logged = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(logged)       # whatever the client side logs at the levels configured
+    handler.addFilter(lambda r: not r.name.startswith(('werkzeug', 'moto')))    # not the server's own request log
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            d = run_sagemaker(req, BUCKET, ROLE, prefix='team', dependencies=False, poll=0.05, say=said.append, capture=captured)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return {'local': req, 'describe': d, 'captured': captured, 'said': said, 'printed': printed.getvalue(),
+            'logged': logged.getvalue(), 'tmp': tmp}
 
 
 def test_code_and_inputs_are_uploaded(submitted):
@@ -84,7 +95,11 @@ def test_job_created_through_the_sdk_and_followed(submitted):
     assert d['ProcessingJobName'] == 'sm-preprocess-1' and d['ProcessingJobStatus'] == 'Completed'
     assert len(submitted['captured']) == 1
     assert any('sm-preprocess-1: Completed' in m for m in submitted['said'])
-    assert d['AppSpecification']['ImageUri'].endswith('sagemaker-scikit-learn:1.4-2-cpu-py3') or 'scikit-learn' in d['AppSpecification']['ImageUri']
+    # no --image-uri: the stock scikit-learn processing image of the pinned version, in the session's region
+    from mlproj.sagemaker_backend import stock_image_uri, DEFAULT_SKLEARN_VERSION
+    image = d['AppSpecification']['ImageUri']
+    assert image == stock_image_uri('us-east-1'), image
+    assert '.dkr.ecr.us-east-1.amazonaws.com/sagemaker-scikit-learn:' in image and f':{DEFAULT_SKLEARN_VERSION}-' in image, image
 
 
 def test_request_at_the_server_equals_the_local_request_but_uris_and_image(submitted):
@@ -203,25 +218,101 @@ def test_missing_credentials_is_one_line(tmp_path):
     assert r.stderr.strip() == 'mlproj: error: no AWS credentials found: set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role is available'
 
 
-def test_secrets_never_reach_output_or_artifacts(submitted):
-    said = '\n'.join(submitted['said'])
-    assert 'testing' not in said            # the fake key id and secret
+def _texts_of(path: Path):
+    "The bytes of a file, and of each member when it is a zip (wheel) or tar archive, whose compression would hide a string."
+    yield path, path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            for n in z.namelist(): yield f'{path}!{n}', z.read(n)
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as t:
+            for m in t.getmembers():
+                if m.isfile(): yield f'{path}!{m.name}', t.extractfile(m).read()
+
+
+def test_secrets_never_reach_output_or_artifacts(submitted, moto_server, tmp_path):
+    "The credentials' values appear nowhere: not said, printed or logged, not in the request or describe result, not in any file written or uploaded."
+    assert os.environ['AWS_SECRET_ACCESS_KEY'] == FAKE_SECRET and os.environ['AWS_ACCESS_KEY_ID'] == FAKE_KEY_ID   # the job ran with them
+    said = '\n'.join(submitted['said']) + submitted['printed'] + submitted['logged']
+    assert submitted['said'] and 'sm-preprocess-1' in said          # something was said, so the search below means something
     blob = json.dumps(submitted['describe'], default=str) + json.dumps(submitted['captured'], default=str)
-    assert 'AWS_SECRET_ACCESS_KEY' not in blob and 'AWS_ACCESS_KEY_ID' not in blob
+    files = [f for root in (submitted['tmp'], Path(os.environ['MLPROJ_OUTPUTS'])) for f in Path(root).rglob('*') if f.is_file()]
+    assert any(f.name == 'entry.py' for f in files)                 # the code bundle is among them
+    import boto3
+    s3 = boto3.client('s3')
+    uploaded = [(f'{BUCKET}/{k}', s3.get_object(Bucket=BUCKET, Key=k)['Body'].read()) for k in keys('team/sm-preprocess-1/')]
+    assert any(k.endswith('.whl') for k, _ in uploaded)
+    for k, b in uploaded:                     # uploaded objects, wheels opened
+        (tmp_path/'s3'/k).parent.mkdir(parents=True, exist_ok=True); (tmp_path/'s3'/k).write_bytes(b)
+    files += [f for f in (tmp_path/'s3').rglob('*') if f.is_file()]
+    for value in (FAKE_KEY_ID, FAKE_SECRET):
+        assert value not in said, f'{value} was said or printed'
+        assert value not in blob, f'{value} is in the request or the describe result'
+        for where, data in (x for f in files for x in _texts_of(f)):
+            assert value.encode() not in data, f'{value} written to {where}'
 
 
 def test_local_path_never_imports_the_sdk(tmp_path):
+    "Building every step's local job request (both engines) and running a local job never import the SageMaker SDK."
     code = f"""
 import sys, os
-os.environ['MLPROJ_OUTPUTS'] = {str(tmp_path)!r}
-import mlproj.cli, mlproj.local, mlproj.pipeline, mlproj.runner, mlproj.steps
+os.environ['MLPROJ_OUTPUTS'] = {str(tmp_path/'outputs')!r}
+import mlproj.cli, mlproj.local, mlproj.pipeline, mlproj.runner, mlproj.steps, mlproj.jobs, mlproj.scripts
 import mlproj.scripts.preprocess, mlproj.scripts.train, mlproj.scripts.evaluate, mlproj.scripts.batch_inference
-from mlproj.pipeline import run_pipeline
-rec = run_pipeline(outputs_dir={str(tmp_path)!r}, params={{'train': {{'n_estimators': 10}}}}, engine='script', stream=None)
-assert rec['status'] == 'Completed', rec
+from mlproj.data import penguins_path
+from mlproj.jobs import step_job, render_request
+from mlproj.local import run_local
+from mlproj.steps import STEPS
+t = {str(tmp_path)!r}
+n = 0
+for step, st in STEPS.items():
+    for engine in ('script', 'notebook'):
+        outs = {{ch: f'{{t}}/out/{{step}}/{{ch}}' for ch in st.outputs + (('report',) if engine == 'notebook' else ())}}
+        req = render_request(step_job(step, {{ch: f'{{t}}/in/{{ch}}' for ch in st.inputs}}, outs, engine=engine))
+        assert req['ProcessingJobName'] and req['AppSpecification']['ContainerArguments'], req
+        n += 1
+req = render_request(step_job('preprocess', {{'raw': str(penguins_path())}}, {{'train': f'{{t}}/pp/train', 'test': f'{{t}}/pp/test'}}, engine='script'))
+d = run_local(req, jobs_dir=f'{{t}}/jobs', stream=None)
+assert d['ProcessingJobStatus'] == 'Completed', d
+assert os.path.exists(f'{{t}}/pp/train/train-algo-1.csv')
 bad = sorted(m for m in sys.modules if m == 'sagemaker' or m.startswith('sagemaker.'))
+print('REQUESTS', n)
 print('SDK MODULES', bad)
 """
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 'SDK MODULES []' in r.stdout
+    from mlproj.steps import STEPS
+    assert f'REQUESTS {2 * len(STEPS)}' in r.stdout, r.stdout          # every step, both engines
+    assert 'SDK MODULES []' in r.stdout, r.stdout.splitlines()[-1][:500]     # the last line: the SDK modules imported
+
+
+# --- the storage layer against S3 (mlproj.storage) -------------------------------------
+
+def test_one_object_prefix_is_that_object_everywhere(moto_server, tmp_path):
+    "An S3 'prefix' that is exactly one object's key: listed, staged by the local executor and downloaded by the backend alike."
+    import boto3
+    from mlproj import storage
+    s3 = boto3.client('s3')
+    s3.put_object(Bucket=BUCKET, Key='one/rows.csv', Body=b'a,b\n1,2\n')
+    s3.put_object(Bucket=BUCKET, Key='one/rows.csv.bak', Body=b'old')          # shares the prefix
+    s3.put_object(Bucket=BUCKET, Key='many/part-1.csv', Body=b'1'); s3.put_object(Bucket=BUCKET, Key='many/sub/part-2.csv', Body=b'2')
+    s3.put_object(Bucket=BUCKET, Key='many/', Body=b'')                          # a console folder marker
+    # listing: the exact key lands under its own name, like a local file
+    assert [r for r, _ in storage.list_objects(f's3://{BUCKET}/one/rows.csv')] == ['rows.csv', 'rows.csv.bak']
+    assert [r for r, _ in storage.list_objects(f's3://{BUCKET}/many/')] == ['part-1.csv', 'sub/part-2.csv']
+    # download (the SageMaker backend's --download) and staging (the local executor) use that same listing
+    assert storage.download(f's3://{BUCKET}/one/rows.csv', tmp_path/'dl', s3) == ['rows.csv', 'rows.csv.bak']
+    assert (tmp_path/'dl/rows.csv').read_bytes() == b'a,b\n1,2\n'
+    from mlproj.jobs import JobSpec, JobInput, render_request
+    from mlproj.local import prepare_sandbox, stage_inputs
+    req = render_request(JobSpec('stage-one', ['python3', '-c', 'pass'], inputs=[JobInput('data', f's3://{BUCKET}/many/')]))
+    roots = prepare_sandbox(req, tmp_path/'jobs/stage-one')
+    stage_inputs(req, roots, say=lambda m: None)
+    staged = roots[0]/'processing/input/data'
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob('*') if p.is_file()) == ['part-1.csv', 'sub/part-2.csv']
+    # upload and digest through the same handler
+    (tmp_path/'up').mkdir(); (tmp_path/'up/x.txt').write_text('x')
+    assert storage.upload(tmp_path/'up', f's3://{BUCKET}/up/', s3) == ['x.txt']
+    import hashlib
+    assert storage.digests(f's3://{BUCKET}/up/', s3) == {'x.txt': hashlib.sha256(b'x').hexdigest()}
+    assert storage.digests(f's3://{BUCKET}/nothing-here/', s3) == {}
