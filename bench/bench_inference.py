@@ -41,11 +41,11 @@ def main():
     ap.add_argument('--chunksize', type=int, default=50_000)
     ap.add_argument('--n-estimators', type=int, default=200)
     a = ap.parse_args()
-    from mlproj.data import synthetic_penguins, load_table, penguins_path, TARGET
+    from mlproj.data import synthetic_penguins, load_table, bundled_path, TARGET
     from mlproj.train import train_model, write_model_artifact
     with tempfile.TemporaryDirectory() as d:
         d = Path(d); (d/'rows').mkdir()
-        model = train_model(load_table(penguins_path()), seed=42, n_estimators=a.n_estimators)
+        model = train_model(load_table(bundled_path()), seed=42, n_estimators=a.n_estimators)
         write_model_artifact(model, d/'model.tar.gz')
         per = -(-a.rows // a.shards)
         for i in range(a.shards):

@@ -22,8 +22,8 @@ def default_inputs(step:str, given:dict)->dict:
     for ch, src in step_sources(step).items():
         if ch in given: ins[ch] = given[ch]
         elif src == BUNDLED:
-            from mlproj.data import penguins_path
-            ins[ch] = str(penguins_path())
+            from mlproj.data import bundled_path
+            ins[ch] = str(bundled_path())
         else:
             uri = latest_output(*src, jobs_dir=outputs_root()/'jobs')
             if uri is None:
@@ -83,8 +83,8 @@ def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
     sub = ap.add_subparsers(dest='cmd', required=True)
     r = sub.add_parser('run', help='run preprocess -> train -> evaluate -> batch_inference as local processing jobs')
-    r.add_argument('--raw', help='raw training data, file or folder (default: bundled penguins)')
-    r.add_argument('--data', help='rows to score, file or folder (default: bundled penguins)')
+    r.add_argument('--raw', help='raw training data, file or folder (default: the bundled table)')
+    r.add_argument('--data', help='rows to score, file or folder (default: the bundled table)')
     r.add_argument('-p', '--param', action='append', metavar='STEP.NAME=VALUE', help='step parameter, e.g. -p train.seed=7')
     r.add_argument('--run-id', help='run folder name under outputs/ (default: timestamp)')
     r.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='per-step MaxRuntimeInSeconds (default 3600)')

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-from .data import FEATURES, TARGET
+from .data import SCHEMA, Schema
 from .errors import InputError
 
 # %% auto #0
@@ -32,11 +32,11 @@ def compute_metrics(y_true, y_pred, classes:list[str])->dict:
     }}
 
 # %% ../nbs/40_evaluate.ipynb #40-evaluate-006
-def evaluate_model(model, test:pd.DataFrame)->dict:
-    "Metrics of `model` on the labelled table `test`."
-    if TARGET not in test.columns: raise InputError(f"evaluation data has no '{TARGET}' column")
-    pred = model.predict(test[list(FEATURES)])
-    return compute_metrics(test[TARGET], pred, [str(c) for c in model.classes_])
+def evaluate_model(model, test:pd.DataFrame, schema:Schema=SCHEMA)->dict:
+    "Metrics of `model` on the labelled table `test` (`schema`: the model's, for its features and target)."
+    if schema.target not in test.columns: raise InputError(f"evaluation data has no '{schema.target}' column")
+    pred = model.predict(test[list(schema.features)])
+    return compute_metrics(test[schema.target], pred, [str(c) for c in model.classes_])
 
 def metrics_table(report:dict)->pd.DataFrame:
     "Per-class precision, recall, F1 and support as a table (for reports)."

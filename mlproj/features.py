@@ -7,47 +7,48 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
-from .data import COLUMNS, FEATURES, NUMERIC_FEATURES, CATEGORICAL_FEATURES
+from .data import SCHEMA, Schema
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['fit_features', 'feature_names', 'transform_features', 'PenguinFeatures']
+__all__ = ['fit_features', 'feature_names', 'transform_features', 'TableFeatures']
 
 # %% ../nbs/20_features.ipynb #20-features-005
-def fit_features(df:pd.DataFrame)->dict:
-    "Learn imputation and scaling statistics from the training table `df`."
-    missing = [c for c in FEATURES if c not in df.columns]
+def fit_features(df:pd.DataFrame, schema:Schema=SCHEMA)->dict:
+    "Learn imputation and scaling statistics of `schema`'s features from the training table `df`."
+    missing = [c for c in schema.features if c not in df.columns]
     if missing: raise InputError(f'fit_features: missing feature columns {missing}')
     if len(df) == 0: raise InputError('fit_features: no rows to fit on')
-    num = df[list(NUMERIC_FEATURES)].astype('float64')
+    num = df[list(schema.numeric_features)].astype('float64')
     med = num.median()
     if med.isna().any(): raise InputError(f'fit_features: no values at all in {list(med[med.isna()].index)}')
     filled = num.fillna(med)
     std = filled.std(ddof=0).replace(0, 1.0)
-    return {'median': med.to_dict(), 'mean': filled.mean().to_dict(), 'scale': std.to_dict(),
-            'categories': {c: list(COLUMNS[c].categories) for c in CATEGORICAL_FEATURES}}
+    return {'numeric': list(schema.numeric_features), 'median': med.to_dict(), 'mean': filled.mean().to_dict(), 'scale': std.to_dict(),
+            'categories': {c: list(schema.column(c).categories) for c in schema.categorical_features}}
 
 def feature_names(state:dict)->list[str]:
     "Output column names, in order: scaled numbers, then one column per category."
-    return list(NUMERIC_FEATURES) + [f'{c}={v}' for c, cats in state['categories'].items() for v in cats]
+    return list(state['numeric']) + [f'{c}={v}' for c, cats in state['categories'].items() for v in cats]
 
 # %% ../nbs/20_features.ipynb #20-features-006
 def transform_features(df:pd.DataFrame, state:dict)->pd.DataFrame:
     "Apply the fitted `state` to `df`; returns a float64 frame with `feature_names(state)` columns and `df`'s index."
-    missing = [c for c in FEATURES if c not in df.columns]
+    missing = [c for c in list(state['numeric']) + list(state['categories']) if c not in df.columns]
     if missing: raise InputError(f'transform_features: missing feature columns {missing}')
-    num = df[list(NUMERIC_FEATURES)].astype('float64')
-    out = {c: (num[c].fillna(state['median'][c]) - state['mean'][c]) / state['scale'][c] for c in NUMERIC_FEATURES}
+    num = df[list(state['numeric'])].astype('float64')
+    out = {c: (num[c].fillna(state['median'][c]) - state['mean'][c]) / state['scale'][c] for c in state['numeric']}
     for c, cats in state['categories'].items():
         col = df[c]
         for v in cats: out[f'{c}={v}'] = (col == v).astype('float64')
     return pd.DataFrame(out, index=df.index)[feature_names(state)]
 
 # %% ../nbs/20_features.ipynb #20-features-013
-class PenguinFeatures(TransformerMixin, BaseEstimator):
-    "scikit-learn wrapper of `fit_features`/`transform_features`, the first step of the model pipeline."
+class TableFeatures(TransformerMixin, BaseEstimator):
+    "scikit-learn wrapper of `fit_features`/`transform_features` for a schema, the first step of the model pipeline."
+    def __init__(self, schema:Schema=SCHEMA): self.schema = schema
     def fit(self, X:pd.DataFrame, y=None):
-        self.state_ = fit_features(X)
+        self.state_ = fit_features(X, self.schema)
         self.feature_names_out_ = np.array(feature_names(self.state_), dtype=object)
         return self
     def transform(self, X:pd.DataFrame)->pd.DataFrame: return transform_features(X, self.state_)

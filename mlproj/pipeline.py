@@ -49,7 +49,7 @@ def new_run_id()->str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-014
-def run_pipeline(raw=None, # raw training data (default: the bundled penguins table)
+def run_pipeline(raw=None, # raw training data (default: the bundled table)
                  data=None, # rows to score in batch inference (default: the bundled table)
                  outputs_dir='outputs', # where runs and job sandboxes go
                  params:dict|None=None, # {step: {name: value}} step parameters
@@ -59,14 +59,14 @@ def run_pipeline(raw=None, # raw training data (default: the bundled penguins ta
                  stream=sys.stderr, # progress and job logs (None: quiet)
                 )->dict:
     "Run every step as a local processing job, in graph order; returns the run record (also written to run.json)."
-    from mlproj.data import penguins_path
+    from mlproj.data import bundled_path
     params = check_run_params(params or {})             # refuse a bad parameter before any step runs
     order = step_order()
     run_id = run_id or new_run_id()
     outputs_dir = Path(outputs_dir); run_dir = outputs_dir/run_id
     if run_dir.exists(): raise SpecError(f'run folder already exists: {run_dir}')
     given = {'raw': raw, 'data': data}
-    external = {ch: str(given.get(ch) or penguins_path()) for ch in external_inputs()}
+    external = {ch: str(given.get(ch) or bundled_path()) for ch in external_inputs()}
     bundles = {step: write_code_bundle(step, engine, outputs_dir/'code') for step in order}   # also checks the job notebooks
     run_dir.mkdir(parents=True)
     record = {'run_id': run_id, 'status': 'InProgress', 'engine': engine, 'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),

@@ -18,7 +18,7 @@ __all__ = ['BUNDLED', 'STEPS', 'Param', 'signature_params', 'Step', 'step', 'get
            'step_sources', 'step_order', 'mermaid']
 
 # %% ../nbs/60_steps.ipynb #60-steps-006
-BUNDLED = 'bundled'   # an input's default source: the penguins table that ships with the package
+BUNDLED = 'bundled'   # an input's default source: the schema's table that ships with the package
 
 @dataclass(frozen=True)
 class Param:
@@ -123,7 +123,7 @@ def preprocess(raw=input_dir('raw'), # raw data: a CSV/Parquet file or a folder 
                test_size:float=0.2, # share of rows held out
                seed:int=42, # random seed of the split
               )->dict:
-    "Validate raw penguins data and split it into train/test."
+    "Validate the raw table and split it into train/test."
     from mlproj.data import load_table, split_table, TARGET, FEATURES
     raw = existing_dir(raw, 'raw input')
     notes = []
@@ -147,7 +147,7 @@ def train(train=input_dir('train'), # folder (or file) with the training split
           n_estimators:int=200, # number of trees
           max_depth:int=0, # depth limit of each tree; 0 grows fully
          )->dict:
-    "Train the penguin classifier and write model.tar.gz."
+    "Train the classifier and write model.tar.gz."
     from mlproj.data import load_table
     from mlproj.train import train_model, write_model_artifact, ARTIFACT
     t0 = time.perf_counter()
@@ -168,11 +168,12 @@ def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
             )->dict:
     "Score the model on the held-out split; write evaluation.json and plots."
     from mlproj.data import load_table
-    from mlproj.train import load_model
+    from mlproj.train import load_model, model_schema
     from mlproj.evaluate import evaluate_model, plot_confusion, plot_per_class
     m, manifest = load_model(existing_dir(model, 'model input'))
-    df = load_table(existing_dir(test, 'test input'))
-    report = evaluate_model(m, df)
+    schema = model_schema(manifest)                      # the rules the model was trained with
+    df = load_table(existing_dir(test, 'test input'), schema=schema)
+    report = evaluate_model(m, df, schema)
     out = container_path(evaluation)
     with OutputSet() as outs:
         outs.path(out/'evaluation.json').write_text(json.dumps(report, indent=2), encoding='utf-8')
@@ -189,9 +190,10 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
                     data=input_dir('data'), # rows to score: a CSV/Parquet file or a folder of shards
                     predictions=output_dir('predictions'), # output folder for predictions-<host>.csv
                     chunksize:int=50_000, # rows read, validated and predicted at a time (bounds memory)
+                    keep_columns:str='', # input columns copied into the predictions: comma-separated names, or all
                    )->dict:
-    "Predict species for every row of the input, chunk by chunk, into predictions-<host>.csv."
-    from mlproj.train import load_model
+    "Predict the target for every row of the input, chunk by chunk, into predictions-<host>.csv."
+    from mlproj.train import load_model, model_schema
     from mlproj.inference import predict_files
     if chunksize < 1: raise InputError(f'chunksize must be at least 1, got {chunksize}')
     m, manifest = load_model(existing_dir(model, 'model input'))
@@ -199,17 +201,20 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
     host, (_, n_hosts) = current_host(), host_rank()
     if n_hosts > 1 and src.is_dir() and not has_data(src):
         log('batch_inference', f'{host}: no input objects in this shard ({src}); nothing to do')
-        return {'rows': 0, 'files': [], 'predicted_counts': {}, 'host': host}
+        return {'rows': 0, 'files': 0, 'first_files': [], 'predicted_counts': {}, 'notes': [], 'host': host}
     src = existing_dir(data, 'data input')
     last = [time.perf_counter()]
     def progress(rows, f):
         if time.perf_counter() - last[0] > 5: log('batch_inference', f'{rows:,} rows scored (at {f.name})'); last[0] = time.perf_counter()
-    t0 = time.perf_counter()
+    t0, notes = time.perf_counter(), []
     with OutputSet() as outs:
-        s = predict_files(m, src, outs.path(container_path(predictions)/f'predictions-{host}.csv'), chunksize, progress)
+        s = predict_files(m, src, outs.path(container_path(predictions)/f'predictions-{host}.csv'), chunksize, progress,
+                          model_schema(manifest), keep_columns, notes)
+    for n in notes[:20]: log('batch_inference', f'note: {n}')
+    if len(notes) > 20: log('batch_inference', f'note: ... and {len(notes) - 20:,} more files with columns not in the schema')
     dt = time.perf_counter() - t0
-    log('batch_inference', f'{s["rows"]:,} rows from {len(s["files"])} file(s) in {dt:.1f}s ({s["rows"]/max(dt,1e-9):,.0f} rows/s)')
-    return {**s, 'host': host}
+    log('batch_inference', f'{s["rows"]:,} rows from {s["files"]:,} file(s) in {dt:.1f}s ({s["rows"]/max(dt,1e-9):,.0f} rows/s)')
+    return {**s, 'notes': notes[:20] + ([f'... and {len(notes) - 20:,} more'] if len(notes) > 20 else []), 'host': host}
 
 # %% ../nbs/60_steps.ipynb #60-steps-030
 def producers()->dict:

@@ -13,27 +13,29 @@ import pandas as pd
 import sklearn
 from sklearn.ensemble import ExtraTreesClassifier
 from sklearn.pipeline import Pipeline
-from .data import SCHEMA, FEATURES, TARGET, ID
+from .data import SCHEMA, Schema
 from .errors import InputError
-from .features import PenguinFeatures
+from .features import TableFeatures
 
 # %% auto #0
-__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'train_model', 'library_versions', 'build_manifest', 'write_model_artifact',
-           'load_model']
+__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'train_model', 'library_versions', 'build_manifest',
+           'model_schema', 'write_model_artifact', 'load_model']
 
 # %% ../nbs/30_train.ipynb #30-train-004
-def train_model(train:pd.DataFrame, # validated training table, with `species`
+def train_model(train:pd.DataFrame, # validated training table, with the target column
                 seed:int=42, # random seed of the forest
                 n_estimators:int=200, # number of trees
                 max_depth:int|None=None, # depth limit of each tree (None: grow fully)
+                schema:Schema=SCHEMA, # the table's schema: its features and target
                )->Pipeline:
     "Fit the feature transform and a seeded extra-trees forest on `train`."
-    if TARGET not in train.columns: raise InputError(f"training data has no '{TARGET}' column")
-    if train[TARGET].nunique() < 2: raise InputError(f'training data holds {train[TARGET].nunique()} class; need at least 2')
+    target = schema.target
+    if target not in train.columns: raise InputError(f"training data has no '{target}' column")
+    if train[target].nunique() < 2: raise InputError(f'training data holds {train[target].nunique()} class; need at least 2')
     if n_estimators < 1: raise InputError(f'n_estimators must be at least 1, got {n_estimators}')
-    model = Pipeline([('features', PenguinFeatures()),
+    model = Pipeline([('features', TableFeatures(schema)),
                       ('classifier', ExtraTreesClassifier(n_estimators=n_estimators, max_depth=max_depth, random_state=seed, n_jobs=1))])
-    return model.fit(train[list(FEATURES)], train[TARGET].astype(str))
+    return model.fit(train[list(schema.features)], train[target].astype(str))
 
 # %% ../nbs/30_train.ipynb #30-train-007
 MODEL_FILE, MANIFEST_FILE, ARTIFACT = 'model.joblib', 'manifest.json', 'model.tar.gz'
@@ -43,11 +45,18 @@ def library_versions()->dict:
     return {'python': platform.python_version(), 'scikit-learn': sklearn.__version__, 'numpy': np.__version__,
             'pandas': pd.__version__, 'joblib': joblib.__version__}
 
+FORMAT = 'mlproj-model/2'   # /2: the manifest carries the whole schema (/1 carried only its columns)
+
 def build_manifest(model:Pipeline, model_sha256:str, params:dict|None=None)->dict:
-    "The manifest stored beside the model."
-    return {'format': 'mlproj-model/1', 'target': TARGET, 'id_column': ID, 'features': list(FEATURES),
-            'classes': [str(c) for c in model.classes_], 'schema': [asdict(c) for c in SCHEMA],
+    "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), classes, params, versions."
+    schema = model.named_steps['features'].schema
+    return {'format': FORMAT, 'target': schema.target, 'id_column': schema.id, 'features': list(schema.features),
+            'classes': [str(c) for c in model.classes_], 'schema': schema.to_dict(),
             'params': params or {}, 'libraries': library_versions(), 'model_file': MODEL_FILE, 'model_sha256': model_sha256}
+
+def model_schema(manifest:dict)->Schema:
+    "The schema a model was trained with, from its manifest."
+    return Schema.from_dict(manifest['schema'])
 
 # %% ../nbs/30_train.ipynb #30-train-008
 def _add_bytes(tar:tarfile.TarFile, name:str, data:bytes):
@@ -78,6 +87,9 @@ def load_model(path)->tuple[Pipeline, dict]:
             manifest = json.loads(tar.extractfile(MANIFEST_FILE).read())
     except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f'{p}: corrupted model artifact ({type(e).__name__}: {" ".join(str(e).split())[:200]})') from None
+    if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+        fmt = manifest.get('format') if isinstance(manifest, dict) else None
+        raise InputError(f'{p}: model artifact format {fmt!r} is not the one this mlproj reads ({FORMAT!r}); retrain the model with this version')
     if hashlib.sha256(blob).hexdigest() != manifest.get('model_sha256'):
         raise InputError(f'{p}: corrupted model artifact ({MODEL_FILE} does not match the sha256 in {MANIFEST_FILE})')
     return joblib.load(io.BytesIO(blob)), manifest

@@ -133,11 +133,11 @@ OptMLTree.check_ok_stdout = staticmethod(check_ok_stdout)
 
 @pytest.fixture(scope='session')
 def opt_ml_penguins() -> Path:
-    "The bundled penguins CSV (`mlproj.data.penguins_path()`), 344 rows."
-    try: from mlproj.data import penguins_path
+    "The bundled penguins CSV (`mlproj.data.bundled_path()`), 344 rows."
+    try: from mlproj.data import bundled_path
     except ImportError:
-        sys.path.insert(0, str(REPO)); from mlproj.data import penguins_path
-    p = Path(penguins_path())
+        sys.path.insert(0, str(REPO)); from mlproj.data import bundled_path
+    p = Path(bundled_path())
     assert p.is_file(), p
     return p
 

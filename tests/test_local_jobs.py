@@ -167,10 +167,10 @@ def test_missing_input_source_is_refused_before_anything_runs(tmp_path):
 @pytest.fixture(scope='module')
 def trained(opt_ml_build_once):
     "A model trained by preprocess + train jobs on the bundled data (built once per session, even across workers)."
-    from mlproj.data import penguins_path
+    from mlproj.data import bundled_path
     def make(d):
         for step, ins, outs, params in [
-            ('preprocess', {'raw': str(penguins_path())}, {'train': str(d/'train'), 'test': str(d/'test')}, {}),
+            ('preprocess', {'raw': str(bundled_path())}, {'train': str(d/'train'), 'test': str(d/'test')}, {}),
             ('train', {'train': str(d/'train')}, {'model': str(d/'model')}, {'n_estimators': 30}),
         ]:
             r = run_local(render_request(step_job(step, ins, outs, params)), jobs_dir=d/'jobs', stream=None)

@@ -4,7 +4,7 @@ import inspect, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 import nbformat
 import pytest
-from mlproj.data import penguins_path
+from mlproj.data import bundled_path
 from mlproj.steps import STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +70,12 @@ def test_job_notebooks_run_top_to_bottom_in_a_kernel_with_defaults(tmp_path):
     "As a person would in JupyterLab: defaults are container paths, MLPROJ_OPT_ML moves /opt/ml to a fixture tree."
     from nbclient import NotebookClient
     root = tmp_path/'opt_ml'; proc = root/'processing'
-    (proc/'input/raw').mkdir(parents=True); shutil.copy(penguins_path(), proc/'input/raw')
+    (proc/'input/raw').mkdir(parents=True); shutil.copy(bundled_path(), proc/'input/raw')
     os.environ['MLPROJ_OPT_ML'] = str(root)
     try:
         for step, moves in [('preprocess', {'train': 'train', 'test': 'test'}), ('train', {'model': 'model'}), ('evaluate', {}), ('batch_inference', {})]:
             if step == 'batch_inference':
-                (proc/'input/data').mkdir(); shutil.copy(penguins_path(), proc/'input/data')
+                (proc/'input/data').mkdir(); shutil.copy(bundled_path(), proc/'input/data')
             nb = nbformat.read(JOBS/f'{step}.ipynb', as_version=4)
             NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
             errors = [o for c in nb.cells for o in c.get('outputs', []) if o.get('output_type') == 'error']
@@ -92,7 +92,7 @@ def test_job_notebook_under_the_papermill_cli(tmp_path):
     "A user's habit: papermill straight from the shell, -p values as papermill parses them."
     out = tmp_path/'train-out.ipynb'
     r = subprocess.run([str(BIN/'papermill'), str(JOBS/'preprocess.ipynb'), str(tmp_path/'pp.ipynb'),
-                        '-p', 'raw', str(penguins_path()), '-p', 'train', str(tmp_path/'train'), '-p', 'test', str(tmp_path/'test'),
+                        '-p', 'raw', str(bundled_path()), '-p', 'train', str(tmp_path/'train'), '-p', 'test', str(tmp_path/'test'),
                         '-p', 'seed', '3'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([str(BIN/'papermill'), str(JOBS/'train.ipynb'), str(out), '-p', 'train', str(tmp_path/'train'),
@@ -107,7 +107,7 @@ def test_job_notebook_under_the_papermill_cli(tmp_path):
 # --- the runner --------------------------------------------------------------------------
 
 def test_runner_executes_a_job_notebook_and_saves_the_report(tmp_path):
-    r = run_runner(tmp_path, JOBS/'preprocess.ipynb', '-p', f'raw={penguins_path()}', '-p', 'test_size=0.25',
+    r = run_runner(tmp_path, JOBS/'preprocess.ipynb', '-p', f'raw={bundled_path()}', '-p', 'test_size=0.25',
                    '--report', tmp_path/'report')
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -247,7 +247,7 @@ def test_notebook_job_fails_with_the_cell_in_its_exit_message(tmp_path):
     from mlproj.jobs import render_request, step_job
     from mlproj.local import run_local
     bad = tmp_path/'bad.csv'
-    bad.write_text(penguins_path().read_text().replace('Torgersen', 'Atlantis', 1))
+    bad.write_text(bundled_path().read_text().replace('Torgersen', 'Atlantis', 1))
     req = render_request(step_job('preprocess', {'raw': str(bad)}, {'train': str(tmp_path/'tr'), 'test': str(tmp_path/'te'),
                                                                     'report': str(tmp_path/'rep')}, engine='notebook'))
     d = run_local(req, jobs_dir=tmp_path/'jobs', stream=None)

@@ -54,10 +54,10 @@ def keys(prefix=''):
 
 
 def local_request(step, tmp_path, engine='notebook', instance_count=1, name=None, params=None, inputs=None):
-    from mlproj.data import penguins_path
+    from mlproj.data import bundled_path
     from mlproj.jobs import step_job, render_request, write_code_bundle
     from mlproj.steps import get_step
-    ins = inputs or {'raw': str(penguins_path())}
+    ins = inputs or {'raw': str(bundled_path())}
     outs = {ch: str(tmp_path/'out'/ch) for ch in get_step(step).outputs + (('report',) if engine == 'notebook' else ())}
     return render_request(step_job(step, ins, outs, params, instance_count=instance_count, engine=engine, name=name, role=ROLE,
                                    code=str(write_code_bundle(step, engine, tmp_path/'code'))))
@@ -259,7 +259,7 @@ import sys, os
 os.environ['MLPROJ_OUTPUTS'] = {str(tmp_path/'outputs')!r}
 import mlproj.cli, mlproj.local, mlproj.pipeline, mlproj.runner, mlproj.steps, mlproj.jobs, mlproj.scripts
 import mlproj.scripts.preprocess, mlproj.scripts.train, mlproj.scripts.evaluate, mlproj.scripts.batch_inference
-from mlproj.data import penguins_path
+from mlproj.data import bundled_path
 from mlproj.jobs import step_job, render_request
 from mlproj.local import run_local
 from mlproj.steps import STEPS
@@ -271,7 +271,7 @@ for step, st in STEPS.items():
         req = render_request(step_job(step, {{ch: f'{{t}}/in/{{ch}}' for ch in st.inputs}}, outs, engine=engine))
         assert req['ProcessingJobName'] and req['AppSpecification']['ContainerArguments'], req
         n += 1
-req = render_request(step_job('preprocess', {{'raw': str(penguins_path())}}, {{'train': f'{{t}}/pp/train', 'test': f'{{t}}/pp/test'}}, engine='script'))
+req = render_request(step_job('preprocess', {{'raw': str(bundled_path())}}, {{'train': f'{{t}}/pp/train', 'test': f'{{t}}/pp/test'}}, engine='script'))
 d = run_local(req, jobs_dir=f'{{t}}/jobs', stream=None)
 assert d['ProcessingJobStatus'] == 'Completed', d
 assert os.path.exists(f'{{t}}/pp/train/train-algo-1.csv')
