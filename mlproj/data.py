@@ -15,8 +15,8 @@ from .errors import InputError, SpecError
 # %% auto #0
 __all__ = ['SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES', 'Column',
            'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files', 'check_header', 'csv_header',
-           'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'validate', 'Chunk', 'iter_tables', 'load_table',
-           'split_table']
+           'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'check_columns', 'validate', 'Chunk', 'iter_tables',
+           'load_table', 'split_table']
 
 # %% ../nbs/10_data.ipynb #10-data-005
 @dataclass(frozen=True)
@@ -218,28 +218,46 @@ def _parse_numbers(text:pd.Series, isna:pd.Series)->pd.Series:
     try: return text.where(~isna, 'nan').astype('float64')
     except (ValueError, TypeError): return pd.to_numeric(text.where(~isna), errors='coerce').astype('float64')
 
-def _where(source, first_line, idx, col=None):
-    s = f'{source} row {first_line + int(idx)}'
-    return s + (f", column '{col}'" if col else '')
-
 def _list_names(names:list, most:int=10)->str:
     shown = ', '.join(map(str, names[:most]))
     return shown + (f' and {len(names) - most:,} more' if len(names) > most else '')
 
-def validate(raw:pd.DataFrame, # one chunk as read
+def check_columns(columns, # the column names of one file
+                  source:str='<data>', # file name used in messages
+                  require_target:bool=True, # is the target required?
+                  notes:list|None=None, # collects non-fatal findings
+                  schema:Schema=SCHEMA,
+                 ):
+    "Refuse a file missing a required column (the features; the target if required); note columns the schema does not know."
+    required = list(schema.features) + ([schema.target] if require_target else [])
+    missing = [c for c in schema.names if c in required and c not in columns]
+    if missing: raise InputError(f"{source}: missing column{'s'*(len(missing)>1)} {', '.join(repr(m) for m in missing)}")
+    extra = [c for c in columns if c not in schema.names]
+    if extra and notes is not None: notes.append(f"{source}: column{'s'*(len(extra)>1)} not in the schema, ignored: {_list_names(extra)}")
+
+def _locator(parts:list):
+    "`where(i, col)`: 'file row N, column c' of row `i` of a chunk made of `parts` [(source, first line, rows)]."
+    starts = np.cumsum([0] + [n for _, _, n in parts])
+    def where(i, col=None):
+        k = int(np.searchsorted(starts, int(i), side='right')) - 1
+        src, first, _ = parts[k]
+        return f'{src} row {first + int(i) - int(starts[k])}' + (f", column '{col}'" if col else '')
+    return where
+
+def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of several files, see `parts`)
              source:str='<data>', # file name used in messages
              require_target:bool=True, # must the target be present and filled (training, evaluation)?
              first_line:int=2, # file line of the chunk's first row (header is line 1)
              notes:list|None=None, # collects non-fatal findings, e.g. extra columns
              schema:Schema=SCHEMA, # the columns to check against
+             parts:list|None=None, # [(source, first line, rows)] when `raw` joins several files' rows (their columns already checked)
             )->pd.DataFrame:
     "Check a raw chunk against `schema`; return it in canonical form or raise `InputError`."
     raw = raw.reset_index(drop=True)
-    required = list(schema.features) + ([schema.target] if require_target else [])
-    missing = [c for c in schema.names if c in required and c not in raw.columns]
-    if missing: raise InputError(f"{source}: missing column{'s'*(len(missing)>1)} {', '.join(repr(m) for m in missing)}")
-    extra = [c for c in raw.columns if c not in schema.names]
-    if extra and notes is not None: notes.append(f"{source}: column{'s'*(len(extra)>1)} not in the schema, ignored: {_list_names(extra)}")
+    if parts is None:
+        check_columns(list(raw.columns), source, require_target, notes, schema)
+        parts = [(source, first_line, len(raw))]
+    where = _locator(parts)
     out = {}
     for c in schema.columns:
         if c.name not in raw.columns: continue
@@ -250,19 +268,19 @@ def validate(raw:pd.DataFrame, # one chunk as read
             text = _as_text(s); isna = text.isin(_NA)
             num = _parse_numbers(text, isna) if c.kind == 'number' else None
         if not c.nullable and (c.name != schema.target or require_target):
-            if isna.any(): raise InputError(f"{_where(source, first_line, isna.idxmax(), c.name)}: value is missing")
+            if isna.any(): raise InputError(f"{where(isna.idxmax(), c.name)}: value is missing")
         if c.kind == 'number':
             bad = num.isna() & ~isna
             if bad.any():
-                i = bad.idxmax(); raise InputError(f"{_where(source, first_line, i, c.name)}: {text[i]!r} is not a number")
+                i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: {text[i]!r} is not a number")
             out_of = (num < c.lo) | (num > c.hi)
             if out_of.any():
-                i = out_of.idxmax(); raise InputError(f"{_where(source, first_line, i, c.name)}: {text[i]} is outside the plausible range [{c.lo:g}, {c.hi:g}]")
+                i = out_of.idxmax(); raise InputError(f"{where(i, c.name)}: {text[i]} is outside the plausible range [{c.lo:g}, {c.hi:g}]")
             out[c.name] = num
         elif c.kind == 'category':
             bad = ~isna & ~text.isin(c.categories)
             if bad.any():
-                i = bad.idxmax(); raise InputError(f"{_where(source, first_line, i, c.name)}: unknown category {text[i]!r} (expected one of {', '.join(c.categories)})")
+                i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: unknown category {text[i]!r} (expected one of {', '.join(c.categories)})")
             out[c.name] = text.where(~isna, np.nan).astype(object)
         else:
             out[c.name] = text.astype(object)
@@ -271,27 +289,40 @@ def validate(raw:pd.DataFrame, # one chunk as read
 # %% ../nbs/10_data.ipynb #10-data-024
 @dataclass
 class Chunk:
-    "A validated chunk, the raw chunk it came from, and where."
+    "Validated rows, the raw rows they came from, and where: `parts` [(file, first row number, rows)] in order."
     df: pd.DataFrame
-    source: Path
-    first_line: int
-    raw: pd.DataFrame|None = None
+    raw: pd.DataFrame
+    parts: list
+    @property
+    def source(self)->Path: return self.parts[-1][0]
+    @property
+    def first_line(self)->int: return self.parts[0][1]
 
 def iter_tables(path, # a data file or a folder of shards
-                chunksize:int|None=None, # rows per chunk (None: whole files)
+                chunksize:int|None=None, # rows per chunk at most (None: no limit)
                 require_target:bool=True, # must the target be present?
-                notes:list|None=None, # collects non-fatal findings
+                notes:list|None=None, # collects non-fatal findings, once per file
                 schema:Schema=SCHEMA, # the columns to check against
                )->Iterator[Chunk]:
-    "Validated chunks of every data file at `path`, in file order."
+    "Validated chunks of every data file at `path`, in file order; small consecutive files with the same columns share a chunk."
+    batch, parts = [], []
+    def flush():
+        raw = batch[0] if len(batch) == 1 else pd.concat(batch, ignore_index=True)
+        chunk = Chunk(validate(raw, require_target=require_target, schema=schema, parts=list(parts)), raw.reset_index(drop=True), list(parts))
+        batch.clear(); parts.clear()
+        return chunk
     for f in list_data_files(path):
         start = 1 if f.suffix.lower() == '.parquet' else 2   # Parquet rows count from 1; CSV lines after the header
-        line, rows = start, 0
+        line = start
         for raw in read_chunks(f, chunksize):
             if len(raw) == 0: continue
-            yield Chunk(validate(raw, str(f), require_target, line, notes if line == start else None, schema), f, line, raw)
-            line += len(raw); rows += len(raw)
-        if rows == 0: raise InputError(f'{f}: no data rows (header only)')
+            if line == start: check_columns(list(raw.columns), str(f), require_target, notes, schema)
+            if batch and (list(raw.columns) != list(batch[0].columns) or (chunksize and sum(n for *_, n in parts) + len(raw) > chunksize)):
+                yield flush()
+            batch.append(raw); parts.append((f, line, len(raw)))
+            line += len(raw)
+        if line == start: raise InputError(f'{f}: no data rows (header only)')
+    if batch: yield flush()
 
 def load_table(path, require_target:bool=True, notes:list|None=None, schema:Schema=SCHEMA)->pd.DataFrame:
     "All rows at `path`, validated, as one DataFrame."

@@ -65,36 +65,29 @@ def predict_files(model, # fitted pipeline
                   keep_columns:str='', # input columns copied into the predictions: names, comma-separated, or 'all'
                   notes:list|None=None, # collects non-fatal findings (columns not in the schema), once per file
                  )->dict:
-    "Predict every row at `source` into the CSV `dest`, batching chunks up to `chunksize` rows; returns counts and files read."
+    "Predict every row at `source` into the CSV `dest`, `chunksize` rows at a time; returns counts and files read."
     root = Path(source)
     reserved = [prediction_column(schema)] + [f'proba_{c}' for c in model.classes_]
-    files, use_id, keep, pending, n_pending = [], None, None, [], 0
+    files, use_id, keep = [], None, None
     with open(dest, 'wb') as f:
         w = _Writer(f, schema)
-        def flush():
-            nonlocal pending, n_pending
-            if not pending: return
-            df = pd.concat([d for d, _ in pending], ignore_index=True); lead = pd.concat([l for _, l in pending], ignore_index=True)
-            w.write(predict_frame(model, df, schema, lead))
-            pending, n_pending = [], 0
-            if progress: progress(w.rows, Path(files[-1]))
         for chunk in iter_tables(source, chunksize=chunksize, require_target=False, notes=notes, schema=schema):
             if use_id is None:                     # the first chunk decides the row reference and the kept columns
                 use_id = schema.id is not None and schema.id in chunk.df.columns
-                ref = [schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]
-                keep = resolve_keep(keep_columns, list(chunk.raw.columns), ref + reserved, chunk.source)
+                keep = resolve_keep(keep_columns, list(chunk.raw.columns), ([schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]) + reserved, chunk.source)
             if use_id and schema.id not in chunk.df.columns:
                 raise InputError(f'{chunk.source}: no {schema.id!r} column, which the files before it have; give every file the id column, or none')
-            if use_id: lead = chunk.df[[schema.id]].astype(str)
+            if use_id: lead = chunk.df[[schema.id]].astype(str).reset_index(drop=True)
             else:
-                rel = chunk.source.name if root.is_file() else chunk.source.relative_to(root).as_posix()
-                lead = pd.DataFrame({SOURCE_FILE: rel, SOURCE_ROW: np.arange(chunk.first_line, chunk.first_line + len(chunk.df))})
+                rel = [p.name if root.is_file() else p.relative_to(root).as_posix() for p, _, _ in chunk.parts]
+                lead = pd.DataFrame({SOURCE_FILE: np.repeat(rel, [n for *_, n in chunk.parts]),
+                                     SOURCE_ROW: np.concatenate([np.arange(first, first + n) for _, first, n in chunk.parts])})
             missing = [k for k in keep if k not in chunk.raw.columns]
             if missing: raise InputError(f"{chunk.source}: no column {missing[0]!r}, which keep_columns asks for")
             for k in keep: lead[k] = chunk.raw[k].to_numpy()
-            if not files or files[-1] != str(chunk.source): files.append(str(chunk.source))
-            pending.append((chunk.df, lead)); n_pending += len(chunk.df)
-            if n_pending >= chunksize: flush()
-        flush()
+            w.write(predict_frame(model, chunk.df, schema, lead))
+            for p, _, _ in chunk.parts:
+                if not files or files[-1] != str(p): files.append(str(p))
+            if progress: progress(w.rows, chunk.source)
     return {'rows': w.rows, 'files': len(files), 'first_files': files[:5], 'predicted_counts': dict(sorted(w.counts.items())),
             'row_reference': ([schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]) if use_id is not None else [], 'kept_columns': keep or []}
