@@ -218,6 +218,8 @@ def _parse_numbers(text:pd.Series, isna:pd.Series)->pd.Series:
     try: return text.where(~isna, 'nan').astype('float64')
     except (ValueError, TypeError): return pd.to_numeric(text.where(~isna), errors='coerce').astype('float64')
 
+def _bound(v, none:str)->str: return none if v is None else f'{v:g}'
+
 def _list_names(names:list, most:int=10)->str:
     shown = ', '.join(map(str, names[:most]))
     return shown + (f' and {len(names) - most:,} more' if len(names) > most else '')
@@ -273,9 +275,9 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
             bad = num.isna() & ~isna
             if bad.any():
                 i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: {text[i]!r} is not a number")
-            out_of = (num < c.lo) | (num > c.hi)
+            out_of = (num < (-np.inf if c.lo is None else c.lo)) | (num > (np.inf if c.hi is None else c.hi))
             if out_of.any():
-                i = out_of.idxmax(); raise InputError(f"{where(i, c.name)}: {text[i]} is outside the plausible range [{c.lo:g}, {c.hi:g}]")
+                i = out_of.idxmax(); raise InputError(f"{where(i, c.name)}: {text[i]} is outside the plausible range [{_bound(c.lo, '-inf')}, {_bound(c.hi, 'inf')}]")
             out[c.name] = num
         elif c.kind == 'category':
             bad = ~isna & ~text.isin(c.categories)

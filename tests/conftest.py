@@ -219,3 +219,24 @@ def opt_ml_assert_failed():
             assert left == [], f'{step} left output files behind after failing: {left}'
         return line
     return check
+
+
+@pytest.fixture(scope='session')
+def fresh_venv():
+    """`make(wheel, base) -> (venv, jupyter path)`: a new venv under `base` with `wheel` installed (no dependencies),
+    outside the checkout. The dependencies come from this test environment through a .pth file (no network), which
+    makes them importable but leaves this environment's own .pth files (the editable mlproj) unprocessed; the
+    returned folder, for JUPYTER_PATH, holds the dependencies' data files (nbconvert's templates) but no kernel spec,
+    so the kernel papermill starts is the venv's own Python."""
+    import sysconfig
+    def make(wheel, base):
+        base = Path(base); venv = base/'venv'
+        subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+        py = venv/'bin/python'
+        site = subprocess.run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], capture_output=True, text=True, check=True).stdout.strip()
+        Path(site, 'mlproj_test_dependencies.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
+        subprocess.run([str(py), '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-index', str(wheel)], check=True)
+        jupyter = base/'jupyter'; jupyter.mkdir()
+        (jupyter/'nbconvert').symlink_to(Path(sys.prefix)/'share/jupyter/nbconvert')
+        return venv, jupyter
+    return make

@@ -4,26 +4,18 @@ The wheel is built the way the SageMaker backend builds it (`build_wheels`, from
 installed without dependencies into a fresh venv in a temporary folder; the dependencies come from this test's own
 environment through a .pth file (no network needed). The checkout is not on the fresh venv's path: `mlproj` there is
 the wheel's."""
-import json, os, subprocess, sys, sysconfig
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
 
 @pytest.fixture(scope='module')
-def wheel_venv(tmp_path_factory):
+def wheel_venv(tmp_path_factory, fresh_venv):
     from mlproj.sagemaker_backend import build_wheels
     base = tmp_path_factory.mktemp('wheel')
     wheels = build_wheels(base/'wheels', dependencies=False, say=lambda m: None)
     assert [w.name for w in wheels] == ['mlproj-0.1.0-py3-none-any.whl']
-    venv = base/'venv'
-    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
-    py = venv/'bin/python'
-    site = subprocess.run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, 'mlproj_test_dependencies.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')   # deps only: .pth files there are not processed
-    subprocess.run([str(py), '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-index', str(wheels[0])], check=True)
-    # data files of the dependencies (nbconvert's HTML templates) — but not this environment's kernel spec, whose Python is not the venv's
-    jupyter = base/'jupyter'; jupyter.mkdir()
-    (jupyter/'nbconvert').symlink_to(Path(sys.prefix)/'share/jupyter/nbconvert')
+    venv, jupyter = fresh_venv(wheels[0], base)
     work = base/'work'; work.mkdir()
     return venv, work, jupyter
 
