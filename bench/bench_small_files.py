@@ -4,8 +4,8 @@ measured in the same run. Prints figures; asserts nothing.
     .venv/bin/python bench/bench_small_files.py [--files 2000] [--rows-per-file 1]
 
 Both runs are the real runtime script (`python -m mlproj.scripts.batch_inference`) over an /opt/ml tree, the
-model a 200-tree extra-trees forest trained on the bundled table; the input is the public layout (no id column,
-no `year`), so every prediction carries its file and row.
+model a 200-tree extra-trees forest trained on the bundled table; the input holds only the model's features (no id
+column), so every prediction carries its file and row.
 """
 import argparse, json, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -27,13 +27,13 @@ def main():
     ap.add_argument('--rows-per-file', type=int, default=1)
     a = ap.parse_args()
     import pandas as pd
-    from mlproj.data import load_table, bundled_path, synthetic_penguins
+    from mlproj.data import SCHEMA, load_table, bundled_path, synthetic_penguins
     from mlproj.train import train_model, write_model_artifact
     with tempfile.TemporaryDirectory() as d:
         root = Path(d); (root/'model').mkdir()
         write_model_artifact(train_model(load_table(bundled_path()), seed=42), root/'model/model.tar.gz')
         n = a.files * a.rows_per_file
-        rows = synthetic_penguins(n, seed=1).drop(columns=['penguin_id', 'year', 'species'])
+        rows = synthetic_penguins(n, seed=1)[list(SCHEMA.features)]
         shards = root/'shards'; shards.mkdir(); one = root/'one'; one.mkdir()
         for i in range(a.files):
             rows.iloc[i*a.rows_per_file:(i+1)*a.rows_per_file].to_csv(shards/f'part-{i:05d}.csv', index=False)
