@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_contract.ipynb #01-contract-002
 from __future__ import annotations
-import json, os, signal, subprocess, sys, tempfile
+import json, os, signal, subprocess, sys, tempfile, threading
 from contextlib import contextmanager
 from pathlib import Path
 from .errors import MlprojError, OutputLocationError
@@ -86,6 +86,8 @@ def _temp_beside(dest:Path)->Path:
         fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
     except OSError as e:
         raise OutputLocationError(f'output location not writable: {dest.parent} ({e.strerror or type(e).__name__})') from None
+    mask = os.umask(0); os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)                  # as a plain open() would create it (mkstemp makes 0600)
     os.close(fd)
     return Path(tmp)
 
@@ -134,11 +136,14 @@ def describe_error(e:BaseException)->str:
 
 def run_step(step:str, fn, **kwargs):
     "Run entry function `fn(**kwargs)` as step `step`: exit 0 on success, else one line, message file, exit 1."
+    def _stop(signum, frame): raise KeyboardInterrupt(f'stopped ({signal.Signals(signum).name})')
+    if threading.current_thread() is threading.main_thread(): signal.signal(signal.SIGTERM, _stop)   # how SageMaker stops a job
     try:
         result = fn(**kwargs)
-    except KeyboardInterrupt:
-        line = f'{step}: interrupted'
-        write_exit_message(line); print(line, file=sys.stderr); sys.exit(130)
+    except KeyboardInterrupt as e:
+        stopped = bool(e.args)
+        line = f'{step}: {e.args[0] if stopped else "interrupted"}'
+        write_exit_message(line); print(line, file=sys.stderr); sys.exit(128 + (signal.SIGTERM if stopped else signal.SIGINT))
     except Exception as e:
         line = f'{step}: {describe_error(e)}'
         if os.environ.get('MLPROJ_TRACEBACK'):

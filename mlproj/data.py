@@ -15,8 +15,8 @@ from .errors import InputError, SpecError
 # %% auto #0
 __all__ = ['SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES', 'Column',
            'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files', 'check_header', 'csv_header',
-           'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'check_columns', 'validate', 'Chunk', 'iter_tables',
-           'load_table', 'split_table']
+           'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'quote', 'check_columns', 'validate', 'Chunk',
+           'iter_tables', 'load_table', 'split_table']
 
 # %% ../nbs/10_data.ipynb #10-data-005
 @dataclass(frozen=True)
@@ -220,6 +220,11 @@ def _parse_numbers(text:pd.Series, isna:pd.Series)->pd.Series:
 
 def _bound(v, none:str)->str: return none if v is None else f'{v:g}'
 
+def quote(value, most:int=80, quoted:bool=True)->str:
+    "`value` for a message (quoted, or as it is), cut to `most` characters with its length said, so no message grows with the data."
+    s = str(value); show = repr if quoted else str
+    return show(s) if len(s) <= most else show(s[:most]) + f'… ({len(s):,} characters)'
+
 def _list_names(names:list, most:int=10)->str:
     shown = ', '.join(map(str, names[:most]))
     return shown + (f' and {len(names) - most:,} more' if len(names) > most else '')
@@ -274,15 +279,15 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
         if c.kind == 'number':
             bad = num.isna() & ~isna
             if bad.any():
-                i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: {text[i]!r} is not a number")
+                i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: {quote(text[i])} is not a number")
             out_of = (num < (-np.inf if c.lo is None else c.lo)) | (num > (np.inf if c.hi is None else c.hi))
             if out_of.any():
-                i = out_of.idxmax(); raise InputError(f"{where(i, c.name)}: {text[i]} is outside the plausible range [{_bound(c.lo, '-inf')}, {_bound(c.hi, 'inf')}]")
+                i = out_of.idxmax(); raise InputError(f"{where(i, c.name)}: {quote(text[i], quoted=False)} is outside the plausible range [{_bound(c.lo, '-inf')}, {_bound(c.hi, 'inf')}]")
             out[c.name] = num
         elif c.kind == 'category':
             bad = ~isna & ~text.isin(c.categories)
             if bad.any():
-                i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: unknown category {text[i]!r} (expected one of {', '.join(c.categories)})")
+                i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: unknown category {quote(text[i])} (expected one of {', '.join(c.categories)})")
             out[c.name] = text.where(~isna, np.nan).astype(object)
         else:
             out[c.name] = text.astype(object)

@@ -15,7 +15,7 @@ from .jobs import step_job, render_request, write_code_bundle, REPORT_CHANNEL
 from .local import run_local
 
 # %% auto #0
-__all__ = ['wiring', 'external_inputs', 'check_run_params', 'new_run_id', 'run_pipeline']
+__all__ = ['MODEL_DIGEST_PARAM', 'wiring', 'external_inputs', 'check_run_params', 'new_run_id', 'provenance', 'run_pipeline']
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-005
 def wiring(run_dir:Path, # the run's folder: each step writes under <run_dir>/<step>/<channel>
@@ -49,6 +49,17 @@ def new_run_id()->str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-014
+MODEL_DIGEST_PARAM = 'expected_model_sha256'
+
+def provenance(step:str, record:dict)->dict:
+    "{expected_model_sha256: digest} for `step` if it takes one and its `model` comes from a step of this run with one file."
+    src = step_sources(step).get('model')
+    if MODEL_DIGEST_PARAM not in STEPS[step].params or not isinstance(src, tuple): return {}
+    done = next((s for s in record['steps'] if s['step'] == src[0]), None)
+    files = (done or {}).get('outputs', {}).get(src[1], {}).get('sha256', {})
+    return {MODEL_DIGEST_PARAM: next(iter(files.values()))} if len(files) == 1 else {}
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-017
 def run_pipeline(raw=None, # raw training data (default: the bundled table)
                  data=None, # rows to score in batch inference (default: the bundled table)
                  outputs_dir='outputs', # where runs and job sandboxes go
@@ -77,12 +88,13 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
     t_run = time.perf_counter()
     for i, (step, (ins, outs)) in enumerate(wiring(run_dir, external).items(), 1):
         if engine == 'notebook': outs = {**outs, REPORT_CHANNEL: str(run_dir/step/REPORT_CHANNEL)}
-        spec = step_job(step, ins, outs, params.get(step, {}), max_runtime=max_runtime, engine=engine, code=str(bundles[step]))
+        step_params = {**provenance(step, record), **params.get(step, {})}
+        spec = step_job(step, ins, outs, step_params, max_runtime=max_runtime, engine=engine, code=str(bundles[step]))
         req = render_request(spec)
         say(f'step {i}/{len(order)}: {step} (job {spec.name})')
         t0 = time.perf_counter()
         d = run_local(req, jobs_dir=outputs_dir/'jobs', stream=stream)
-        full = {n: p.default for n, p in STEPS[step].params.items()} | params.get(step, {})
+        full = {n: p.default for n, p in STEPS[step].params.items()} | step_params
         record['steps'].append({
             'step': step, 'job_name': spec.name, 'status': d['ProcessingJobStatus'], 'parameters': full,
             'seconds': round(time.perf_counter() - t0, 3), 'started': d.get('ProcessingStartTime'), 'ended': d.get('ProcessingEndTime'),

@@ -165,12 +165,13 @@ def train(train=input_dir('train'), # folder (or file) with the training split
 def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
              test=input_dir('test'), # folder (or file) with the held-out split
              evaluation=output_dir('evaluation'), # output folder for evaluation.json and plots
+             expected_model_sha256:str='', # sha256 of model.tar.gz the step must be given (its provenance); empty: any valid artifact
             )->dict:
     "Score the model on the held-out split; write evaluation.json and plots."
     from mlproj.data import load_table
     from mlproj.train import load_model, model_schema
     from mlproj.evaluate import evaluate_model, plot_confusion, plot_per_class
-    m, manifest = load_model(existing_dir(model, 'model input'))
+    m, manifest = load_model(existing_dir(model, 'model input'), expected_model_sha256 or None)
     schema = model_schema(manifest)                      # the rules the model was trained with
     df = load_table(existing_dir(test, 'test input'), schema=schema)
     report = evaluate_model(m, df, schema)
@@ -191,12 +192,13 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
                     predictions=output_dir('predictions'), # output folder for predictions-<host>.csv
                     chunksize:int=50_000, # rows read, validated and predicted at a time (bounds memory)
                     keep_columns:str='', # input columns copied into the predictions: comma-separated names, or all
+                    expected_model_sha256:str='', # sha256 of model.tar.gz the step must be given (its provenance); empty: any valid artifact
                    )->dict:
     "Predict the target for every row of the input, chunk by chunk, into predictions-<host>.csv."
     from mlproj.train import load_model, model_schema
     from mlproj.inference import predict_files
     if chunksize < 1: raise InputError(f'chunksize must be at least 1, got {chunksize}')
-    m, manifest = load_model(existing_dir(model, 'model input'))
+    m, manifest = load_model(existing_dir(model, 'model input'), expected_model_sha256 or None)
     src = container_path(data)
     host, (_, n_hosts) = current_host(), host_rank()
     if n_hosts > 1 and src.is_dir() and not has_data(src):

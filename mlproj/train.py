@@ -4,10 +4,8 @@
 
 # %% ../nbs/30_train.ipynb #30-train-002
 from __future__ import annotations
-import gzip, hashlib, io, json, platform, tarfile
-from dataclasses import asdict
+import gzip, hashlib, io, json, platform, re, tarfile, zipfile
 from pathlib import Path
-import joblib
 import numpy as np
 import pandas as pd
 import sklearn
@@ -18,8 +16,9 @@ from .errors import InputError
 from .features import TableFeatures
 
 # %% auto #0
-__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'train_model', 'library_versions', 'build_manifest',
-           'model_schema', 'write_model_artifact', 'load_model']
+__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'TRUSTED_TYPES',
+           'train_model', 'library_versions', 'build_manifest', 'model_schema', 'model_bytes', 'write_model_artifact',
+           'check_manifest', 'load_model', 'zlib_error']
 
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with the target column
@@ -38,14 +37,16 @@ def train_model(train:pd.DataFrame, # validated training table, with the target 
     return model.fit(train[list(schema.features)], train[target].astype(str))
 
 # %% ../nbs/30_train.ipynb #30-train-007
-MODEL_FILE, MANIFEST_FILE, ARTIFACT = 'model.joblib', 'manifest.json', 'model.tar.gz'
+MODEL_FILE, MANIFEST_FILE, ARTIFACT = 'model.skops', 'manifest.json', 'model.tar.gz'
+FORMAT = 'mlproj-model/3'   # /3: the pipeline in skops' format (/2 and before: a pickle); the manifest carries the whole schema
+MAX_MODEL_BYTES, MAX_MANIFEST_BYTES = 2 * 2**30, 2**20
+TRUSTED_TYPES = ['mlproj.data.Column', 'mlproj.data.Schema', 'mlproj.features.TableFeatures', 'sklearn.tree._tree.Tree']
 
 def library_versions()->dict:
-    "Versions that decide whether a pickled model loads and predicts the same."
+    "Versions that decide whether a stored model loads and predicts the same."
+    import skops
     return {'python': platform.python_version(), 'scikit-learn': sklearn.__version__, 'numpy': np.__version__,
-            'pandas': pd.__version__, 'joblib': joblib.__version__}
-
-FORMAT = 'mlproj-model/2'   # /2: the manifest carries the whole schema (/1 carried only its columns)
+            'pandas': pd.__version__, 'skops': skops.__version__}
 
 def build_manifest(model:Pipeline, model_sha256:str, params:dict|None=None)->dict:
     "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), classes, params, versions."
@@ -59,37 +60,111 @@ def model_schema(manifest:dict)->Schema:
     return Schema.from_dict(manifest['schema'])
 
 # %% ../nbs/30_train.ipynb #30-train-008
+_IDS = re.compile(r'("__id__": )(\d+)|("file": ")(\d+)(\.npy")')
+
+def model_bytes(model:Pipeline)->bytes:
+    "`model` in skops' format, with object ids renumbered in order and fixed timestamps: the same model, the same bytes."
+    import skops.io as sio
+    zin = zipfile.ZipFile(io.BytesIO(sio.dumps(model)))
+    ids = {}
+    new = lambda n: ids.setdefault(n, str(len(ids) + 1))
+    schema = _IDS.sub(lambda m: m.group(1) + new(m.group(2)) if m.group(1) else m.group(3) + new(m.group(4)) + m.group(5),
+                      zin.read('schema.json').decode())
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, 'w', zipfile.ZIP_STORED) as zout:
+        files = {'schema.json': schema.encode()}
+        for name in zin.namelist():
+            if name != 'schema.json': files[f'{new(name[:-4])}.npy' if re.fullmatch(r'\d+\.npy', name) else name] = zin.read(name)
+        for name in sorted(files): zout.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), files[name])
+    return out.getvalue()
+
+# %% ../nbs/30_train.ipynb #30-train-009
 def _add_bytes(tar:tarfile.TarFile, name:str, data:bytes):
     info = tarfile.TarInfo(name); info.size = len(data); info.mtime = 0; info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
 
 def write_model_artifact(model:Pipeline, dest, params:dict|None=None)->dict:
-    "Write `model.tar.gz` (pipeline + manifest) to the file `dest`; returns the manifest."
-    buf = io.BytesIO(); joblib.dump(model, buf); blob = buf.getvalue()
+    "Write `model.tar.gz` (manifest first, then the pipeline in skops' format) to the file `dest`; returns the manifest."
+    blob = model_bytes(model)
     manifest = build_manifest(model, hashlib.sha256(blob).hexdigest(), params)
     # gzip header without time or name, so the same model gives the same bytes
     with open(dest, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
-        _add_bytes(tar, MODEL_FILE, blob)
         _add_bytes(tar, MANIFEST_FILE, json.dumps(manifest, indent=2, default=str).encode())
+        _add_bytes(tar, MODEL_FILE, blob)
     return manifest
 
-def load_model(path)->tuple[Pipeline, dict]:
-    "Load (pipeline, manifest) from `model.tar.gz` (a file, or a folder holding one); refuse a damaged artifact."
+# %% ../nbs/30_train.ipynb #30-train-010
+def _members(tar:tarfile.TarFile, p:Path)->dict:
+    "{name: TarInfo} of the artifact's two members, after refusing links, odd paths, other members and oversized ones."
+    found = {}
+    for ti in tar:                                            # headers only, streaming
+        name = ti.name
+        if name.startswith('/') or '..' in Path(name).parts: raise InputError(f'{p}: member {name[:80]!r} has an absolute or .. path')
+        if ti.issym() or ti.islnk(): raise InputError(f'{p}: member {name[:80]!r} is a link; a model artifact holds regular files only')
+        if name not in (MODEL_FILE, MANIFEST_FILE) or not ti.isfile():
+            raise InputError(f'{p}: not a model artifact of this mlproj (unexpected member {name[:80]!r}; it holds {MANIFEST_FILE} and {MODEL_FILE})')
+        cap = MAX_MODEL_BYTES if name == MODEL_FILE else MAX_MANIFEST_BYTES
+        if ti.size > cap: raise InputError(f'{p}: member {name} declares {ti.size:,} bytes, over the limit of {cap:,}')
+        found[name] = ti
+    missing = [n for n in (MANIFEST_FILE, MODEL_FILE) if n not in found]
+    if missing: raise InputError(f'{p}: not a model artifact of this mlproj (no {missing[0]}; it holds {", ".join(found) or "nothing"})')
+    return found
+
+def _read_manifest(tar, ti, p)->dict:
+    try: manifest = json.loads(tar.extractfile(ti).read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise InputError(f'{p}: {MANIFEST_FILE} is not JSON ({type(e).__name__})') from None
+    if not isinstance(manifest, dict): raise InputError(f'{p}: {MANIFEST_FILE} is not a JSON object')
+    if manifest.get('format') != FORMAT:
+        raise InputError(f"{p}: model artifact format {str(manifest.get('format'))[:40]!r} is not the one this mlproj reads ({FORMAT!r}); retrain the model with this version")
+    return manifest
+
+def _streamed_sha256(f)->str:
+    h = hashlib.sha256()
+    for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+    return h.hexdigest()
+
+# %% ../nbs/30_train.ipynb #30-train-011
+def check_manifest(model, manifest:dict, p)->Schema:
+    "Refuse a manifest whose features, classes or target are not the model's; returns the schema."
+    try: schema = model_schema(manifest)
+    except (KeyError, TypeError, ValueError) as e: raise InputError(f'{p}: {MANIFEST_FILE} holds no valid schema ({type(e).__name__}: {str(e)[:80]})') from None
+    feats = getattr(model, 'named_steps', {}).get('features')
+    checks = [('classes', manifest.get('classes'), [str(c) for c in getattr(model, 'classes_', [])]),
+              ('features', manifest.get('features'), list(getattr(getattr(feats, 'schema', None), 'features', None) or [])),
+              ('features', list(schema.features), list(getattr(getattr(feats, 'schema', None), 'features', None) or [])),
+              ('target', manifest.get('target'), getattr(getattr(feats, 'schema', None), 'target', None))]
+    for what, claimed, actual in checks:
+        if claimed != actual: raise InputError(f'{p}: {MANIFEST_FILE} says {what} {str(claimed)[:80]}, the model has {str(actual)[:80]}')
+    return schema
+
+def load_model(path, # model.tar.gz, or a folder holding one
+               expected_sha256:str|None=None, # sha256 the artifact file must have (its provenance, from the run that trained it)
+              )->tuple[Pipeline, dict]:
+    "Load (pipeline, manifest) from `model.tar.gz`; refuse a damaged, crafted, unexpected or inconsistent artifact."
+    import skops.io as sio
     p = Path(path)
     if p.is_dir(): p = p/ARTIFACT
     if not p.exists(): raise InputError(f'model artifact not found: {p}')
+    if expected_sha256:
+        with open(p, 'rb') as f: got = _streamed_sha256(f)
+        if got != expected_sha256.lower(): raise InputError(f'{p}: not the expected model (sha256 {got[:16]}…, expected {expected_sha256[:16]}…)')
     try:
         with tarfile.open(p, 'r:gz') as tar:
-            names = tar.getnames()
-            if MODEL_FILE not in names or MANIFEST_FILE not in names:
-                raise InputError(f'{p}: not a model artifact (holds {names[:5]}, needs {MODEL_FILE} and {MANIFEST_FILE})')
-            blob = tar.extractfile(MODEL_FILE).read()
-            manifest = json.loads(tar.extractfile(MANIFEST_FILE).read())
-    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            found = _members(tar, p)
+            manifest = _read_manifest(tar, found[MANIFEST_FILE], p)
+            if _streamed_sha256(tar.extractfile(found[MODEL_FILE])) != manifest.get('model_sha256'):
+                raise InputError(f'{p}: corrupted model artifact ({MODEL_FILE} does not match the sha256 in {MANIFEST_FILE})')
+            blob = tar.extractfile(found[MODEL_FILE]).read()
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
         raise InputError(f'{p}: corrupted model artifact ({type(e).__name__}: {" ".join(str(e).split())[:200]})') from None
-    if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
-        fmt = manifest.get('format') if isinstance(manifest, dict) else None
-        raise InputError(f'{p}: model artifact format {fmt!r} is not the one this mlproj reads ({FORMAT!r}); retrain the model with this version')
-    if hashlib.sha256(blob).hexdigest() != manifest.get('model_sha256'):
-        raise InputError(f'{p}: corrupted model artifact ({MODEL_FILE} does not match the sha256 in {MANIFEST_FILE})')
-    return joblib.load(io.BytesIO(blob)), manifest
+    try: untrusted = [t for t in sio.get_untrusted_types(data=blob) if t not in TRUSTED_TYPES]
+    except Exception as e: raise InputError(f'{p}: {MODEL_FILE} is not a readable skops file ({type(e).__name__})') from None
+    if untrusted: raise InputError(f'{p}: {MODEL_FILE} asks for types this mlproj does not trust: {", ".join(untrusted[:5])}')
+    try: model = sio.loads(blob, trusted=TRUSTED_TYPES)
+    except Exception as e: raise InputError(f'{p}: {MODEL_FILE} does not load ({type(e).__name__}: {" ".join(str(e).split())[:120]})') from None
+    check_manifest(model, manifest, p)
+    return model, manifest
+
+def zlib_error():
+    import zlib
+    return zlib.error

@@ -46,8 +46,8 @@ def opt_ml_repro_runs(opt_ml_build_once, opt_ml_tree_factory, opt_ml_penguins):
 def _model(t): return t.output('model') / 'model.tar.gz'
 def _pred(t): return t.output('predictions') / 'predictions-algo-1.csv'
 
-def _joblib_sha(t):
-    with tarfile.open(_model(t), 'r:gz') as tar: return hashlib.sha256(tar.extractfile('model.joblib').read()).hexdigest()
+def _model_file_sha(t):
+    with tarfile.open(_model(t), 'r:gz') as tar: return hashlib.sha256(tar.extractfile('model.skops').read()).hexdigest()
 
 def _probas(t):
     _, rows = t.read_csv(_pred(t))
@@ -79,7 +79,7 @@ def test_train_seed_changes_model_and_probabilities(opt_ml_repro_runs):
     a, c = opt_ml_repro_runs['a'], opt_ml_repro_runs['train_seed']
     assert a.sha256(_model(a)) != c.sha256(_model(c))
     # not only the manifest (which records the seed): the fitted forest itself differs
-    assert _joblib_sha(a) != _joblib_sha(c)
+    assert _model_file_sha(a) != _model_file_sha(c)
     pa, pc = _probas(a), _probas(c)
     assert len(pa) == len(pc) == 344
     assert pa != pc, 'another forest seed gave the very same probabilities'

@@ -87,8 +87,8 @@ def test_full_chain_with_container_defaults(opt_ml_tree, opt_ml_penguins):
     assert model.is_file()
     with tarfile.open(model, 'r:gz') as tar:
         names = tar.getnames()
-        assert {'model.joblib', 'manifest.json'} <= set(names), names
-        blob = tar.extractfile('model.joblib').read()
+        assert {'model.skops', 'manifest.json'} <= set(names), names
+        blob = tar.extractfile('model.skops').read()
         manifest = json.loads(tar.extractfile('manifest.json').read())
     assert manifest['model_sha256'] == hashlib.sha256(blob).hexdigest()
     assert manifest['params']['n_estimators'] == 50

@@ -1,0 +1,119 @@
+"""Trust and faults: model artifacts that cannot run code, limits that hold, stops that clean up, files that honour
+the umask, messages that do not grow with the data. Each test here failed on the code before these changes."""
+import gzip, hashlib, io, json, os, pickle, signal, subprocess, sys, tarfile, time
+from pathlib import Path
+import pytest
+
+
+def _artifact(path: Path, members: list) -> Path:
+    with gzip.GzipFile(path, 'wb', mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
+        for name, data in members:
+            ti = tarfile.TarInfo(name); ti.size = len(data); tar.addfile(ti, io.BytesIO(data))
+    return path
+
+
+class _Payload:
+    "Unpickling this writes a marker file: proof that loading ran code."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (Path.write_text, (Path(self.marker), 'code ran'))
+
+
+@pytest.mark.parametrize('layout', ['joblib-member', 'pickle-as-skops'])
+def test_a_crafted_pickle_neither_runs_nor_loads(layout, tmp_path, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    t = opt_ml_tree
+    marker = tmp_path/'pwned'
+    with tarfile.open(opt_ml_trained['model'], 'r:gz') as tar: manifest = json.loads(tar.extractfile('manifest.json').read())
+    blob = pickle.dumps(_Payload(marker))
+    if layout == 'joblib-member':      # the older layout, with a manifest whose sha256 matches the pickle
+        members = [('manifest.json', json.dumps(dict(manifest, format='mlproj-model/2', model_sha256=hashlib.sha256(blob).hexdigest())).encode()), ('model.joblib', blob)]
+    else:                              # the current layout, the pickle where the skops file should be
+        members = [('manifest.json', json.dumps(dict(manifest, model_sha256=hashlib.sha256(blob).hexdigest())).encode()), ('model.skops', blob)]
+    t.input('model').mkdir(parents=True)
+    _artifact(t.input('model')/'model.tar.gz', members)
+    t.stage('data', opt_ml_penguins)
+    line = opt_ml_assert_failed(t.run('batch_inference'), t, 'batch_inference', [t.outputs])
+    assert 'processing/input/model/model.tar.gz' in line, line
+    assert not marker.exists(), 'the crafted pickle ran'
+
+
+def test_a_tar_bomb_is_refused_in_little_memory(tmp_path, opt_ml_trained):
+    "A model member of 400 MB of zeros (a 400 KB archive) whose hash cannot match: refused, streaming, far under 100 MB."
+    with tarfile.open(opt_ml_trained['model'], 'r:gz') as tar: manifest = tar.extractfile('manifest.json').read()
+    bomb = tmp_path/'bomb.tar.gz'
+    with gzip.GzipFile(bomb, 'wb', mtime=0, compresslevel=1) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
+        ti = tarfile.TarInfo('manifest.json'); ti.size = len(manifest); tar.addfile(ti, io.BytesIO(manifest))
+        ti = tarfile.TarInfo('model.skops'); ti.size = 400 * 2**20
+        class Zeros:                   # 400 MB of zeros, made as they are written (tarfile reads in blocks)
+            left = ti.size
+            def read(self, n=-1):
+                n = self.left if n < 0 else min(n, self.left); self.left -= n; return bytes(n)
+        tar.addfile(ti, Zeros())
+    assert bomb.stat().st_size < 5 * 2**20
+    code = f"""import resource, sys
+from mlproj.train import load_model
+from mlproj.errors import InputError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try: load_model({str(bomb)!r}); print('LOADED')
+except InputError as e: print('REFUSED', e)
+print('GROWTH_MB', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert 'REFUSED' in r.stdout and 'does not match the sha256' in r.stdout, r.stdout + r.stderr
+    growth = float(r.stdout.split('GROWTH_MB')[1])
+    assert growth < 100, f'loading the bomb grew the process by {growth:.0f} MB'
+
+
+def test_another_model_than_the_expected_one_is_refused(tmp_path, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    t = opt_ml_tree
+    t.stage('model', opt_ml_trained['model']); t.stage('data', opt_ml_penguins)
+    wrong = hashlib.sha256(b'another model').hexdigest()
+    line = opt_ml_assert_failed(t.run('batch_inference', '--expected_model_sha256', wrong), t, 'batch_inference', [t.outputs])
+    assert 'not the expected model' in line, line
+    right = hashlib.sha256(opt_ml_trained['model'].read_bytes()).hexdigest()
+    assert t.run('batch_inference', '--expected_model_sha256', right).returncode == 0
+
+
+def test_sigterm_stops_a_runtime_script_cleanly(tmp_path, opt_ml_tree, opt_ml_trained):
+    "SageMaker stops a container with SIGTERM: the message file says so, no temp file is left, exit 143."
+    from mlproj.data import synthetic_penguins
+    t = opt_ml_tree
+    t.stage('model', opt_ml_trained['model'])
+    t.input('data').mkdir(parents=True)
+    synthetic_penguins(300_000, seed=5).to_csv(t.input('data')/'rows.csv', index=False)
+    env = {k: v for k, v in os.environ.items() if k != 'MLPROJ_TRACEBACK'}
+    env['MLPROJ_OPT_ML'] = str(t.root)
+    p = subprocess.Popen([sys.executable, '-m', 'mlproj.scripts.batch_inference', '--chunksize', '2000'], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = t.output('predictions')
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())): time.sleep(0.05)   # writing has begun
+    assert out.exists() and any(out.iterdir()), 'the step never started writing'
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, (p.returncode, err[-1000:])
+    assert t.message.read_text() == 'batch_inference: stopped (SIGTERM)'
+    assert [f for f in out.rglob('*')] == [], list(out.rglob('*'))
+
+
+def test_outputs_honour_the_umask(opt_ml_tree, opt_ml_penguins):
+    t = opt_ml_tree
+    t.stage('raw', opt_ml_penguins)
+    env = {k: v for k, v in os.environ.items() if k != 'MLPROJ_TRACEBACK'}
+    env['MLPROJ_OPT_ML'] = str(t.root)
+    r = subprocess.run([sys.executable, '-m', 'mlproj.scripts.preprocess'], env=env, capture_output=True, text=True,
+                       preexec_fn=lambda: os.umask(0o022))
+    assert r.returncode == 0, r.stderr[-1000:]
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in t.outputs.rglob('*.csv')}
+    assert modes == {'train-algo-1.csv': '0o644', 'test-algo-1.csv': '0o644'}, modes
+
+
+def test_a_huge_bad_cell_gives_a_short_message(opt_ml_tree, opt_ml_penguins, opt_ml_assert_failed):
+    t = opt_ml_tree
+    lines = opt_ml_penguins.read_text().splitlines()
+    header = lines[0].split(',')
+    row = lines[5].split(','); row[header.index('body_mass_g')] = 'x' * 50_000_000
+    lines[5] = ','.join(row)
+    t.stage_text('raw', 'big.csv', '\n'.join(lines) + '\n')
+    p = t.run('preprocess')
+    line = opt_ml_assert_failed(p, t, 'preprocess', [t.outputs])
+    assert len(p.stderr.encode()) < 1024, len(p.stderr)
+    assert "row 6, column 'body_mass_g'" in line and '(50,000,000 characters) is not a number' in line, line[:300]
