@@ -91,12 +91,10 @@ DEFAULT_CELL_TIMEOUT = 3600        # seconds a single cell may run
 DEFAULT_TIMEOUT = 6 * 3600         # seconds the whole notebook may run outside a processing job
 DEFAULT_OUTPUT_CAP = 100_000       # characters kept of one stream output
 
-def default_total_timeout()->int:
-    "Inside a processing job: MaxRuntimeInSeconds less 5% (at least 30 s margin); else DEFAULT_TIMEOUT."
+def default_total_timeout()->int|None:
+    "Outside a processing job: DEFAULT_TIMEOUT. Inside one: None — the job's own MaxRuntimeInSeconds stops the run, with SIGTERM, as SageMaker does."
     cfg = read_json_config(JOB_CONFIG_FILE)
-    limit = (cfg or {}).get('StoppingCondition', {}).get('MaxRuntimeInSeconds')
-    if not limit: return DEFAULT_TIMEOUT
-    return max(1, int(limit - max(30, 0.05 * limit)))
+    return None if (cfg or {}).get('StoppingCondition', {}).get('MaxRuntimeInSeconds') else DEFAULT_TIMEOUT
 
 # %% ../nbs/85_runner.ipynb #85-runner-019
 def _render_html(nb_path:Path, html_path:Path):
@@ -163,12 +161,15 @@ def run_notebook(notebook, # the job notebook
         pfile.write_text(yaml.safe_dump(params))
         cmd = [sys.executable, '-m', 'papermill', str(nb_path), str(work_nb), '-f', str(pfile), '-k', kernel,
                '--execution-timeout', str(cell_timeout), '--log-output', '--no-progress-bar', '--autosave-cell-every', '10']
-        t0 = time.monotonic()
-        for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
-            rc, timed_out, log = _papermill(cmd, max(1, timeout - (time.monotonic() - t0)), stream)
-            if rc == 0 or timed_out or not kernel_start_failed(log) or attempt == KERNEL_START_ATTEMPTS: break
-            if stream is not None: print(f'{name}: the kernel died while starting (attempt {attempt} of {KERNEL_START_ATTEMPTS}); starting another', file=stream, flush=True)
-            time.sleep(attempt)
+        t0, stopped = time.monotonic(), None
+        try:
+            for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
+                rc, timed_out, log = _papermill(cmd, None if timeout is None else max(1, timeout - (time.monotonic() - t0)), stream)
+                if rc == 0 or timed_out or not kernel_start_failed(log) or attempt == KERNEL_START_ATTEMPTS: break
+                if stream is not None: print(f'{name}: the kernel died while starting (attempt {attempt} of {KERNEL_START_ATTEMPTS}); starting another', file=stream, flush=True)
+                time.sleep(attempt)
+        except KeyboardInterrupt as e:            # Ctrl-C, or SIGTERM (a stopped job): papermill's group is gone; keep the report
+            stopped, rc, timed_out, log = (e.args[0] if e.args else 'interrupted'), None, False, ""
         seconds = time.monotonic() - t0
         nb = nbformat.read(work_nb, as_version=4) if work_nb.exists() else nbformat.read(nb_path, as_version=4)
         cut = truncate_streams(nb, output_cap)
@@ -176,6 +177,7 @@ def run_notebook(notebook, # the job notebook
     _render_html(executed, html)
     outcome = {'notebook': name, 'status': 'Completed', 'seconds': round(seconds, 3), 'executed_notebook': str(executed),
                'html': str(html), 'parameters': params, 'truncated_outputs': cut}
+    if stopped: return {**outcome, 'status': 'Stopped', 'message': f'{name}: {stopped}'}
     if rc == 0 and not timed_out: return outcome
     where = failing_cell(nb)
     cell = f' cell {where[0]}' if where else ''
@@ -198,7 +200,7 @@ def make_parser()->argparse.ArgumentParser:
     ap.add_argument('-f', '--parameters-file', action='append', default=[], metavar='FILE', help='YAML file of parameters (repeatable; -p wins)')
     ap.add_argument('--report', default=output_dir('report'), help='folder for the executed notebook and HTML (default: %(default)s)')
     ap.add_argument('--cell-timeout', type=int, default=DEFAULT_CELL_TIMEOUT, metavar='S', help='seconds one cell may run (default: %(default)s)')
-    ap.add_argument('--timeout', type=int, default=None, metavar='S', help=f'seconds the whole run may take (default: the job MaxRuntimeInSeconds less 5%%, else {DEFAULT_TIMEOUT})')
+    ap.add_argument('--timeout', type=int, default=None, metavar='S', help=f'seconds the whole run may take (default: inside a job, its MaxRuntimeInSeconds stops the run; else {DEFAULT_TIMEOUT})')
     ap.add_argument('--output-cap', type=int, default=DEFAULT_OUTPUT_CAP, metavar='CHARS', help='characters kept of one stream output (default: %(default)s)')
     ap.add_argument('--kernel', default='python3', help='Jupyter kernel name (default: %(default)s)')
     ap.add_argument('--list-params', action='store_true', help="print the notebook's parameters and exit")
@@ -206,23 +208,25 @@ def make_parser()->argparse.ArgumentParser:
 
 # %% ../nbs/85_runner.ipynb #85-runner-029
 def main(argv=None):
-    "Entry point: exit 0 on success; else one line on stderr, the exit message file, exit 1."
+    "Entry point: exit 0 on success; else one line on stderr, the exit message file, exit 1 (failed), 143 (SIGTERM) or 130 (Ctrl-C)."
     a = make_parser().parse_args(argv)
     name = Path(a.notebook).name
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def _stop(*_): raise KeyboardInterrupt('stopped (SIGTERM)')
+    signal.signal(signal.SIGTERM, _stop)
     try:
         if a.list_params:
             for k, d in notebook_parameters(a.notebook).items(): print(f"{k}: {d['type'].__name__} = {d['default']!r}  # {d['help']}")
             return 0
         params = resolve_parameters(a.notebook, a.param, a.parameters_file)
         out = run_notebook(a.notebook, params, a.report, a.cell_timeout, a.timeout, a.output_cap, a.kernel)
-    except KeyboardInterrupt:
-        out = {'status': 'Failed', 'message': f'{name}: interrupted'}
+    except KeyboardInterrupt as e:
+        out = {'status': 'Stopped', 'message': f"{name}: {e.args[0] if e.args else 'interrupted'}"}
     except MlprojError as e:
         out = {'status': 'Failed', 'message': f'{name}: {e}' if not str(e).startswith(name) else str(e)}
     print(json.dumps(out, default=str), flush=True)
     if out['status'] == 'Completed': return 0
     write_exit_message(out['message']); print(out['message'], file=sys.stderr, flush=True)
+    if out['status'] == 'Stopped': return 143 if 'SIGTERM' in out['message'] else 130
     return 1
 
 # %% ../nbs/85_runner.ipynb #85-runner-030

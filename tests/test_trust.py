@@ -117,3 +117,37 @@ def test_a_huge_bad_cell_gives_a_short_message(opt_ml_tree, opt_ml_penguins, opt
     line = opt_ml_assert_failed(p, t, 'preprocess', [t.outputs])
     assert len(p.stderr.encode()) < 1024, len(p.stderr)
     assert "row 6, column 'body_mass_g'" in line and '(50,000,000 characters) is not a number' in line, line[:300]
+
+
+@pytest.mark.parametrize('engine', ['script', 'notebook'])
+def test_a_short_runtime_limit_fits_both_engines(engine, tmp_path, monkeypatch, opt_ml_trained):
+    "A train step that fits in 25 s completes under --max-runtime 25, with the notebook engine as with the script engine."
+    from mlproj.cli import main
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path))
+    old = signal.getsignal(signal.SIGTERM)
+    try: code = main(['job', 'run', 'train', '--engine', engine, '--max-runtime', '25', '--input', f"train={opt_ml_trained['train_csv']}",
+                      '-p', 'n_estimators=20', '--name', f'short-{engine}'])
+    finally: signal.signal(signal.SIGTERM, old)
+    d = json.loads((tmp_path/'jobs'/f'short-{engine}'/'describe.json').read_text())
+    assert code == 0 and d['ProcessingJobStatus'] == 'Completed', d.get('FailureReason')
+
+
+def test_a_notebook_job_past_its_limit_is_stopped_and_keeps_its_report(tmp_path, monkeypatch, opt_ml_trained):
+    "As SageMaker does at MaxRuntimeInSeconds: Stopped, not Failed; the runner, stopped by SIGTERM, still saved the executed notebook."
+    import nbformat
+    from mlproj.cli import main
+    from mlproj.jobs import job_notebook
+    nb = nbformat.read(job_notebook('train'), as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell('import time\nfor _ in range(600): time.sleep(0.1)'))
+    (tmp_path/'nbs').mkdir(); nbformat.write(nb, tmp_path/'nbs/train.ipynb')
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'out')); monkeypatch.setenv('MLPROJ_JOB_NOTEBOOKS', str(tmp_path/'nbs'))
+    old = signal.getsignal(signal.SIGTERM)
+    try: code = main(['job', 'run', 'train', '--engine', 'notebook', '--max-runtime', '8', '--input', f"train={opt_ml_trained['train_csv']}", '--name', 'too-long'])
+    finally: signal.signal(signal.SIGTERM, old)
+    d = json.loads((tmp_path/'out/jobs/too-long/describe.json').read_text())
+    assert code == 1 and d['ProcessingJobStatus'] == 'Stopped', d
+    assert 'MaxRuntimeInSeconds exceeded' in d['FailureReason']
+    assert d['ExitMessage'] == 'algo-1: train.ipynb: stopped (SIGTERM)'
+    report = tmp_path/'out/jobs/too-long/algo-1/processing/output/report'
+    assert sorted(p.name for p in report.iterdir()) == ['train.html', 'train.ipynb']
