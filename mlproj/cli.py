@@ -8,7 +8,7 @@ import argparse, json, signal, sys
 from .errors import MlprojError, SpecError
 from .params import parse_pairs
 from .steps import BUNDLED, STEPS, get_step, step_sources
-from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle
+from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
 __all__ = ['default_inputs', 'build_spec', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params', 'cmd_job',
@@ -59,7 +59,7 @@ def _job_args(p):
     p.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='MaxRuntimeInSeconds (default 3600)')
     p.add_argument('--instance-type', default='ml.m5.xlarge', help='instance type recorded in the request (default ml.m5.xlarge)')
     p.add_argument('--volume-size', type=int, default=30, metavar='GB', help='VolumeSizeInGB (default 30)')
-    p.add_argument('--env', action='append', metavar='NAME=VALUE', help='container environment variable (repeatable)')
+    p.add_argument('--env', action='append', metavar='NAME=VALUE', help='container environment variable (repeatable); stored in clear in the request, as SageMaker stores it — values of names with SECRET, TOKEN, PASSWORD or KEY are masked in what mlproj prints and records')
     p.add_argument('--name', help='job name (default mlproj-<step>-<time>-<random>)')
     p.add_argument('--engine', choices=ENGINES, default='notebook',
                    help='notebook: the job notebook under papermill, with an executed-notebook report (default); script: the runtime script')
@@ -101,7 +101,7 @@ def make_parser()->argparse.ArgumentParser:
     return ap
 
 # %% ../nbs/95_cli.ipynb #95-cli-015
-def _print_json(d): print(json.dumps(d, indent=2, default=str), flush=True)
+def _print_json(d): print(json.dumps(mask_secrets(d) if isinstance(d, dict) else d, indent=2, default=str), flush=True)
 
 # %% ../nbs/95_cli.ipynb #95-cli-016
 def run_params(pairs:list[str]|None)->dict:

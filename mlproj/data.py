@@ -10,7 +10,8 @@ from typing import Iterator
 import json
 import numpy as np
 import pandas as pd
-from .errors import InputError, SpecError
+from .errors import InputError, SpecError, StorageError
+from .storage import check_links
 
 # %% auto #0
 __all__ = ['SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES', 'Column',
@@ -147,6 +148,8 @@ def list_data_files(path)->list[Path]:
         if p.suffix.lower() not in DATA_SUFFIXES: raise InputError(f'{p}: not a .csv or .parquet file')
         return [p]
     files = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and not f.name.startswith('.'))
+    try: check_links(p, files)
+    except StorageError as e: raise InputError(str(e)) from None
     if not files: raise InputError(f'{p}: folder holds no .csv or .parquet files')
     return files
 

@@ -14,9 +14,9 @@ from .storage import to_uri, uri_path
 from .steps import STEPS, get_step, check_step_params
 
 # %% auto #0
-__all__ = ['ENGINES', 'CODE_CHANNEL', 'REPORT_CHANNEL', 'ENTRY_FILE', 'ENTRY_SOURCE', 'JobInput', 'JobOutput', 'JobSpec',
-           'render_request', 'validate_request', 'job_name', 'outputs_root', 'job_notebook', 'check_job_notebook',
-           'code_files', 'code_dir', 'write_code_bundle', 'step_job']
+__all__ = ['SECRET_NAME', 'MASK', 'ENGINES', 'CODE_CHANNEL', 'REPORT_CHANNEL', 'ENTRY_FILE', 'ENTRY_SOURCE', 'JobInput',
+           'JobOutput', 'JobSpec', 'render_request', 'validate_request', 'mask_secrets', 'job_name', 'outputs_root',
+           'job_notebook', 'check_job_notebook', 'code_files', 'code_dir', 'write_code_bundle', 'step_job']
 
 # %% ../nbs/80_jobs.ipynb #80-jobs-006
 @dataclass
@@ -147,22 +147,32 @@ def validate_request(req:dict, local_uris:bool=True)->dict:
     return req
 
 # %% ../nbs/80_jobs.ipynb #80-jobs-019
+SECRET_NAME = re.compile(r'SECRET|TOKEN|PASSW|KEY|CREDENTIAL', re.I)
+MASK = '****'
+
+def mask_secrets(doc:dict)->dict:
+    "A copy of a request or describe result with the values of secret-looking `Environment` names masked."
+    env = doc.get('Environment')
+    if not env: return doc
+    return {**doc, 'Environment': {k: (MASK if SECRET_NAME.search(k) else v) for k, v in env.items()}}
+
+# %% ../nbs/80_jobs.ipynb #80-jobs-022
 def job_name(step:str, prefix:str='mlproj', now:dt.datetime|None=None)->str:
     "A fresh SageMaker-valid job name for `step`."
     now = now or dt.datetime.now(dt.timezone.utc)
     base = re.sub(r'[^a-zA-Z0-9]+', '-', f'{prefix}-{step}').strip('-')[:40]
     return f'{base}-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}'
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-022
+# %% ../nbs/80_jobs.ipynb #80-jobs-025
 ENGINES = ('notebook', 'script')
 CODE_CHANNEL, REPORT_CHANNEL, ENTRY_FILE = 'code', 'report', 'entry.py'
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-023
+# %% ../nbs/80_jobs.ipynb #80-jobs-026
 def outputs_root()->Path:
     "Where runs, jobs and code bundles go: `$MLPROJ_OUTPUTS` (default `outputs`)."
     return Path(os.environ.get('MLPROJ_OUTPUTS', 'outputs'))
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-026
+# %% ../nbs/80_jobs.ipynb #80-jobs-029
 ENTRY_SOURCE = f'''\
 """mlproj job entrypoint: run a module of mlproj; install mlproj from ./wheels first if the image lacks it."""
 import importlib.util, os, runpy, subprocess, sys
@@ -189,7 +199,7 @@ sys.argv = [module] + sys.argv[2:]
 runpy.run_module(module, run_name='__main__', alter_sys=True)
 '''
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-029
+# %% ../nbs/80_jobs.ipynb #80-jobs-032
 def job_notebook(step:str)->Path:
     "The job notebook of `step`: `$MLPROJ_JOB_NOTEBOOKS/<step>.ipynb`, else the one shipped in the package."
     get_step(step)
@@ -199,7 +209,7 @@ def job_notebook(step:str)->Path:
     if not nb.exists(): raise SpecError(f'job notebook for step {step} not found: {nb} (set MLPROJ_JOB_NOTEBOOKS to the folder holding it)')
     return nb
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-032
+# %% ../nbs/80_jobs.ipynb #80-jobs-035
 def check_job_notebook(step:str, notebook=None)->Path:
     "Refuse a job notebook whose `parameters` cell differs from step `step`'s entry function; returns its path."
     from mlproj.runner import notebook_parameters
@@ -214,7 +224,7 @@ def check_job_notebook(step:str, notebook=None)->Path:
                             f'step {step} has {want[0].__name__} = {want[1]!r}  # {want[2]}')
     return nb
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-035
+# %% ../nbs/80_jobs.ipynb #80-jobs-038
 def code_files(step:str, engine:str)->dict:
     "{file name: bytes} of a job's code channel: entry.py, and the job notebook for notebook jobs."
     if engine not in ENGINES: raise SpecError(f"unknown engine {engine!r}" + did_you_mean(engine, ENGINES) + f"; engines: {', '.join(ENGINES)}")
@@ -228,7 +238,7 @@ def code_dir(files:dict, root=None)->Path:
     for n in sorted(files): h.update(n.encode() + b'\0' + files[n] + b'\0')
     return Path(root or outputs_root()/'code')/h.hexdigest()[:16]
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-036
+# %% ../nbs/80_jobs.ipynb #80-jobs-039
 def write_code_bundle(step:str, engine:str, root=None)->Path:
     "Write the code channel of a `step` job (once per content) and return its folder."
     files = code_files(step, engine)
@@ -241,7 +251,7 @@ def write_code_bundle(step:str, engine:str, root=None)->Path:
         except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process wrote the same bundle first
     return dest
 
-# %% ../nbs/80_jobs.ipynb #80-jobs-039
+# %% ../nbs/80_jobs.ipynb #80-jobs-042
 def step_job(step:str, # pipeline step
              inputs:dict, # {channel: source URI or path}
              outputs:dict, # {channel: destination URI or path}; with engine='notebook' also 'report'

@@ -9,7 +9,7 @@ from pathlib import Path
 from .contract import ROOT_ENV, OPT_ML, atomic_path, clip_utf8, stop_process_group
 from .errors import SpecError, StorageError
 from .storage import list_objects, download, upload, uri_path
-from .jobs import validate_request, outputs_root
+from .jobs import validate_request, outputs_root, mask_secrets
 
 # %% auto #0
 __all__ = ['check_local_sources', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn', 'container_local',
@@ -54,15 +54,15 @@ def container_local(root:Path, local_path:str)->Path:
 
 # %% ../nbs/81_local.ipynb #81-local-018
 def prepare_sandbox(req:dict, job_dir:Path)->list[Path]:
-    "Create the per-instance /opt/ml trees with config files and empty output folders; returns the instance roots."
+    "Create the per-instance /opt/ml trees with config files (secrets masked) and empty output folders; returns the instance roots."
     hosts = host_names(req['ProcessingResources']['ClusterConfig']['InstanceCount'])
     job_dir.mkdir(parents=True, exist_ok=False)
-    (job_dir/'request.json').write_text(json.dumps(req, indent=2))
+    (job_dir/'request.json').write_text(json.dumps(mask_secrets(req), indent=2))
     roots = []
     for h in hosts:
         root = job_dir/h
         (root/'config').mkdir(parents=True); (root/'output').mkdir()
-        cfg = {**req, 'ProcessingJobArn': local_arn(req['ProcessingJobName'])}
+        cfg = {**mask_secrets(req), 'ProcessingJobArn': local_arn(req['ProcessingJobName'])}
         (root/'config/processingjobconfig.json').write_text(json.dumps(cfg, indent=2))
         (root/'config/resourceconfig.json').write_text(json.dumps({'current_host': h, 'hosts': hosts}))
         for o in req.get('ProcessingOutputConfig', {}).get('Outputs', []):
@@ -157,7 +157,7 @@ def _now()->str: return dt.datetime.now(dt.timezone.utc).isoformat(timespec='mil
 
 def describe(req:dict, status:str, **kw)->dict:
     "A `DescribeProcessingJob`-shaped result of `req` with `status` and the given fields."
-    d = {k: v for k, v in req.items() if k != 'Tags'}
+    d = {k: v for k, v in mask_secrets(req).items() if k != 'Tags'}
     d.update({'ProcessingJobArn': local_arn(req['ProcessingJobName']), 'ProcessingJobStatus': status, **kw})
     return d
 

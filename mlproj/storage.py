@@ -10,8 +10,8 @@ from .contract import atomic_path
 from .errors import StorageError
 
 # %% auto #0
-__all__ = ['to_uri', 'uri_path', 'split_s3', 's3_join', 'sha256_file', 'LocalHandler', 'S3Handler', 'get_handler', 'list_objects',
-           'download', 'upload', 'digests']
+__all__ = ['to_uri', 'uri_path', 'split_s3', 's3_join', 'sha256_file', 'check_links', 'LocalHandler', 'S3Handler', 'get_handler',
+           'list_objects', 'download', 'upload', 'digests']
 
 # %% ../nbs/05_storage.ipynb #05-storage-005
 def to_uri(location)->str:
@@ -48,14 +48,24 @@ def sha256_file(path, bufsize:int=1<<20)->str:
         while b := f.read(bufsize): h.update(b)
     return h.hexdigest()
 
-# %% ../nbs/05_storage.ipynb #05-storage-015
+# %% ../nbs/05_storage.ipynb #05-storage-016
+def check_links(root:Path, files:list)->list:
+    "Refuse any of `files` (under the folder `root`) that is, or sits under, a link leading outside `root`; returns `files`."
+    base = Path(root).resolve()
+    for f in files:
+        target = Path(f).resolve()
+        if target != base and base not in target.parents:
+            raise StorageError(f'{Path(f)} leads outside the input folder {root} (to {target}); links are followed only inside it')
+    return files
+
+# %% ../nbs/05_storage.ipynb #05-storage-018
 class LocalHandler:
     "Local files and folders (plain paths and `file://` URIs)."
     def list(self, uri)->list[tuple[str, Path]]:
         "Sorted [(relative name, file)] at `uri`: the file itself, or every file under the folder."
         p = uri_path(uri)
         if p.is_file(): return [(p.name, p)]
-        if p.is_dir(): return sorted((f.relative_to(p).as_posix(), f) for f in p.rglob('*') if f.is_file())
+        if p.is_dir(): return sorted((f.relative_to(p).as_posix(), f) for f in check_links(p, [f for f in p.rglob('*') if f.is_file()]))
         raise StorageError(f'not found: {p}')
     def get(self, handle:Path, dest:Path):
         "Copy one listed file to the local file `dest`."
@@ -66,13 +76,13 @@ class LocalHandler:
         with atomic_path(uri_path(uri)/rel) as tmp: shutil.copyfile(src, tmp)
     def sha256(self, handle:Path)->str: return sha256_file(handle)
 
-# %% ../nbs/05_storage.ipynb #05-storage-017
+# %% ../nbs/05_storage.ipynb #05-storage-020
 def _relative(key:str, prefix:str)->str:
     "The name under which object `key` lands when staging the S3 prefix `prefix`."
     if prefix.endswith('/') or key.startswith(prefix + '/'): return key[len(prefix):].lstrip('/')
     return key[len(prefix.rsplit('/', 1)[0]) + 1:] if '/' in prefix else key
 
-# %% ../nbs/05_storage.ipynb #05-storage-019
+# %% ../nbs/05_storage.ipynb #05-storage-022
 class S3Handler:
     "Objects under an `s3://` prefix, through one boto3 S3 client."
     def __init__(self, client=None): self._client = client
@@ -105,19 +115,19 @@ class S3Handler:
         for b in iter(lambda: body.read(1 << 20), b''): h.update(b)
         return h.hexdigest()
 
-# %% ../nbs/05_storage.ipynb #05-storage-020
+# %% ../nbs/05_storage.ipynb #05-storage-023
 def get_handler(uri, client=None)->LocalHandler|S3Handler:
     "The handler of `uri`'s scheme (`client`: the S3 client to use for `s3://`)."
     if uri_path(uri) is not None: return LocalHandler()
     if str(uri).startswith('s3://'): return S3Handler(client)
     raise StorageError(f'unsupported location (not a path, file:// or s3:// URI): {uri}')
 
-# %% ../nbs/05_storage.ipynb #05-storage-023
+# %% ../nbs/05_storage.ipynb #05-storage-026
 def list_objects(uri, client=None)->list[tuple[str, object]]:
     "Sorted [(relative name, handle)] of the objects at `uri` (a file, a folder, an `s3://` prefix)."
     return get_handler(uri, client).list(uri)
 
-# %% ../nbs/05_storage.ipynb #05-storage-024
+# %% ../nbs/05_storage.ipynb #05-storage-027
 def download(uri, dest, client=None, objects:list|None=None)->list[str]:
     "Copy the objects at `uri` (or the given subset of its listing) into the local folder `dest`; returns their relative names."
     h, dest = get_handler(uri, client), Path(dest)
@@ -125,7 +135,7 @@ def download(uri, dest, client=None, objects:list|None=None)->list[str]:
     for rel, handle in objects: h.get(handle, dest/rel)
     return [rel for rel, _ in objects]
 
-# %% ../nbs/05_storage.ipynb #05-storage-025
+# %% ../nbs/05_storage.ipynb #05-storage-028
 def upload(src, # a local file or folder, or a listing [(relative name, local file)]
            uri, # destination: a local folder, file:// or s3:// prefix
            client=None, # the S3 client for s3:// (default: boto3's)
@@ -136,7 +146,7 @@ def upload(src, # a local file or folder, or a listing [(relative name, local fi
     for rel, f in files: h.put(Path(f), uri, rel)
     return [rel for rel, _ in files]
 
-# %% ../nbs/05_storage.ipynb #05-storage-026
+# %% ../nbs/05_storage.ipynb #05-storage-029
 def digests(uri, client=None)->dict:
     "{relative name: sha256} of the objects at `uri`; {} if there is nothing there."
     h = get_handler(uri, client)

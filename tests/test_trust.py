@@ -151,3 +151,37 @@ def test_a_notebook_job_past_its_limit_is_stopped_and_keeps_its_report(tmp_path,
     assert d['ExitMessage'] == 'algo-1: train.ipynb: stopped (SIGTERM)'
     report = tmp_path/'out/jobs/too-long/algo-1/processing/output/report'
     assert sorted(p.name for p in report.iterdir()) == ['train.html', 'train.ipynb']
+
+
+def test_input_links_leading_outside_the_folder_are_refused(tmp_path, monkeypatch, opt_ml_penguins):
+    from mlproj.cli import main
+    secret = tmp_path/'not-data.csv'; secret.write_text('penguin_id,species\n1,Adelie\n')
+    rows = tmp_path/'rows'; rows.mkdir()
+    (rows/'a.csv').write_bytes(opt_ml_penguins.read_bytes())
+    (rows/'b.csv').symlink_to(secret)
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'out'))
+    old = signal.getsignal(signal.SIGTERM)
+    try: code = main(['job', 'run', 'preprocess', '--engine', 'script', '--input', f'raw={rows}', '--name', 'linked'])
+    finally: signal.signal(signal.SIGTERM, old)
+    d = json.loads((tmp_path/'out/jobs/linked/describe.json').read_text())
+    assert code == 1 and d['ProcessingJobStatus'] == 'Failed' and 'b.csv leads outside the input folder' in d['FailureReason'], d
+    assert not any(p.name == 'b.csv' for p in (tmp_path/'out/jobs/linked').rglob('*')), 'the linked file was staged'
+
+
+def test_secret_looking_environment_values_are_masked_where_mlproj_writes(tmp_path, monkeypatch, capsys):
+    "The container gets the value; what mlproj prints and records locally does not hold it."
+    from mlproj.cli import main
+    from mlproj.jobs import JobSpec, JobOutput, render_request
+    from mlproj.local import run_local
+    token = 'tok-3f9a1c-do-not-print'
+    spec = JobSpec('env-demo', ['python3', '-c', "import os; open(os.environ['MLPROJ_OPT_ML'] + '/processing/output/out/seen.txt', 'w').write(os.environ['API_TOKEN'])"],
+                   outputs=[JobOutput('out', str(tmp_path/'seen'))], environment={'API_TOKEN': token, 'MODE': 'fast'})
+    d = run_local(render_request(spec), jobs_dir=tmp_path/'jobs', stream=None)
+    assert d['ProcessingJobStatus'] == 'Completed' and (tmp_path/'seen/seen.txt').read_text() == token     # the container got it
+    assert d['Environment'] == {'API_TOKEN': '****', 'MODE': 'fast'}
+    written = [p for p in (tmp_path/'jobs').rglob('*.json')]
+    assert written and not [p for p in written if token in p.read_text()], 'a local record holds the secret'
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'out'))
+    assert main(['job', 'request', 'preprocess', '--engine', 'script', '--env', f'API_TOKEN={token}']) == 0
+    printed = capsys.readouterr().out
+    assert '"API_TOKEN": "****"' in printed and token not in printed
