@@ -153,7 +153,7 @@ def cmd_params(step:str|None=None):
         print(f"{s.name}: {s.doc.splitlines()[0] if s.doc else ''}")
         print(f"  inputs: {', '.join(s.inputs)}   outputs: {', '.join(s.outputs)}" + (f"   sharded: {', '.join(s.shardable)}" if s.shardable else '')
               + f"   instances: at most {s.max_instances}")
-        for p in s.params.values(): print(f"  -p {f'{p.name}={p.default!r}':<22} {p.type.__name__:<6} {p.help}")
+        for p in s.params.values(): print(f"  -p {f'{p.name}={p.default!r}':<22} {p.type.__name__:<6} {p.help}" + (f'  {s.limits[p.name]}' if p.name in s.limits else ''))
     return 0
 
 # %% ../nbs/95_cli.ipynb #95-cli-022

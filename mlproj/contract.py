@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_contract.ipynb #01-contract-002
 from __future__ import annotations
-import json, os, signal, subprocess, sys, tempfile, threading
+import errno, json, os, signal, subprocess, sys, tempfile, threading
 from contextlib import contextmanager
 from pathlib import Path
 from .errors import MlprojError, OutputLocationError
@@ -91,6 +91,15 @@ def _temp_beside(dest:Path)->Path:
     os.close(fd)
     return Path(tmp)
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+def _full_device(e:BaseException, dests)->OutputLocationError|None:
+    "An error naming the output location when `e` says its device is full (or read-only)."
+    if isinstance(e, OSError) and not isinstance(e, OutputLocationError) and e.errno in _FULL:
+        where = ', '.join(sorted({str(Path(d).parent) for d in dests}))
+        return OutputLocationError(f'{e.strerror or "no space left on device"} writing to {where}')
+    return None
+
 @contextmanager
 def atomic_path(dest):
     "Yield a temporary path beside `dest`; on success rename it to `dest`, on error delete it."
@@ -99,8 +108,10 @@ def atomic_path(dest):
     try:
         yield tmp
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        full = _full_device(e, [dest])
+        if full: raise full from None
         raise
 
 # %% ../nbs/01_contract.ipynb #01-contract-020
@@ -121,9 +132,12 @@ class OutputSet:
         for tmp, _ in self.staged: tmp.unlink(missing_ok=True)
         self.staged = []
     def __enter__(self): return self
-    def __exit__(self, typ, *_):
-        if typ is None: self.commit()
-        else: self.discard()
+    def __exit__(self, typ, e, tb):
+        if typ is None: self.commit(); return
+        dests = [d for _, d in self.staged]
+        self.discard()
+        full = _full_device(e, dests)
+        if full: raise full from None
 
 # %% ../nbs/01_contract.ipynb #01-contract-023
 def describe_error(e:BaseException)->str:

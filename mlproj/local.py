@@ -4,17 +4,18 @@
 
 # %% ../nbs/81_local.ipynb #81-local-002
 from __future__ import annotations
-import datetime as dt, json, os, subprocess, sys, threading, time
+import datetime as dt, json, os, shutil, subprocess, sys, threading, time
 from pathlib import Path
-from .contract import ROOT_ENV, OPT_ML, atomic_path, clip_utf8, stop_process_group
+from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_process_group
 from .errors import SpecError, StorageError
 from .storage import list_objects, download, upload, uri_path
 from .jobs import validate_request, outputs_root, mask_secrets
 
 # %% auto #0
-__all__ = ['check_local_sources', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn', 'container_local',
-           'prepare_sandbox', 'stage_inputs', 'Instance', 'container_argv', 'instance_env', 'collect_outputs',
-           'upload_outputs', 'describe', 'save_describe', 'run_local', 'show_job', 'list_jobs', 'latest_output']
+__all__ = ['check_local_sources', 'check_local_destinations', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn',
+           'container_local', 'prepare_sandbox', 'stage_inputs', 'Instance', 'container_argv', 'instance_env',
+           'collect_outputs', 'upload_outputs', 'describe', 'save_describe', 'run_local', 'show_job', 'list_jobs',
+           'latest_output']
 
 # %% ../nbs/81_local.ipynb #81-local-005
 def check_local_sources(req:dict):
@@ -24,7 +25,21 @@ def check_local_sources(req:dict):
         if p is not None and not p.exists():
             raise SpecError(f"ProcessingInputs[{i}].S3Input.S3Uri: input {inp['InputName']!r} source not found: {p}")
 
-# %% ../nbs/81_local.ipynb #81-local-008
+# %% ../nbs/81_local.ipynb #81-local-007
+def check_local_destinations(req:dict):
+    "Refuse, before anything runs, a local output destination that cannot be written (a file in its way, no permission)."
+    import os
+    for i, out in enumerate(req.get('ProcessingOutputConfig', {}).get('Outputs', [])):
+        p = uri_path(out['S3Output']['S3Uri'])
+        if p is None: continue
+        where = f"ProcessingOutputConfig.Outputs[{i}].S3Output.S3Uri: output {out['OutputName']!r} destination {p}"
+        if p.exists() and not p.is_dir(): raise SpecError(f'{where} is a file, not a folder')
+        q = p
+        while not q.exists(): q = q.parent
+        if not q.is_dir(): raise SpecError(f'{where} cannot be created: {q} is a file')
+        if not os.access(q, os.W_OK | os.X_OK) or str(q.resolve()).startswith('/proc'): raise SpecError(f'{where} is not writable ({q})')
+
+# %% ../nbs/81_local.ipynb #81-local-010
 def shard_objects(objects:list, n_hosts:int, distribution:str)->list[list]:
     "Per-host object lists for `distribution` ('FullyReplicated' or 'ShardedByS3Key')."
     if distribution == 'FullyReplicated': return [list(objects) for _ in range(n_hosts)]
@@ -32,27 +47,27 @@ def shard_objects(objects:list, n_hosts:int, distribution:str)->list[list]:
     objs = sorted(objects, key=lambda o: o[0])
     return [objs[h::n_hosts] for h in range(n_hosts)]
 
-# %% ../nbs/81_local.ipynb #81-local-011
+# %% ../nbs/81_local.ipynb #81-local-013
 def default_jobs_dir()->Path:
     "Where local job sandboxes live: `$MLPROJ_OUTPUTS/jobs` (default `outputs/jobs`)."
     return outputs_root()/'jobs'
 
-# %% ../nbs/81_local.ipynb #81-local-012
+# %% ../nbs/81_local.ipynb #81-local-014
 def host_names(n:int)->list[str]:
     "SageMaker's instance names: algo-1 … algo-n."
     return [f'algo-{i+1}' for i in range(n)]
 
-# %% ../nbs/81_local.ipynb #81-local-014
+# %% ../nbs/81_local.ipynb #81-local-016
 def local_arn(name:str)->str:
     "The ARN a local job reports (account 0, region `local`)."
     return f'arn:aws:sagemaker:local:000000000000:processing-job/{name.lower()}'
 
-# %% ../nbs/81_local.ipynb #81-local-016
+# %% ../nbs/81_local.ipynb #81-local-018
 def container_local(root:Path, local_path:str)->Path:
     "A container path (under /opt/ml) inside the instance root `root`."
     return root/Path(local_path).relative_to(OPT_ML)
 
-# %% ../nbs/81_local.ipynb #81-local-018
+# %% ../nbs/81_local.ipynb #81-local-020
 def prepare_sandbox(req:dict, job_dir:Path)->list[Path]:
     "Create the per-instance /opt/ml trees with config files (secrets masked) and empty output folders; returns the instance roots."
     hosts = host_names(req['ProcessingResources']['ClusterConfig']['InstanceCount'])
@@ -70,7 +85,7 @@ def prepare_sandbox(req:dict, job_dir:Path)->list[Path]:
         roots.append(root)
     return roots
 
-# %% ../nbs/81_local.ipynb #81-local-020
+# %% ../nbs/81_local.ipynb #81-local-022
 def stage_inputs(req:dict, roots:list[Path], say=print):
     "Copy each input's objects into every instance root, by its distribution type (through `mlproj.storage`)."
     for inp in req.get('ProcessingInputs', []):
@@ -85,7 +100,7 @@ def stage_inputs(req:dict, roots:list[Path], say=print):
         say(f"input {inp['InputName']}: {len(objs)} object(s) from {s3['S3Uri']} "
             f"({s3.get('S3DataDistributionType')}: {', '.join(str(len(s)) for s in shards)} per instance)")
 
-# %% ../nbs/81_local.ipynb #81-local-023
+# %% ../nbs/81_local.ipynb #81-local-025
 class Instance:
     "One simulated instance: a process in its own session, its log, its exit."
     def __init__(self, host:str, root:Path, argv:list, env:dict, log:Path, stream=None):
@@ -108,7 +123,7 @@ class Instance:
         p = self.root/'output/message'
         return clip_utf8(p.read_bytes().decode('utf-8', 'replace')) if p.exists() else None
 
-# %% ../nbs/81_local.ipynb #81-local-025
+# %% ../nbs/81_local.ipynb #81-local-027
 def container_argv(req:dict, root:Path)->list[str]:
     "The instance command: entrypoint + arguments; `python3`/`python` is this interpreter, `/opt/ml/...` in the entrypoint is the instance's sandbox."
     app = req['AppSpecification']
@@ -118,14 +133,14 @@ def container_argv(req:dict, root:Path)->list[str]:
     if argv[0] in ('python3', 'python'): argv[0] = sys.executable
     return argv
 
-# %% ../nbs/81_local.ipynb #81-local-027
+# %% ../nbs/81_local.ipynb #81-local-029
 def instance_env(req:dict, root:Path)->dict:
     "The instance's environment: this process's, the request's `Environment`, and the `/opt/ml` root moved to `root`."
     env = {**os.environ, **req.get('Environment', {}), ROOT_ENV: str(root.resolve()), 'PYTHONUNBUFFERED': '1'}
     env.setdefault('MPLBACKEND', 'Agg')
     return env
 
-# %% ../nbs/81_local.ipynb #81-local-030
+# %% ../nbs/81_local.ipynb #81-local-032
 def collect_outputs(req:dict, roots:list[Path])->dict:
     "{output name: [(relative name, file, host)]}; refuses two instances writing the same name."
     found = {}
@@ -142,17 +157,22 @@ def collect_outputs(req:dict, roots:list[Path])->dict:
         found[o['OutputName']] = files
     return found
 
-# %% ../nbs/81_local.ipynb #81-local-031
+# %% ../nbs/81_local.ipynb #81-local-033
 def upload_outputs(req:dict, found:dict, say=print)->dict:
-    "Copy collected files to each output's destination (through `mlproj.storage`); {output name: [relative names]}."
-    done = {}
-    for o in req.get('ProcessingOutputConfig', {}).get('Outputs', []):
-        uri = o['S3Output']['S3Uri']
-        done[o['OutputName']] = upload([(rel, f) for rel, f, _ in found[o['OutputName']]], uri)
-        say(f"output {o['OutputName']}: {len(done[o['OutputName']])} file(s) -> {uri}")
+    "Copy collected files to each output's destination, all or nothing for local ones; {output name: [relative names]}."
+    outs = req.get('ProcessingOutputConfig', {}).get('Outputs', [])
+    done = {o['OutputName']: [rel for rel, _, _ in found[o['OutputName']]] for o in outs}
+    for o in outs:                     # S3 first: if an upload fails, no local destination has been touched
+        if uri_path(o['S3Output']['S3Uri']) is None: upload([(rel, f) for rel, f, _ in found[o['OutputName']]], o['S3Output']['S3Uri'])
+    with OutputSet() as staged:        # every local file staged beside its destination; renamed together when all are copied
+        for o in outs:
+            dest = uri_path(o['S3Output']['S3Uri'])
+            if dest is None: continue
+            for rel, f, _ in found[o['OutputName']]: shutil.copyfile(f, staged.path(dest/rel))
+    for o in outs: say(f"output {o['OutputName']}: {len(done[o['OutputName']])} file(s) -> {o['S3Output']['S3Uri']}")
     return done
 
-# %% ../nbs/81_local.ipynb #81-local-034
+# %% ../nbs/81_local.ipynb #81-local-036
 def _now()->str: return dt.datetime.now(dt.timezone.utc).isoformat(timespec='milliseconds')
 
 def describe(req:dict, status:str, **kw)->dict:
@@ -166,7 +186,7 @@ def save_describe(job_dir:Path, d:dict)->dict:
     with atomic_path(job_dir/'describe.json') as t: t.write_text(json.dumps(d, indent=2, default=str))
     return d
 
-# %% ../nbs/81_local.ipynb #81-local-037
+# %% ../nbs/81_local.ipynb #81-local-039
 def run_local(req:dict, # a CreateProcessingJob request document
               jobs_dir=None, # where sandboxes go (default outputs/jobs)
               stream=sys.stdout, # where instance logs and progress are echoed (None: quiet)
@@ -176,6 +196,7 @@ def run_local(req:dict, # a CreateProcessingJob request document
     "Run the processing job `req` on this machine; returns its `DescribeProcessingJob`-shaped result."
     validate_request(req)
     check_local_sources(req)
+    check_local_destinations(req)
     name = req['ProcessingJobName']
     job_dir = Path(jobs_dir or default_jobs_dir()).resolve()/name    # absolute: instances run with their sandbox as working folder
     if job_dir.exists(): raise SpecError(f'ProcessingJobName: a job named {name!r} already exists in {job_dir.parent}')
@@ -222,21 +243,21 @@ def run_local(req:dict, # a CreateProcessingJob request document
     say(f'{status}' + (f': {reason}' if reason else '') + f' ({time.monotonic()-t0:.1f}s)')
     return save_describe(job_dir, d)
 
-# %% ../nbs/81_local.ipynb #81-local-041
+# %% ../nbs/81_local.ipynb #81-local-043
 def show_job(name:str, jobs_dir=None)->dict:
     "The describe result of local job `name`."
     p = Path(jobs_dir or default_jobs_dir())/name/'describe.json'
     if not p.exists(): raise SpecError(f'no local job named {name!r} in {p.parent.parent}')
     return json.loads(p.read_text())
 
-# %% ../nbs/81_local.ipynb #81-local-042
+# %% ../nbs/81_local.ipynb #81-local-044
 def list_jobs(jobs_dir=None)->list[dict]:
     "Describe results of all local jobs, newest first."
     base = Path(jobs_dir or default_jobs_dir())
     ds = [json.loads(p.read_text()) for p in base.glob('*/describe.json')] if base.exists() else []
     return sorted(ds, key=lambda d: d.get('CreationTime', ''), reverse=True)
 
-# %% ../nbs/81_local.ipynb #81-local-043
+# %% ../nbs/81_local.ipynb #81-local-045
 def latest_output(step:str, output:str, jobs_dir=None)->str|None:
     "Destination URI of `output` of the newest completed local job of `step`, if any."
     base = Path(jobs_dir or default_jobs_dir())

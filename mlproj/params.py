@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import ParameterError
 
 # %% auto #0
-__all__ = ['did_you_mean', 'parse_pairs', 'convert_value', 'check_params', 'read_param_files']
+__all__ = ['did_you_mean', 'parse_pairs', 'convert_value', 'check_params', 'check_range', 'read_param_files']
 
 # %% ../nbs/02_params.ipynb #02-params-005
 def did_you_mean(name:str, choices)->str:
@@ -71,6 +71,17 @@ def check_params(given:dict, # {name: value}, values as text or typed
     return out
 
 # %% ../nbs/02_params.ipynb #02-params-017
+def check_range(name:str, value, spec:str):
+    "Refuse `value` of parameter `name` outside the range `spec` ('[lo, hi]', '(lo, hi)', '[lo, hi)' ...)."
+    import re
+    m = re.fullmatch(r'\s*([\[(])\s*([-+\d.e_]+)\s*,\s*([-+\d.e_]+)\s*([\])])\s*', spec)
+    if not m: raise ParameterError(f'range of {name}: {spec!r} is not written [lo, hi] or (lo, hi)')
+    lo, hi = float(m.group(2).replace('_', '')), float(m.group(3).replace('_', ''))
+    ok = (value >= lo if m.group(1) == '[' else value > lo) and (value <= hi if m.group(4) == ']' else value < hi)
+    if not ok: raise ParameterError(f'parameter {name}={value!r}: must be in {spec.strip()}')
+    return value
+
+# %% ../nbs/02_params.ipynb #02-params-020
 def read_param_files(files:list|None)->dict:
     "{name: value} merged from YAML/JSON files, in order; a missing or malformed file is refused."
     import yaml

@@ -110,11 +110,12 @@ def kernel_start_failed(log:str)->bool:
     return 'Executing Cell' not in log and ('Kernel died before replying to kernel_info' in log or "Kernel didn't respond" in log)
 
 # %% ../nbs/85_runner.ipynb #85-runner-022
-def _papermill(cmd:list, timeout:float, stream)->tuple[int|None, bool, str]:
-    "Run papermill in its own process group: (exit code, timed out?, its output)."
+def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None)->tuple[int|None, bool, str]:
+    "Run papermill in its own process group (kernel connection files under `runtime_dir`): (exit code, timed out?, its output)."
     import threading
+    env = {**os.environ, **({'JUPYTER_RUNTIME_DIR': str(runtime_dir)} if runtime_dir else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, text=True, errors='replace')
+                            start_new_session=True, text=True, errors='replace', env=env)
     lines, timed_out = [], False
     def pump():
         for line in proc.stdout:
@@ -164,7 +165,8 @@ def run_notebook(notebook, # the job notebook
         t0, stopped = time.monotonic(), None
         try:
             for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
-                rc, timed_out, log = _papermill(cmd, None if timeout is None else max(1, timeout - (time.monotonic() - t0)), stream)
+                rc, timed_out, log = _papermill(cmd, None if timeout is None else max(1, timeout - (time.monotonic() - t0)), stream,
+                                                Path(tmp)/'runtime')   # the kernel's connection file (it holds its key) goes with the temp folder
                 if rc == 0 or timed_out or not kernel_start_failed(log) or attempt == KERNEL_START_ATTEMPTS: break
                 if stream is not None: print(f'{name}: the kernel died while starting (attempt {attempt} of {KERNEL_START_ATTEMPTS}); starting another', file=stream, flush=True)
                 time.sleep(attempt)

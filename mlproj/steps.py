@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 from .contract import container_path, current_host, host_rank, input_dir, output_dir, OutputSet
 from .errors import InputError, SpecError
-from .params import check_params, did_you_mean
+from .params import check_params, check_range, did_you_mean
 
 # %% auto #0
 __all__ = ['BUNDLED', 'STEPS', 'Param', 'signature_params', 'Step', 'step', 'get_step', 'check_step_params', 'log',
@@ -50,6 +50,7 @@ class Step:
     shardable: tuple = ()        # inputs split by S3 key when the job has several instances
     max_instances: int = 100     # 1 for steps that must see all their data at once
     sources: dict = field(default_factory=dict)   # {input: BUNDLED} for inputs no step produces
+    limits: dict = field(default_factory=dict)    # {parameter: '[lo, hi]' or '(lo, hi)'} ranges checked before a job starts
     @property
     def doc(self)->str: return inspect.getdoc(self.fn) or ''
     @property
@@ -73,16 +74,20 @@ def _check_declaration(s:Step):
             if args[c].default != where(c): raise SpecError(f'step {s.name}: argument {c!r} must default to {where(c)}, not {args[c].default!r}')
     for c in list(s.shardable) + list(s.sources):
         if c not in s.inputs: raise SpecError(f'step {s.name}: {c!r} is not one of its inputs')
+    for n, r in s.limits.items():
+        if n not in s.params: raise SpecError(f'step {s.name}: limit on {n!r}, which is not one of its parameters')
+        check_range(n, s.params[n].default, r)                 # the default must be inside its own range
 
 def step(inputs:tuple=(), # input channel names
          outputs:tuple=(), # output channel names
          shardable:tuple=(), # inputs sharded by key over several instances
          max_instances:int=100, # most instances the step can use
          sources:dict|None=None, # {input: BUNDLED} default sources of inputs no step produces
+         limits:dict|None=None, # {parameter: '[lo, hi]' closed or '(lo, hi)' open} ranges, checked before any job starts
         ):
     "Declare the decorated entry function as a pipeline step and register it in `STEPS`."
     def register(fn):
-        s = Step(fn.__name__, fn, tuple(inputs), tuple(outputs), tuple(shardable), max_instances, dict(sources or {}))
+        s = Step(fn.__name__, fn, tuple(inputs), tuple(outputs), tuple(shardable), max_instances, dict(sources or {}), dict(limits or {}))
         _check_declaration(s)
         STEPS[s.name] = s
         return fn
@@ -96,8 +101,12 @@ def get_step(name:str)->Step:
     return STEPS[name]
 
 def check_step_params(name:str, given:dict)->dict:
-    "{name: typed value} of `given` parameters of step `name` (text is converted); unknown names and bad values refused."
-    return check_params(given, {n: p.type for n, p in get_step(name).params.items()}, f'step {name}')
+    "{name: typed value} of `given` parameters of step `name` (text is converted); unknown names, bad values and values out of range refused."
+    s = get_step(name)
+    out = check_params(given, {n: p.type for n, p in s.params.items()}, f'step {name}')
+    for n, v in out.items():
+        if n in s.limits: check_range(n, v, s.limits[n])
+    return out
 
 # %% ../nbs/60_steps.ipynb #60-steps-015
 def log(step:str, msg:str):
@@ -116,7 +125,8 @@ def has_data(p:Path)->bool:
     return p.is_file() or any(f.suffix.lower() in DATA_SUFFIXES for f in p.rglob('*') if f.is_file())
 
 # %% ../nbs/60_steps.ipynb #60-steps-017
-@step(inputs=('raw',), outputs=('train', 'test'), shardable=('raw',), sources={'raw': BUNDLED})
+@step(inputs=('raw',), outputs=('train', 'test'), shardable=('raw',), sources={'raw': BUNDLED},
+      limits={'test_size': '(0, 1)', 'seed': '[0, 4294967295]'})
 def preprocess(raw=input_dir('raw'), # raw data: a CSV/Parquet file or a folder of shards
                train=output_dir('train'), # output folder for the training split
                test=output_dir('test'), # output folder for the held-out split
@@ -140,7 +150,8 @@ def preprocess(raw=input_dir('raw'), # raw data: a CSV/Parquet file or a folder 
             'class_counts': {k: int(v) for k, v in df[TARGET].value_counts().sort_index().items()}}
 
 # %% ../nbs/60_steps.ipynb #60-steps-021
-@step(inputs=('train',), outputs=('model',), max_instances=1)
+@step(inputs=('train',), outputs=('model',), max_instances=1,
+      limits={'seed': '[0, 4294967295]', 'n_estimators': '[1, 10000]', 'max_depth': '[0, 1000]'})
 def train(train=input_dir('train'), # folder (or file) with the training split
           model=output_dir('model'), # output folder for model.tar.gz
           seed:int=42, # random seed of the forest
@@ -186,7 +197,8 @@ def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
             'evaluation': str(out/'evaluation.json'), 'model_sha256': manifest['model_sha256']}
 
 # %% ../nbs/60_steps.ipynb #60-steps-027
-@step(inputs=('model', 'data'), outputs=('predictions',), shardable=('data',), sources={'data': BUNDLED})
+@step(inputs=('model', 'data'), outputs=('predictions',), shardable=('data',), sources={'data': BUNDLED},
+      limits={'chunksize': '[1, 10000000]'})
 def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.gz
                     data=input_dir('data'), # rows to score: a CSV/Parquet file or a folder of shards
                     predictions=output_dir('predictions'), # output folder for predictions-<host>.csv

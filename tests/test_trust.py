@@ -185,3 +185,65 @@ def test_secret_looking_environment_values_are_masked_where_mlproj_writes(tmp_pa
     assert main(['job', 'request', 'preprocess', '--engine', 'script', '--env', f'API_TOKEN={token}']) == 0
     printed = capsys.readouterr().out
     assert '"API_TOKEN": "****"' in printed and token not in printed
+
+
+@pytest.mark.parametrize('args,message', [
+    (['preprocess', '-p', 'test_size=1.5'], 'parameter test_size=1.5: must be in (0, 1)'),
+    (['train', '--input', 'train=TRAIN', '-p', 'n_estimators=10000000000'], 'parameter n_estimators=10000000000: must be in [1, 10000]'),
+    (['preprocess', '--output', 'train=FILE/train'], "output 'train' destination"),
+])
+def test_checks_that_need_no_data_come_before_the_job(args, message, tmp_path, monkeypatch, capsys, opt_ml_trained):
+    "Refused with exit 2 and one line, before any sandbox exists (they used to fail after the step ran)."
+    from mlproj.cli import main
+    (tmp_path/'afile').write_text('')
+    args = [a.replace('TRAIN', str(opt_ml_trained['train_csv'])).replace('FILE', str(tmp_path/'afile')) for a in args]
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'out'))
+    old = signal.getsignal(signal.SIGTERM)
+    try: code = main(['job', 'run', *args[:1], '--engine', 'script', *args[1:]])
+    finally: signal.signal(signal.SIGTERM, old)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count('\n') == 1, err
+    assert not (tmp_path/'out/jobs').exists()
+
+
+def test_a_runtime_script_checks_ranges_first(opt_ml_tree, opt_ml_penguins, opt_ml_assert_failed):
+    t = opt_ml_tree
+    t.stage('raw', opt_ml_penguins)
+    line = opt_ml_assert_failed(t.run('preprocess', '--test_size', '1.5'), t, 'preprocess', [t.outputs])
+    assert line == 'preprocess: parameter test_size=1.5: must be in (0, 1)', line
+
+
+def test_a_huge_bad_cell_keeps_a_notebook_report_small(tmp_path, monkeypatch, opt_ml_penguins):
+    "Through a notebook job: the executed notebook, its HTML and the exit message stay small whatever the bad value's size."
+    from mlproj.cli import main
+    lines = opt_ml_penguins.read_text().splitlines()
+    header = lines[0].split(','); row = lines[5].split(','); row[header.index('body_mass_g')] = '9' * 50_000_000
+    lines[5] = ','.join(row); (tmp_path/'big.csv').write_text('\n'.join(lines) + '\n')
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'out'))
+    old = signal.getsignal(signal.SIGTERM)
+    try: code = main(['job', 'run', 'preprocess', '--input', f'raw={tmp_path}/big.csv', '--name', 'big-cell'])
+    finally: signal.signal(signal.SIGTERM, old)
+    job = tmp_path/'out/jobs/big-cell'
+    d = json.loads((job/'describe.json').read_text())
+    assert code == 1 and d['ProcessingJobStatus'] == 'Failed' and len(d['ExitMessage'].encode()) < 1024
+    assert '(50,000,000 characters) is outside the plausible range' in d['ExitMessage'], d['ExitMessage'][:300]
+    report = job/'algo-1/processing/output/report'
+    for f in ('preprocess.ipynb', 'preprocess.html'): assert (report/f).stat().st_size < 2**20, (f, (report/f).stat().st_size)
+    assert (job/'algo-1.log').stat().st_size < 2**20
+
+
+def test_a_job_that_fails_writing_one_channel_leaves_no_output(tmp_path, monkeypatch, opt_ml_penguins):
+    "The second channel's copy fails (a full disk, injected): the first channel's files must not stay at their destination."
+    import errno, shutil
+    import mlproj.local as local
+    from mlproj.jobs import render_request, step_job, write_code_bundle
+    real = shutil.copyfile
+    def failing(src, dst, *a, **k):
+        if Path(dst).parent.name == 'te': raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(local.shutil, 'copyfile', failing)
+    req = render_request(step_job('preprocess', {'raw': str(opt_ml_penguins)}, {'train': str(tmp_path/'tr'), 'test': str(tmp_path/'te')},
+                                  code=str(write_code_bundle('preprocess', 'script', tmp_path/'code'))))
+    d = local.run_local(req, jobs_dir=tmp_path/'jobs', stream=None)
+    assert d['ProcessingJobStatus'] == 'Failed' and 'No space left on device writing to' in d['FailureReason'], d.get('FailureReason')
+    assert [p for p in tmp_path.glob('t*/**/*')] == [], list(tmp_path.glob('t*/**/*'))     # neither train nor test, not even hidden temp files

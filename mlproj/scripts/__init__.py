@@ -6,7 +6,7 @@
 from __future__ import annotations
 import importlib.abc, importlib.util, sys
 from ..contract import run_step
-from ..steps import STEPS, get_step
+from ..steps import STEPS, get_step, check_step_params
 
 # %% auto #0
 __all__ = ['script_parser', 'run_script', 'StepScripts']
@@ -23,7 +23,11 @@ def run_script(step:str, argv:list|None=None):
     "Parse `argv` (default: the command line) with the step's parser and run the step through `run_step`."
     args = vars(script_parser(step).parse_args(argv))
     args.pop('pdb', None); args.pop('xtra', None)
-    return run_step(step, get_step(step).fn, **args)
+    s = get_step(step)
+    def checked(**kw):                                     # ranges first, through run_step: one line and the message file
+        check_step_params(step, {k: v for k, v in kw.items() if k in s.params})
+        return s.fn(**kw)
+    return run_step(step, checked, **args)
 
 # %% ../../nbs/70_scripts.ipynb #70-scripts-011
 class StepScripts(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
