@@ -13,7 +13,8 @@ from .errors import MlprojError, OutputLocationError
 __all__ = ['OPT_ML', 'ROOT_ENV', 'PROCESSING_INPUT', 'PROCESSING_OUTPUT', 'PROCESSING_PREFIX', 'MESSAGE_FILE', 'JOB_CONFIG_FILE',
            'RESOURCE_CONFIG_FILE', 'MAX_MESSAGE_BYTES', 'input_dir', 'output_dir', 'opt_ml_root', 'container_path',
            'read_json_config', 'resource_config', 'current_host', 'host_rank', 'clip_utf8', 'write_exit_message',
-           'atomic_path', 'OutputSet', 'describe_error', 'run_step', 'stop_process_group']
+           'atomic_path', 'OutputSet', 'describe_error', 'run_step', 'stop_process_group', 'die_with_parent',
+           'process_started', 'process_alive']
 
 # %% ../nbs/01_contract.ipynb #01-contract-005
 OPT_ML = '/opt/ml'                       # the container's root, as SageMaker mounts it
@@ -180,3 +181,24 @@ def stop_process_group(proc, # a `subprocess.Popen` started with `start_new_sess
         except ProcessLookupError: return
         try: proc.wait(wait); return
         except subprocess.TimeoutExpired: pass
+
+# %% ../nbs/01_contract.ipynb #01-contract-030
+def die_with_parent():
+    "Use as `preexec_fn`: on Linux, the child gets SIGKILL when the process that started it exits (elsewhere: nothing)."
+    if not sys.platform.startswith('linux'): return
+    import ctypes
+    try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError): pass
+
+def process_started(pid:int)->str|None:
+    "The start time of process `pid` (clock ticks since boot, from /proc), or None if there is no such process."
+    try: stat = Path(f'/proc/{pid}/stat').read_text()
+    except OSError:
+        try: os.kill(pid, 0); return 'unknown'
+        except (ProcessLookupError, PermissionError): return None
+    return stat.rsplit(')', 1)[1].split()[19]
+
+def process_alive(pid:int, started:str|None)->bool:
+    "Is the process `pid` that started at `started` (see `process_started`) still running?"
+    now = process_started(pid)
+    return now is not None and (started is None or now == started or now == 'unknown')

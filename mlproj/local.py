@@ -6,7 +6,7 @@
 from __future__ import annotations
 import datetime as dt, json, os, shutil, subprocess, sys, threading, time
 from pathlib import Path
-from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_process_group
+from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_process_group, die_with_parent, process_started, process_alive
 from .errors import SpecError, StorageError
 from .storage import list_objects, download, upload, uri_path
 from .jobs import validate_request, outputs_root, mask_secrets
@@ -14,8 +14,8 @@ from .jobs import validate_request, outputs_root, mask_secrets
 # %% auto #0
 __all__ = ['check_local_sources', 'check_local_destinations', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn',
            'container_local', 'prepare_sandbox', 'stage_inputs', 'Instance', 'container_argv', 'instance_env',
-           'collect_outputs', 'upload_outputs', 'describe', 'save_describe', 'run_local', 'show_job', 'list_jobs',
-           'latest_output']
+           'collect_outputs', 'upload_outputs', 'describe', 'save_describe', 'run_local', 'reconcile', 'show_job',
+           'list_jobs', 'latest_output']
 
 # %% ../nbs/81_local.ipynb #81-local-005
 def check_local_sources(req:dict):
@@ -102,11 +102,11 @@ def stage_inputs(req:dict, roots:list[Path], say=print):
 
 # %% ../nbs/81_local.ipynb #81-local-025
 class Instance:
-    "One simulated instance: a process in its own session, its log, its exit."
+    "One simulated instance: a process in its own session that dies with its driver, its log, its exit."
     def __init__(self, host:str, root:Path, argv:list, env:dict, log:Path, stream=None):
         self.host, self.root, self.log, self.stream = host, root, log, stream
         self.proc = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         self.pump = threading.Thread(target=self._pump, daemon=True); self.pump.start()
     def _pump(self):
         with open(self.log, 'wb') as f:
@@ -202,7 +202,7 @@ def run_local(req:dict, # a CreateProcessingJob request document
     if job_dir.exists(): raise SpecError(f'ProcessingJobName: a job named {name!r} already exists in {job_dir.parent}')
     say = (lambda m: print(f'[{name}] {m}', file=stream, flush=True)) if stream is not None else (lambda m: None)
     roots = prepare_sandbox(req, job_dir)
-    info = {'sandbox': str(job_dir), 'instances': []}
+    info = {'sandbox': str(job_dir), 'instances': [], 'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}}
     base = dict(CreationTime=_now(), LocalExecution=info)
     save_describe(job_dir, describe(req, 'InProgress', **base))
     try: stage_inputs(req, roots, say)
@@ -244,17 +244,27 @@ def run_local(req:dict, # a CreateProcessingJob request document
     return save_describe(job_dir, d)
 
 # %% ../nbs/81_local.ipynb #81-local-043
+def reconcile(d:dict, job_dir:Path|None=None)->dict:
+    "A job recorded `InProgress` whose driver process is gone is `Failed` ('driver exited'); the record is updated."
+    drv = d.get('LocalExecution', {}).get('driver')
+    if d.get('ProcessingJobStatus') != 'InProgress' or not drv or process_alive(drv['pid'], drv.get('started')): return d
+    d = {**d, 'ProcessingJobStatus': 'Failed', 'FailureReason': f"driver exited: the process that ran the job (pid {drv['pid']}) is gone; its instances died with it"}
+    if job_dir is not None:
+        try: save_describe(job_dir, d)
+        except OSError: pass
+    return d
+
 def show_job(name:str, jobs_dir=None)->dict:
     "The describe result of local job `name`."
     p = Path(jobs_dir or default_jobs_dir())/name/'describe.json'
     if not p.exists(): raise SpecError(f'no local job named {name!r} in {p.parent.parent}')
-    return json.loads(p.read_text())
+    return reconcile(json.loads(p.read_text()), p.parent)
 
 # %% ../nbs/81_local.ipynb #81-local-044
 def list_jobs(jobs_dir=None)->list[dict]:
     "Describe results of all local jobs, newest first."
     base = Path(jobs_dir or default_jobs_dir())
-    ds = [json.loads(p.read_text()) for p in base.glob('*/describe.json')] if base.exists() else []
+    ds = [reconcile(json.loads(p.read_text()), p.parent) for p in base.glob('*/describe.json')] if base.exists() else []
     return sorted(ds, key=lambda d: d.get('CreationTime', ''), reverse=True)
 
 # %% ../nbs/81_local.ipynb #81-local-045

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, ast, json, os, re, signal, subprocess, sys, tempfile, time
 from pathlib import Path
-from .contract import JOB_CONFIG_FILE, output_dir, read_json_config, write_exit_message, atomic_path, stop_process_group
+from .contract import JOB_CONFIG_FILE, output_dir, read_json_config, write_exit_message, atomic_path, stop_process_group, die_with_parent
 from .errors import MlprojError, InputError, ParameterError
 from .params import check_params, parse_pairs, read_param_files
 
@@ -115,7 +115,7 @@ def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None)->tuple[in
     import threading
     env = {**os.environ, **({'JUPYTER_RUNTIME_DIR': str(runtime_dir)} if runtime_dir else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, text=True, errors='replace', env=env)
+                            start_new_session=True, text=True, errors='replace', env=env, preexec_fn=die_with_parent)
     lines, timed_out = [], False
     def pump():
         for line in proc.stdout:

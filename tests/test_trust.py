@@ -247,3 +247,43 @@ def test_a_job_that_fails_writing_one_channel_leaves_no_output(tmp_path, monkeyp
     d = local.run_local(req, jobs_dir=tmp_path/'jobs', stream=None)
     assert d['ProcessingJobStatus'] == 'Failed' and 'No space left on device writing to' in d['FailureReason'], d.get('FailureReason')
     assert [p for p in tmp_path.glob('t*/**/*')] == [], list(tmp_path.glob('t*/**/*'))     # neither train nor test, not even hidden temp files
+
+
+def test_a_killed_driver_leaves_no_instance_and_no_job_in_progress(tmp_path, opt_ml_trained):
+    "kill -9 of `mlproj job run` mid-step: within seconds no instance process remains, and the job shows as Failed."
+    import nbformat
+    from mlproj.jobs import job_notebook
+    nb = nbformat.read(job_notebook('train'), as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell('import time\nfor _ in range(600): time.sleep(0.1)'))
+    (tmp_path/'nbs').mkdir(); nbformat.write(nb, tmp_path/'nbs/train.ipynb')
+    env = {**os.environ, 'MLPROJ_OUTPUTS': str(tmp_path/'out'), 'MLPROJ_JOB_NOTEBOOKS': str(tmp_path/'nbs')}
+    mlproj = str(Path(sys.executable).parent/'mlproj')
+    driver = subprocess.Popen([mlproj, 'job', 'run', 'train', '--engine', 'notebook', '--name', 'orphan', '--input', f"train={opt_ml_trained['train_csv']}"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sandbox = tmp_path/'out/jobs/orphan'
+    def job_processes():
+        found = []
+        for p in Path('/proc').iterdir():
+            if not p.name.isdigit() or int(p.name) == driver.pid: continue
+            try:
+                if (p/'stat').read_text().rsplit(')', 1)[1].split()[0] == 'Z': continue
+                if str(sandbox) in (p/'environ').read_bytes().decode('utf-8', 'replace'): found.append(int(p.name))
+            except OSError: pass
+        return found
+    def sleeping_cell_running():
+        log = sandbox/'algo-1.log'
+        return log.exists() and 'Executing Cell 2' in log.read_text()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not sleeping_cell_running(): time.sleep(0.2)
+    assert job_processes(), 'the job never started its instance'
+    driver.kill(); driver.wait()
+    for _ in range(50):
+        if not job_processes(): break
+        time.sleep(0.1)
+    assert job_processes() == [], 'instances outlived their driver'
+    r = subprocess.run([mlproj, 'job', 'show', 'orphan'], env=env, capture_output=True, text=True)
+    d = json.loads(r.stdout)
+    assert d['ProcessingJobStatus'] == 'Failed' and d['FailureReason'].startswith('driver exited'), d.get('FailureReason')
+    r = subprocess.run([mlproj, 'job', 'list'], env=env, capture_output=True, text=True)
+    assert 'orphan' in r.stdout and 'Failed' in r.stdout and 'InProgress' not in r.stdout
