@@ -287,3 +287,26 @@ def test_a_killed_driver_leaves_no_instance_and_no_job_in_progress(tmp_path, opt
     assert d['ProcessingJobStatus'] == 'Failed' and d['FailureReason'].startswith('driver exited'), d.get('FailureReason')
     r = subprocess.run([mlproj, 'job', 'list'], env=env, capture_output=True, text=True)
     assert 'orphan' in r.stdout and 'Failed' in r.stdout and 'InProgress' not in r.stdout
+
+
+def test_a_full_disk_under_the_outputs_root_is_one_line(tmp_path, monkeypatch, capsys):
+    "Recording the job's end fails with ENOSPC (injected): one line naming the place, exit 2, no half-written record."
+    import errno
+    from mlproj.cli import main
+    real = Path.write_text
+    calls = {'n': 0}
+    def full_on_second_record(self, *a, **k):
+        if self.name.startswith('.describe.json.'):
+            calls['n'] += 1
+            if calls['n'] > 1: raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, 'write_text', full_on_second_record)
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path))
+    old = signal.getsignal(signal.SIGTERM)
+    try: code = main(['job', 'run', 'preprocess', '--engine', 'script', '--name', 'full-disk'])
+    finally: signal.signal(signal.SIGTERM, old)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]                     # the job's log lines come first, then one error line
+    assert code == 2 and 'Traceback' not in err and err.count('mlproj: error') == 1, err[-2000:]
+    assert last == f'mlproj: error: No space left on device writing to {tmp_path.resolve()}/jobs/full-disk', last
+    assert not list((tmp_path/'jobs/full-disk').glob('.describe.json*')), 'a half-written record was left'
