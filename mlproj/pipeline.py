@@ -4,9 +4,9 @@
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-002
 from __future__ import annotations
-import datetime as dt, json, secrets, sys, time
+import datetime as dt, json, os, secrets, sys, time
 from pathlib import Path
-from .contract import atomic_path
+from .contract import atomic_path, process_alive, process_started
 from .errors import SpecError
 from .params import did_you_mean
 from .storage import to_uri, digests
@@ -15,7 +15,8 @@ from .jobs import step_job, render_request, write_code_bundle, REPORT_CHANNEL
 from .local import run_local
 
 # %% auto #0
-__all__ = ['MODEL_DIGEST_PARAM', 'wiring', 'external_inputs', 'check_run_params', 'new_run_id', 'provenance', 'run_pipeline']
+__all__ = ['MODEL_DIGEST_PARAM', 'wiring', 'external_inputs', 'check_run_params', 'new_run_id', 'provenance', 'reconcile_runs',
+           'run_pipeline']
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-005
 def wiring(run_dir:Path, # the run's folder: each step writes under <run_dir>/<step>/<channel>
@@ -60,6 +61,20 @@ def provenance(step:str, record:dict)->dict:
     return {MODEL_DIGEST_PARAM: next(iter(files.values()))} if len(files) == 1 else {}
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-017
+def reconcile_runs(outputs_dir)->list[str]:
+    "Mark `Failed` every run under `outputs_dir` recorded `InProgress` whose driver process is gone; returns their ids."
+    fixed = []
+    for p in sorted(Path(outputs_dir).glob('*/run.json')):
+        try: rec = json.loads(p.read_text())
+        except (OSError, ValueError): continue
+        drv = rec.get('driver') if isinstance(rec, dict) else None
+        if rec.get('status') != 'InProgress' or not drv or process_alive(drv['pid'], drv.get('started')): continue
+        rec.update(status='Failed', failure_reason=f"driver exited: the process that ran it (pid {drv['pid']}) is gone")
+        with atomic_path(p) as t: t.write_text(json.dumps(rec, indent=2))
+        fixed.append(rec.get('run_id', p.parent.name))
+    return fixed
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-020
 def run_pipeline(raw=None, # raw training data (default: the bundled table)
                  data=None, # rows to score in batch inference (default: the bundled table)
                  outputs_dir='outputs', # where runs and job sandboxes go
@@ -80,8 +95,9 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
     external = {ch: str(given.get(ch) or bundled_path()) for ch in external_inputs()}
     bundles = {step: write_code_bundle(step, engine, outputs_dir/'code') for step in order}   # also checks the job notebooks
     run_dir.mkdir(parents=True)
+    reconcile_runs(outputs_dir)
     record = {'run_id': run_id, 'status': 'InProgress', 'engine': engine, 'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-              'run_dir': str(run_dir.resolve()), 'steps': []}
+              'run_dir': str(run_dir.resolve()), 'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}, 'steps': []}
     def save():
         with atomic_path(run_dir/'run.json') as t: t.write_text(json.dumps(record, indent=2))
     say = (lambda m: print(f'[run {run_id}] {m}', file=stream, flush=True)) if stream else (lambda m: None)
