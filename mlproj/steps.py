@@ -6,6 +6,7 @@
 from __future__ import annotations
 import inspect, json, sys, time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 from .contract import container_path, current_host, host_rank, input_dir, output_dir, OutputSet
@@ -53,11 +54,11 @@ class Step:
     limits: dict = field(default_factory=dict)    # {parameter: '[lo, hi]' or '(lo, hi)'} ranges checked before a job starts
     @property
     def doc(self)->str: return inspect.getdoc(self.fn) or ''
-    @property
+    @cached_property
     def arguments(self)->dict:
-        "{name: Param} of every argument: channels and parameters."
+        "{name: Param} of every argument: channels and parameters (read off the signature once)."
         return signature_params(self.fn)
-    @property
+    @cached_property
     def params(self)->dict:
         "{name: Param} of the step's parameters (the arguments that are not channels)."
         return {n: p for n, p in self.arguments.items() if n not in self.inputs + self.outputs}

@@ -10,8 +10,8 @@ from .contract import atomic_path
 from .errors import StorageError
 
 # %% auto #0
-__all__ = ['to_uri', 'uri_path', 'split_s3', 's3_join', 'sha256_file', 'check_links', 'LocalHandler', 'S3Handler', 'get_handler',
-           'list_objects', 'download', 'upload', 'digests']
+__all__ = ['to_uri', 'uri_path', 'split_s3', 's3_join', 'sha256_stream', 'sha256_file', 'check_links', 'LocalHandler',
+           'S3Handler', 'get_handler', 'list_objects', 'download', 'upload', 'digests']
 
 # %% ../nbs/05_storage.ipynb #05-storage-005
 def to_uri(location)->str:
@@ -41,12 +41,15 @@ def s3_join(*parts)->str:
     return 's3://' + '/'.join(str(p).strip('/') for p in parts if str(p).strip('/')) + '/'
 
 # %% ../nbs/05_storage.ipynb #05-storage-012
-def sha256_file(path, bufsize:int=1<<20)->str:
-    "Hex sha256 of a file, read in blocks."
+def sha256_stream(f, bufsize:int=1<<20)->str:
+    "Hex sha256 of what the binary stream `f` yields, read in blocks (never whole)."
     h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while b := f.read(bufsize): h.update(b)
+    while b := f.read(bufsize): h.update(b)
     return h.hexdigest()
+
+def sha256_file(path)->str:
+    "Hex sha256 of a file, read in blocks."
+    with open(path, 'rb') as f: return sha256_stream(f)
 
 # %% ../nbs/05_storage.ipynb #05-storage-016
 def check_links(root:Path, files:list)->list:
@@ -110,10 +113,7 @@ class S3Handler:
     def put(self, src:Path, uri, rel:str):
         bucket, prefix = split_s3(uri)
         self.client.upload_file(str(src), bucket, f"{prefix.rstrip('/')}/{rel}" if prefix.strip('/') else rel)
-    def sha256(self, handle:tuple)->str:
-        h, body = hashlib.sha256(), self.client.get_object(Bucket=handle[0], Key=handle[1])['Body']
-        for b in iter(lambda: body.read(1 << 20), b''): h.update(b)
-        return h.hexdigest()
+    def sha256(self, handle:tuple)->str: return sha256_stream(self.client.get_object(Bucket=handle[0], Key=handle[1])['Body'])
 
 # %% ../nbs/05_storage.ipynb #05-storage-023
 def get_handler(uri, client=None)->LocalHandler|S3Handler:

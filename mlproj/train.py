@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_train.ipynb #30-train-002
 from __future__ import annotations
-import gzip, hashlib, io, json, platform, re, tarfile, zipfile
+import gzip, hashlib, io, json, platform, re, tarfile, zipfile, zlib
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -14,11 +14,12 @@ from sklearn.pipeline import Pipeline
 from .data import SCHEMA, Schema
 from .errors import InputError
 from .features import TableFeatures
+from .storage import sha256_file, sha256_stream
 
 # %% auto #0
 __all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'TRUSTED_TYPES',
            'train_model', 'library_versions', 'build_manifest', 'model_schema', 'model_bytes', 'write_model_artifact',
-           'check_manifest', 'load_model', 'zlib_error']
+           'check_manifest', 'load_model']
 
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with the target column
@@ -118,11 +119,6 @@ def _read_manifest(tar, ti, p)->dict:
         raise InputError(f"{p}: model artifact format {str(manifest.get('format'))[:40]!r} is not the one this mlproj reads ({FORMAT!r}); retrain the model with this version")
     return manifest
 
-def _streamed_sha256(f)->str:
-    h = hashlib.sha256()
-    for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
-    return h.hexdigest()
-
 # %% ../nbs/30_train.ipynb #30-train-011
 def check_manifest(model, manifest:dict, p)->Schema:
     "Refuse a manifest whose features, classes or target are not the model's; returns the schema."
@@ -146,16 +142,16 @@ def load_model(path, # model.tar.gz, or a folder holding one
     if p.is_dir(): p = p/ARTIFACT
     if not p.exists(): raise InputError(f'model artifact not found: {p}')
     if expected_sha256:
-        with open(p, 'rb') as f: got = _streamed_sha256(f)
+        got = sha256_file(p)
         if got != expected_sha256.lower(): raise InputError(f'{p}: not the expected model (sha256 {got[:16]}…, expected {expected_sha256[:16]}…)')
     try:
         with tarfile.open(p, 'r:gz') as tar:
             found = _members(tar, p)
             manifest = _read_manifest(tar, found[MANIFEST_FILE], p)
-            if _streamed_sha256(tar.extractfile(found[MODEL_FILE])) != manifest.get('model_sha256'):
+            if sha256_stream(tar.extractfile(found[MODEL_FILE])) != manifest.get('model_sha256'):
                 raise InputError(f'{p}: corrupted model artifact ({MODEL_FILE} does not match the sha256 in {MANIFEST_FILE})')
             blob = tar.extractfile(found[MODEL_FILE]).read()
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise InputError(f'{p}: corrupted model artifact ({type(e).__name__}: {" ".join(str(e).split())[:200]})') from None
     try: untrusted = [t for t in sio.get_untrusted_types(data=blob) if t not in TRUSTED_TYPES]
     except Exception as e: raise InputError(f'{p}: {MODEL_FILE} is not a readable skops file ({type(e).__name__})') from None
@@ -164,7 +160,3 @@ def load_model(path, # model.tar.gz, or a folder holding one
     except Exception as e: raise InputError(f'{p}: {MODEL_FILE} does not load ({type(e).__name__}: {" ".join(str(e).split())[:120]})') from None
     check_manifest(model, manifest, p)
     return model, manifest
-
-def zlib_error():
-    import zlib
-    return zlib.error
