@@ -20,6 +20,7 @@ LAYERS = [
     ['runner'],
     ['jobs'],
     ['local', 'sagemaker_backend'],
+    ['cache'],
     ['pipeline'],
     ['cli'],
 ]
