@@ -72,6 +72,8 @@ def step_key(material:dict)->str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(',', ':'), default=str).encode()).hexdigest()
 
 # %% ../nbs/88_cache.ipynb #88-cache-018
+def _short(v)->str: r = repr(v); return r if len(r) <= 24 else r[:16] + '...' + r[-1]
+
 def explain_miss(now:dict, # key material of the step about to run
                  before:dict|None, # key material of the newest earlier completed run of the step (None: never ran)
                 )->str:
@@ -84,14 +86,14 @@ def explain_miss(now:dict, # key material of the step about to run
                 if v != before['code'].get('environment', {}).get('packages', {}).get(n)]
         if parts: why.append('code changed (' + ', '.join({'package': 'mlproj package', 'bundle': 'job code bundle'}[p] for p in parts) + ')')
         if envs or now['code']['environment']['python'] != before['code'].get('environment', {}).get('python'): why.append('environment changed' + (f" ({', '.join(envs[:3])})" if envs else ' (python)'))
-    for kind in ('parameters', 'resources'):
-        for n in sorted(set(now[kind]) | set(before[kind])):
-            if now[kind].get(n) != before[kind].get(n): why.append(f'{kind[:-1]} {n}: {before[kind].get(n)!r} -> {now[kind].get(n)!r}')
     for ch in sorted(set(now['inputs']) | set(before['inputs'])):
         a, b = before['inputs'].get(ch, {}), now['inputs'].get(ch, {})
         if a == b: continue
         changed = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
         why.append(f"input {ch} changed ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})")
+    for kind in ('parameters', 'resources'):
+        for n in sorted(set(now[kind]) | set(before[kind])):
+            if now[kind].get(n) != before[kind].get(n): why.append(f'{kind[:-1]} {n}: {_short(before[kind].get(n))} -> {_short(now[kind].get(n))}')
     if now['engine'] != before['engine']: why.append(f"engine {before['engine']} -> {now['engine']}")
     return '; '.join(why) or 'earlier outputs missing or changed'
 

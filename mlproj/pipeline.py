@@ -12,7 +12,7 @@ from .errors import SpecError
 from .params import check_params, did_you_mean
 from .storage import to_uri, digests
 from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, mermaid
-from .jobs import step_job, render_request, write_code_bundle, REPORT_CHANNEL
+from .jobs import step_job, render_request, write_code_bundle, mask_secrets, REPORT_CHANNEL
 from .local import run_local
 from .cache import package_digest, environment, source_checkout, key_material, step_key, explain_miss, step_records, reuse_outputs, StaleOutputs
 
@@ -241,15 +241,16 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
                 except KeyError: reason = 'no comparable earlier run of this step'
         if hit:
             rid, old = hit
-            srec.update(cache='hit', from_run=rid, job_name=old['job_name'], status='Completed', seconds=round(time.perf_counter() - t0, 3),
+            srec.update(cache='hit', from_run=rid, job_name=old['job_name'], request=old.get('request'), status='Completed', seconds=round(time.perf_counter() - t0, 3),
                         outputs={k: {'uri': to_uri(outs[k]), 'sha256': old['outputs'][k]['sha256']} for k in old['outputs']})
             record['steps'].append(srec); save()
             say(f"{i}/{n} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})")
         else:
             spec = step_job(step, ins, outs, step_params, max_runtime=max_runtime, engine=engine, code=str(bundles[step]), **resources)
             say(f'{i}/{n} {step}: running job {spec.name} (cache miss: {reason})')
-            d = run_local(render_request(spec), jobs_dir=outputs_dir/'jobs', stream=stream)
-            srec.update(cache='miss', cache_reason=reason, job_name=spec.name, status=d['ProcessingJobStatus'],
+            req = render_request(spec)
+            d = run_local(req, jobs_dir=outputs_dir/'jobs', stream=stream)
+            srec.update(cache='miss', cache_reason=reason, job_name=spec.name, request=mask_secrets(req), status=d['ProcessingJobStatus'],
                         seconds=round(time.perf_counter() - t0, 3), started=d.get('ProcessingStartTime'), ended=d.get('ProcessingEndTime'),
                         outputs={k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in outs.items()},
                         **({'failure_reason': d['FailureReason']} if d.get('FailureReason') else {}))

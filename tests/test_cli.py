@@ -164,7 +164,7 @@ def test_mlproj_run_writes_the_run_record(tmp_path):
     rec = json.loads(r.stdout)
     assert rec == json.loads((tmp_path/'r1/run.json').read_text())
     assert rec['engine'] == 'script'
-    assert rec['status'] == 'Completed' and rec['accuracy'] >= 0.95
+    assert rec['status'] == 'Completed' and rec['gate']['value'] >= 0.95
     assert [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference']
     for s in rec['steps']:
         assert s['status'] == 'Completed' and s['seconds'] > 0
