@@ -111,7 +111,7 @@ def test_running_a_step_does_import_what_it_needs(tmp_path):
 
 
 def test_readme_graph_is_the_declared_graph():
-    "The picture in the README is drawn from the step declaration, not by hand."
-    from mlproj.steps import mermaid
+    "The picture in the README is drawn from the pipeline declaration, not by hand."
+    from mlproj.pipeline import pipeline_mermaid
     readme = (PKG.parent/'README.md').read_text()
-    assert f'```mermaid\n{mermaid()}\n```' in readme
+    assert f'```mermaid\n{pipeline_mermaid()}\n```' in readme
