@@ -50,7 +50,8 @@ def package_imports(path: Path, root: Path = PKG) -> list[tuple[str, int]]:
                 full = (node.module or '').split('.')
             if full[0] != 'mlproj': continue
             if len(full) > 1: out.append((full[1], node.lineno))
-            else: out += [(a.name, node.lineno) for a in node.names]      # from mlproj import steps
+            else: out += [(a.name, node.lineno) for a in node.names          # from mlproj import steps (not __version__)
+                          if (root/f'{a.name}.py').exists() or (root/a.name).is_dir()]
     return out
 
 
