@@ -124,11 +124,14 @@ def reuse_outputs(recorded:dict, # {channel: {'uri', 'sha256': {relative name: s
     staged = []
     try:
         for ch, out in recorded.items():
-            src = uri_path(out['uri'])
+            try: src, files = uri_path(out['uri']), dict(out['sha256'])
+            except (KeyError, TypeError, ValueError): raise StaleOutputs(f'output {ch}: the record is malformed') from None
             if src is None or ch not in dest: raise StaleOutputs(f'output {ch} is not a local folder of this run')
+            bad = [r for r in files if not isinstance(r, str) or Path(r).is_absolute() or '..' in Path(r).parts]
+            if bad: raise StaleOutputs(f'output {ch}: recorded name {bad[0]!r} leaves its folder')
             tmp = Path(dest[ch]).parent/f'.{Path(dest[ch]).name}.reuse'
             shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True); staged.append((tmp, Path(dest[ch])))
-            for rel, want in out['sha256'].items():
+            for rel, want in files.items():
                 f = src/rel if src.is_dir() else src
                 (tmp/rel).parent.mkdir(parents=True, exist_ok=True)
                 try:
