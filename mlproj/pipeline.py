@@ -241,21 +241,23 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
                 except KeyError: reason = 'no comparable earlier run of this step'
         if hit:
             rid, old = hit
-            srec.update(cache='hit', from_run=rid, job_name=old['job_name'], request=old.get('request'), status='Completed', seconds=round(time.perf_counter() - t0, 3),
+            srec.update(cache='hit', from_run=rid, job_name=old.get('job_name'), request=old.get('request'), status='Completed',
+                        **({'exit_message': old['exit_message']} if old.get('exit_message') else {}), seconds=round(time.perf_counter() - t0, 3),
                         outputs={k: {'uri': to_uri(outs[k]), 'sha256': old['outputs'][k]['sha256']} for k in old['outputs']})
             record['steps'].append(srec); save()
-            say(f"{i}/{n} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})")
+            say(f"{i}/{n} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else ''))
         else:
             spec = step_job(step, ins, outs, step_params, max_runtime=max_runtime, engine=engine, code=str(bundles[step]), **resources)
             say(f'{i}/{n} {step}: running job {spec.name} (cache miss: {reason})')
             req = render_request(spec)
             d = run_local(req, jobs_dir=outputs_dir/'jobs', stream=stream)
             srec.update(cache='miss', cache_reason=reason, job_name=spec.name, request=mask_secrets(req), status=d['ProcessingJobStatus'],
+                        **({'exit_message': d['ExitMessage']} if d.get('ExitMessage') else {}),
                         seconds=round(time.perf_counter() - t0, 3), started=d.get('ProcessingStartTime'), ended=d.get('ProcessingEndTime'),
                         outputs={k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in outs.items()},
                         **({'failure_reason': d['FailureReason']} if d.get('FailureReason') else {}))
             record['steps'].append(srec); save()
-            say(f"{i}/{n} {step}: {srec['status']} in {srec['seconds']:.1f}s (cache miss)")
+            say(f"{i}/{n} {step}: {srec['status']} in {srec['seconds']:.1f}s (cache miss)" + (f"; {srec['exit_message']}" if srec.get('exit_message') and srec['status'] == 'Completed' else ''))
             if srec['status'] != 'Completed':
                 record.update(status=srec['status'], failed_step=step); break
         if p.gate and step == p.gate.step:
