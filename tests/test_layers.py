@@ -14,7 +14,7 @@ LAYERS = [
     ['params', 'storage'],
     ['data'],
     ['features'],
-    ['train', 'evaluate', 'inference'],
+    ['train', 'evaluate', 'inference', 'monitor'],
     ['steps'],
     ['scripts'],
     ['runner'],
