@@ -277,7 +277,7 @@ def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, whic
         raise InputError(f"{mon.first_violation(res['violations'])} ({o['violations']} violation(s) in all, see {out/f'constraint_violations{sfx}.json'})")
     write_exit_message(o['message'])
     return {'outcome': o['outcome'], 'violations': o['violations'], 'by_kind': o['by_kind'], 'rows': summary['rows'], 'files': summary['files'],
-            'host': host, 'notes': res['notes'], 'drift': [{k: r[k] for k in ('feature', 'distance', 'threshold', 'drift')} for r in res['drift']],
+            'host': host, 'notes': res['notes'], 'drift': [{k: r[k] for k in ('feature', 'method', 'distance', 'threshold', 'drift')} for r in res['drift']],
             'constraint_violations': str(out/f'constraint_violations{sfx}.json'), 'statistics': str(out/f'statistics{sfx}.json')}
 
 # %% ../nbs/60_steps.ipynb #60-steps-033
