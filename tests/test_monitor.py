@@ -265,3 +265,27 @@ def test_monitor_job_defaults_the_model_to_the_newest_train_job(cli, opt_ml_trai
     assert sorted(p.name for p in (out_dir/'report').iterdir()) == ['monitor.html', 'monitor.ipynb']
     html = (out_dir/'report/monitor.html').read_text()
     assert 'baseline_drift_check' in html and 'image/png' in html
+
+
+def test_predictions_of_a_sharded_run_are_checked_on_the_merge(cli, opt_ml_trained, tmp_path):
+    from mlproj import monitor as mon
+    from mlproj.data import synthetic_penguins
+    from mlproj.train import load_baseline, load_model, model_schema
+    data = tmp_path/'data'; data.mkdir()
+    d = synthetic_penguins(900, seed=6)
+    for i in range(3): d.iloc[i * 300:(i + 1) * 300].to_csv(data/f'part-{i}.csv', index=False)
+    model = f"model={opt_ml_trained['model']}"
+    code, _, err = cli('job', 'run', 'batch_inference', '--engine', 'script', '--instance-count', 3, '--name', 'bi3', '--input', f'data={data}', '--input', model)
+    assert code == 0, err[-2000:]
+    preds = tmp_path/'outputs/bi3/predictions'
+    for n in (1, 3):
+        code, _, err = cli('job', 'run', 'monitor', '--engine', 'script', '--instance-count', n, '--name', f'mon-{n}', '--input', f'data={data}',
+                           '--input', model, '--input', f'predictions={preds}')
+        assert code == 0, err[-2000:]
+    parts = [json.loads((tmp_path/f'outputs/mon-3/monitoring/summary-algo-{h}.json').read_text()) for h in (1, 2, 3)]
+    merged = mon.merge_summaries(mon.merge_summaries(parts[0], parts[1]), parts[2])
+    res = mon.finish(merged, load_baseline(opt_ml_trained['model']), model_schema(load_model(opt_ml_trained['model'])[1]))
+    assert res['notes'] == [] and res['drift'][-1]['feature'] == 'predicted_species'       # the predictions are of the merged rows
+    one = json.loads((tmp_path/'outputs/mon-1/monitoring/statistics.json').read_text())
+    assert res['statistics'] == one and one['features'][-1]['name'] == 'predicted_species'
+    assert one['features'][-1]['string_statistics']['common']['num_present'] == 900
