@@ -11,7 +11,7 @@ from .contract import atomic_path, process_alive, process_started
 from .errors import SpecError
 from .params import check_params, did_you_mean
 from .storage import to_uri, digests
-from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, mermaid
+from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, step_outcome, mermaid
 from .jobs import step_job, render_request, write_code_bundle, mask_secrets, REPORT_CHANNEL
 from .local import run_local
 from .cache import package_digest, environment, source_checkout, key_material, step_key, explain_miss, step_records, reuse_outputs, StaleOutputs
@@ -260,6 +260,10 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
             say(f"{i}/{n} {step}: {srec['status']} in {srec['seconds']:.1f}s (cache miss)" + (f"; {srec['exit_message']}" if srec.get('exit_message') and srec['status'] == 'Completed' else ''))
             if srec['status'] != 'Completed':
                 record.update(status=srec['status'], failed_step=step); break
+        o = step_outcome(step, ins, outs)
+        if o is not None:
+            srec['outcome'] = record.setdefault('outcomes', {})[step] = o; save()
+            say(f"{step}: {o['outcome']}, {o['violations']} violation(s)" + (f" ({', '.join(f'{k} {v}' for k, v in o['by_kind'].items())})" if o['by_kind'] else ''))
         if p.gate and step == p.gate.step:
             try: record['gate'] = check_gate(p, outs, threshold)
             except SpecError as e: record['gate'] = {'step': step, 'metric': p.gate.metric, 'passed': False, 'message': str(e)}

@@ -14,7 +14,7 @@ LAYERS = [
     ['params', 'storage'],
     ['data'],
     ['features'],
-    ['train', 'evaluate', 'inference'],
+    ['train', 'evaluate', 'inference', 'monitor'],
     ['steps'],
     ['scripts'],
     ['runner'],
@@ -92,7 +92,7 @@ def imported_modules(argv: list[str]) -> set[str]:
     return {line.split('|')[-1].strip().split('.')[0] for line in r.stderr.splitlines() if line.startswith('import time:')}
 
 
-@pytest.mark.parametrize('step', ['preprocess', 'train', 'evaluate', 'batch_inference'])
+@pytest.mark.parametrize('step', ['preprocess', 'train', 'evaluate', 'batch_inference', 'monitor'])
 def test_script_help_imports_no_heavy_library(step):
     seen = imported_modules(['-m', f'mlproj.scripts.{step}', '--help'])
     assert 'mlproj' in seen and 'fastcore' in seen          # the measurement sees the package's own imports

@@ -57,21 +57,21 @@ def change_one_byte(path: Path, column='bill_length_mm'):
 
 def test_an_unchanged_rerun_reuses_every_step(project):
     r, rec = run(project)
-    assert rec['status'] == 'Completed' and rec['cache_hits'] == len(rec['steps']) == 4, cache_states(rec)
+    assert rec['status'] == 'Completed' and rec['cache_hits'] == len(rec['steps']) == 5, cache_states(rec)
     assert all(s['from_run'] == 'r1' for s in rec['steps'])
     for f in ['preprocess/train/train-algo-1.csv', 'train/model/model.tar.gz', 'evaluate/evaluation/evaluation.json',
               'batch_inference/predictions/predictions-algo-1.csv']:
         assert (project/'outputs/r2'/f).read_bytes() == (project/'outputs/r1'/f).read_bytes(), f
     hits = [l for l in r.stderr.splitlines() if 'cache hit: ' in l]
-    assert len(hits) == 4 and all(', from run r1' in l for l in hits), r.stderr
+    assert len(hits) == 5 and all(', from run r1' in l for l in hits), r.stderr
     assert 'quality gate: multiclass_classification_metrics.accuracy.value = ' in r.stderr and ': pass' in r.stderr
     assert not list((project/'outputs').glob('jobs/*')), 'a cache hit started a job'
 
 
-def test_one_byte_of_the_scored_rows_reruns_only_batch_inference(project):
+def test_one_byte_of_the_scored_rows_reruns_only_the_steps_reading_them(project):
     change_one_byte(project/'data.csv')
     r, rec = run(project)
-    assert cache_states(rec) == {'preprocess': 'hit', 'train': 'hit', 'evaluate': 'hit', 'batch_inference': 'miss'}
+    assert cache_states(rec) == {'preprocess': 'hit', 'train': 'hit', 'evaluate': 'hit', 'batch_inference': 'miss', 'monitor': 'miss'}
     assert rec['steps'][3]['cache_reason'].startswith('input data changed (data.csv)'), rec['steps'][3]['cache_reason']
 
 
@@ -90,7 +90,7 @@ def test_one_byte_of_the_raw_table_reruns_what_reads_changed_content(project):
 
 def test_one_parameter_reruns_its_step_and_everything_downstream(project):
     _, rec = run(project, '-p', 'train.seed=7')
-    assert cache_states(rec) == {'preprocess': 'hit', 'train': 'miss', 'evaluate': 'miss', 'batch_inference': 'miss'}
+    assert cache_states(rec) == {'preprocess': 'hit', 'train': 'miss', 'evaluate': 'miss', 'batch_inference': 'miss', 'monitor': 'miss'}
     assert rec['steps'][1]['cache_reason'] == 'parameter seed: 42 -> 7'
     assert rec['steps'][2]['cache_reason'].startswith('input model changed')
 
@@ -104,7 +104,7 @@ def test_no_cache_runs_every_step(project):
 def test_an_earlier_output_changed_on_disk_is_not_reused(project):
     (project/'outputs/r1/train/model/model.tar.gz').write_bytes(b'not the model that was recorded')
     _, rec = run(project)
-    assert cache_states(rec) == {'preprocess': 'hit', 'train': 'miss', 'evaluate': 'hit', 'batch_inference': 'hit'}
+    assert cache_states(rec) == {'preprocess': 'hit', 'train': 'miss', 'evaluate': 'hit', 'batch_inference': 'hit', 'monitor': 'hit'}
     assert 'changed since it was recorded' in rec['steps'][1]['cache_reason']
     assert (project/'outputs/r2/train/model/model.tar.gz').read_bytes()[:2] == b'\x1f\x8b'   # retrained: a real archive again
 
@@ -123,7 +123,7 @@ def test_a_failed_step_is_never_reused(project):
 def test_the_gate_stops_the_pipeline_before_batch_inference(project):
     r, rec = run(project, '-p', 'gate.threshold=1.01', check=False)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert rec['status'] == 'Failed' and rec['failed_step'] == 'gate' and rec['skipped'] == ['batch_inference']
+    assert rec['status'] == 'Failed' and rec['failed_step'] == 'gate' and rec['skipped'] == ['batch_inference', 'monitor']
     assert [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate']
     msg = rec['failure_reason']
     assert msg.startswith('quality gate failed: multiclass_classification_metrics.accuracy.value is 0.9') and 'required at least 1.01' in msg, msg
@@ -174,3 +174,19 @@ def test_an_edited_function_anywhere_in_the_package_reruns_every_step(project, t
     assert set(cache_states(rec).values()) == {'miss'}, cache_states(rec)
     assert all(s['cache_reason'] == 'code changed (mlproj package)' for s in rec['steps']), [s['cache_reason'] for s in rec['steps']]
     assert rec['source'] is None or rec['source']['commit']           # imported from the copy: not a checkout
+
+
+def test_the_monitor_outcome_is_in_the_run_record(project):
+    "Drift that batch inference accepts (every value plausible) is what the monitor is there to see; sharded over 3 instances, merged."
+    from mlproj.data import synthetic_penguins
+    shards = project/'drifted'; shards.mkdir()
+    d = synthetic_penguins(900, seed=11).assign(bill_length_mm=lambda d: d.bill_length_mm + 6)
+    for i in range(3): d.iloc[i::3].to_csv(shards/f'part-{i}.csv', index=False)
+    (project/'data.csv').unlink(); shutil.copytree(shards, project/'data.csv')       # --data is now a folder of 3 shards
+    r, rec = run(project, '-p', 'batch_inference.instance_count=3', '-p', 'monitor.instance_count=3')
+    assert rec['status'] == 'Completed' and cache_states(rec)['monitor'] == 'miss'
+    o = rec['outcomes']['monitor']
+    assert o['outcome'] == 'CompletedWithViolations' and o['by_kind'].get('baseline_drift_check', 0) >= 1, o
+    assert rec['steps'][4]['outcome'] == o and rec['steps'][4]['request']['ProcessingResources']['ClusterConfig']['InstanceCount'] == 3
+    assert 'monitor: CompletedWithViolations, ' in r.stderr
+    assert json.loads((project/'outputs/r1/run.json').read_text())['outcomes']['monitor'] == {'outcome': 'Completed', 'violations': 0, 'by_kind': {}}
