@@ -205,6 +205,8 @@ def main(port:int=8888, # port on 127.0.0.1 (0: any free port)
     signal.signal(signal.SIGTERM, _stop)
     server, code = None, 0
     try:
+        here = lambda p: p and (p if '://' in p else str(Path(p).resolve()))     # paths given relative to where the command ran
+        raw, data, sandbox = here(raw), here(data), here(sandbox)
         root = project_root(); os.chdir(root)
         outputs = outputs_root().resolve()
         rec = lab_record(outputs, run_id=run, raw=raw, data=data)

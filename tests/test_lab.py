@@ -69,11 +69,37 @@ def lab(tmp_path_factory, opt_ml_build_once):
         assert url, f'python -m mlproj.lab printed no URL; stdout: {said}\nlog: {(base/"lab.log").read_text()[-3000:]}'
         yield Lab(proc, url, base/'opt_ml', jdirs['runtime'], runs)
     finally:
+        server = [int(m.group(1)) for f in jdirs['runtime'].glob('jpserver-*.json') if (m := re.fullmatch(r'jpserver-(\d+)\.json', f.name))]
+        started = server + [k for pid in server for k in _children(pid)]          # the server and its kernels
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)              # the lab stops its server, which shuts its kernels down
             try: proc.wait(60)
             except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
         log.close()
+        left = [pid for pid in started if _wait_gone(pid)]
+        for pid in left: os.kill(pid, signal.SIGKILL)
+        assert not left, f'processes left running after the lab was stopped: {left}'
+
+
+def _children(pid: int) -> list[int]:
+    "Pids of the live children of `pid` (from /proc)."
+    out = []
+    for st in Path('/proc').glob('[0-9]*/stat'):
+        try: fields = st.read_text().rsplit(')', 1)[1].split()
+        except OSError: continue
+        if int(fields[1]) == pid: out.append(int(st.parent.name))
+    return out
+
+
+def _wait_gone(pid: int, timeout: float = 20) -> bool:
+    "True if process `pid` still runs (not a zombie) after `timeout` seconds."
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try: state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+        except OSError: return False
+        if state == 'Z': return False
+        time.sleep(0.2)
+    return True
 
 
 def test_lab_prints_a_loopback_url_with_a_token_and_fills_the_sandbox(lab):
