@@ -14,8 +14,8 @@ from .steps import STEPS, step_order
 from .jobs import outputs_root
 
 # %% auto #0
-__all__ = ['project_root', 'lab_channels', 'completed_runs', 'run_sources', 'build_sandbox', 'lab_record', 'lab_env', 'lab_argv',
-           'LabServer', 'wait_for_server', 'check_kernel', 'start_lab', 'main']
+__all__ = ['SANDBOX_MARK', 'project_root', 'lab_channels', 'completed_runs', 'run_sources', 'build_sandbox', 'lab_record',
+           'lab_env', 'lab_argv', 'LabServer', 'wait_for_server', 'check_kernel', 'start_lab', 'main']
 
 # %% ../nbs/93_lab.ipynb #93-lab-005
 def project_root(start=None, # where to start looking (default: the current folder)
@@ -57,30 +57,37 @@ def run_sources(record:dict, # a run record (`run.json`)
     return out
 
 # %% ../nbs/93_lab.ipynb #93-lab-017
+SANDBOX_MARK = '.mlproj-lab.json'    # in a sandbox's root: the run that filled it
+
+# %% ../nbs/93_lab.ipynb #93-lab-018
 def build_sandbox(sandbox, # the folder that plays `/opt/ml` (replaced)
                   record:dict, # the run record whose inputs fill it
                  )->Path:
     "Fill `sandbox` like `/opt/ml`: `processing/input/<ch>` from the run's inputs (sha256 checked), `processing/output/<ch>` empty."
     sandbox = Path(sandbox).resolve()
+    if sandbox.exists() and any(sandbox.iterdir()) and not (sandbox/SANDBOX_MARK).is_file():
+        raise SpecError(f'refusing to replace {sandbox}: not empty and not a lab sandbox (no {SANDBOX_MARK})')
     ins, outs = lab_channels()
+    sources = run_sources(record)
     sandbox.parent.mkdir(parents=True, exist_ok=True)
     tmp = sandbox.with_name(f'.{sandbox.name}.building-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
     rel = lambda p: tmp/Path(p).relative_to('/opt/ml')
     try:
-        for ch, src in run_sources(record).items():
+        for ch, src in sources.items():
             dest = rel(f'{PROCESSING_INPUT}/{ch}')
             try: download(src['uri'], dest)
             except (OSError, StorageError) as e: raise StorageError(f"run {record.get('run_id')}: input {ch!r} from {src['uri']}: {e}") from None
             if src.get('sha256') and digests(to_uri(dest)) != src['sha256']:
                 raise StorageError(f"run {record.get('run_id')}: input {ch!r} at {src['uri']} has changed since the run (sha256 differs)")
         for ch in outs: rel(f'{PROCESSING_OUTPUT}/{ch}').mkdir(parents=True, exist_ok=True)
+        (tmp/SANDBOX_MARK).write_text(json.dumps({'run_id': record.get('run_id'), 'inputs': {ch: src['uri'] for ch, src in sources.items()}}, indent=2))
         shutil.rmtree(sandbox, ignore_errors=True)
         tmp.rename(sandbox)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return sandbox
 
-# %% ../nbs/93_lab.ipynb #93-lab-020
+# %% ../nbs/93_lab.ipynb #93-lab-021
 def lab_record(outputs_dir, # where runs are
                run_id:str|None=None, # this run's inputs (else the newest completed run)
                raw=None, # a fresh run on this training table
@@ -102,7 +109,7 @@ def lab_record(outputs_dir, # where runs are
     if rec['status'] != 'Completed': raise MlprojError(f"run {rec['run_id']} {rec['status']} at step {rec.get('failed_step')}: {outputs_dir}/{rec['run_id']}/run.json")
     return rec
 
-# %% ../nbs/93_lab.ipynb #93-lab-023
+# %% ../nbs/93_lab.ipynb #93-lab-024
 def lab_env(sandbox, # the sandbox `/opt/ml`
             token:str, # the server's token
             outputs_dir, # where runs and jobs go
@@ -114,7 +121,7 @@ def lab_env(sandbox, # the sandbox `/opt/ml`
                 'JUPYTER_PREFER_ENV_PATH': '1', 'JUPYTER_TOKEN': token})
     return env
 
-# %% ../nbs/93_lab.ipynb #93-lab-027
+# %% ../nbs/93_lab.ipynb #93-lab-028
 def lab_argv(root, # the project folder the server shows
              port:int=8888, # 0: any free port
              python:str=sys.executable, # the Python that runs the server (its kernel spec is the project's)
@@ -129,7 +136,7 @@ def lab_argv(root, # the project folder the server shows
     except ImportError: print('lab: nbdev is not installed: notebooks are saved without cleaning (make install-dev)', file=sys.stderr)
     return argv
 
-# %% ../nbs/93_lab.ipynb #93-lab-030
+# %% ../nbs/93_lab.ipynb #93-lab-031
 class LabServer:
     "A running JupyterLab server: its process (own process group), URL, token and runtime info."
     def __init__(self, proc, info:dict, token:str): self.proc, self.info, self.token = proc, info, token
@@ -147,7 +154,7 @@ class LabServer:
         "Stop the server (it shuts its kernels down on SIGTERM), SIGKILL its process group after `grace` seconds."
         stop_process_group(self.proc, grace)
 
-# %% ../nbs/93_lab.ipynb #93-lab-031
+# %% ../nbs/93_lab.ipynb #93-lab-032
 def wait_for_server(proc, # the server's process
                     runtime_dir, # Jupyter's runtime folder of the server
                     timeout:float=180, # seconds
@@ -162,7 +169,7 @@ def wait_for_server(proc, # the server's process
         time.sleep(0.2)
     raise MlprojError(f'JupyterLab did not listen within {timeout:.0f}s (no {f})')
 
-# %% ../nbs/93_lab.ipynb #93-lab-033
+# %% ../nbs/93_lab.ipynb #93-lab-034
 def check_kernel(server:LabServer, python:str=sys.executable)->str:
     "The Python of the server's `python3` kernel spec; refused unless it is `python` (the project's environment)."
     spec = server.api('api/kernelspecs')['kernelspecs'].get('python3')
@@ -171,7 +178,7 @@ def check_kernel(server:LabServer, python:str=sys.executable)->str:
         raise SpecError(f"JupyterLab's python3 kernel runs {exe or 'nothing'}, not the project's {python}: run `make install-dev`")
     return exe
 
-# %% ../nbs/93_lab.ipynb #93-lab-034
+# %% ../nbs/93_lab.ipynb #93-lab-035
 def start_lab(root, # the project folder
               sandbox, # the sandbox `/opt/ml`, already built
               port:int=8888, # 0: any free port
@@ -192,7 +199,7 @@ def start_lab(root, # the project folder
     except BaseException: server.stop(); raise
     return server
 
-# %% ../nbs/93_lab.ipynb #93-lab-036
+# %% ../nbs/93_lab.ipynb #93-lab-037
 @call_parse
 def main(port:int=8888, # port on 127.0.0.1 (0: any free port)
          sandbox:str=None, # the folder that plays /opt/ml (default: <outputs>/lab/opt_ml)

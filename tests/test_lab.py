@@ -288,15 +288,12 @@ def test_browser_save_of_an_opened_notebook_leaves_git_clean(lab, browser):
     rel = 'nbs/jobs/preprocess.ipynb'; path = REPO/rel
     raw, status = path.read_bytes(), _git_status(path.parent)
     before = _digest(path)
-    saved = lab.api(f'api/contents/{rel}?content=0')['last_modified']
     page = open_notebook(browser, lab, rel)
     try:
         page.locator('.jp-NotebookPanel .jp-Notebook').first.click()
-        page.keyboard.press('Control+s')
-        for _ in range(600):                                          # the save reaches the server
-            if lab.api(f'api/contents/{rel}?content=0')['last_modified'] != saved: break
-            time.sleep(0.1)
-        else: pytest.fail(f'Ctrl+S did not save {rel}')
+        with page.expect_response(lambda r: r.request.method == 'PUT' and f'api/contents/{rel}' in r.url) as saved:
+            page.keyboard.press('Control+s')
+        assert saved.value.ok, saved.value.status                    # the server has written the file when it answers
         assert _digest(path) == before, 'the save changed the notebook:\n' + subprocess.run(['git', 'diff', '--', rel], cwd=REPO, capture_output=True, text=True).stdout[:3000]
         assert _git_status(path.parent) == status
         cells = nbformat.read(path, as_version=4).cells
