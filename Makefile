@@ -1,10 +1,10 @@
-# Two commands on a fresh machine: `make run` and `make test`. Both create .venv themselves.
+# Three commands on a fresh machine: `make run`, `make test` and `make lab`. Each creates .venv itself.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 export MPLBACKEND := Agg
 
-.PHONY: run test sync-check nbdev-test pytest install install-dev export clean bench
+.PHONY: run test lab sync-check nbdev-test pytest install install-dev export clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ nbdev-test: $(VENV)/.installed-dev
 
 pytest: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -n 2 tests
+
+## make lab: JupyterLab on 127.0.0.1 over the project, a sandbox /opt/ml filled from the newest run (LAB_ARGS='--port 0 --run <id> --raw <table>')
+lab: $(VENV)/.installed-dev
+	$(BIN)/python -m mlproj.lab $(LAB_ARGS)
 
 ## make export: regenerate mlproj/ from the notebooks and clean them
 export: $(VENV)/.installed-dev

@@ -22,6 +22,7 @@ LAYERS = [
     ['local', 'sagemaker_backend'],
     ['cache'],
     ['pipeline'],
+    ['lab'],
     ['cli'],
 ]
 LAYER = {m: i for i, ms in enumerate(LAYERS) for m in ms}
