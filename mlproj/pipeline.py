@@ -8,9 +8,9 @@ import datetime as dt, json, os, secrets, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 from .contract import atomic_path, process_alive, process_started
-from .errors import SpecError
+from .errors import InputError, SpecError
 from .params import check_params, did_you_mean
-from .storage import to_uri, digests
+from .storage import to_uri, uri_path, digests
 from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, step_outcome, mermaid
 from .jobs import step_job, render_request, write_code_bundle, mask_secrets, REPORT_CHANNEL
 from .local import run_local
@@ -206,6 +206,9 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
     if run_dir.exists(): raise SpecError(f'run folder already exists: {run_dir}')
     given = {'raw': raw, 'data': data}
     external = {ch: str(given.get(ch) or bundled_path()) for ch in p.inputs}
+    for ch, src in external.items():                     # a missing local input is refused before a run folder exists
+        path = uri_path(to_uri(src))
+        if path is not None and not path.exists(): raise InputError(f'{ch} input not found: {path}')
     bundles = {step: write_code_bundle(step, engine, outputs_dir/'code') for step in p.steps}   # also checks the job notebooks
     run_dir.mkdir(parents=True)
     reconcile_runs(outputs_dir)
