@@ -1,7 +1,7 @@
 """Batch inference: the step's throughput, cores and peak memory, each beside its reference measured in the same run.
 Prints figures; asserts nothing.
 
-    .venv/bin/python bench/bench_inference.py [--rows 1000000] [--shards 4] [--chunksize 50000] [--n-estimators 200] [--repeat 1]
+    .venv/bin/python bench/bench_inference.py [--rows 1000000] [--shards 4] [--chunksize 50000] [--n-estimators 200] [--repeat 1] [--memory-only]
 
 Every figure comes from a fresh child process (so its peak RSS is its own): the model is loaded, then only the work is
 timed. "The step" is `predict_files` (read shards -> validate -> predict -> write predictions CSV), the function the
@@ -88,6 +88,7 @@ def main():
     ap.add_argument('--n-estimators', type=int, default=200)
     ap.add_argument('--train-rows', type=int, default=50_000, help='rows of the training-scaling figure (0: skip it)')
     ap.add_argument('--repeat', type=int, default=1, help='runs of each figure, the fastest kept (on a busy machine)')
+    ap.add_argument('--memory-only', action='store_true', help="only goal 3: the step's peak memory at --rows and at 1M rows")
     a = ap.parse_args()
     global REPEAT; REPEAT = max(1, a.repeat)
     from mlproj.contract import usable_cpus
@@ -104,6 +105,14 @@ def main():
         print(f'input: {a.rows:,} rows in {a.shards} CSV shards ({size:,.0f} MB); model: extra trees x{a.n_estimators}; '
               f'cores this process may use: {cpus} (os.cpu_count() says {os.cpu_count()}); chunksize {a.chunksize:,}')
         limit = min(a.rows, 1_000_000)
+        if a.memory_only:
+            big = run('step', m, d/'csv', d/'pn.csv', a.chunksize, cpus)
+            make_shards(d/'csv1m', 1_000_000, a.shards, 'csv')
+            one = run('step', m, d/'csv1m', d/'p1m.csv', a.chunksize, cpus)
+            print(f'Goal 3: peak RSS of the step, CSV in, {cpus} cores (target <= 1,500 MB at 10M rows, within 20% of the 1M-row figure)')
+            line(f'the step, {a.rows:,} rows', big); line('the step, 1,000,000 rows', one)
+            print(f"  {a.rows:,} rows: {big['peak_rss_mb'] / one['peak_rss_mb']:.2f}x the 1M-row peak")
+            return
         ref1 = run('reference', m, d/'csv', cpus=1, limit=limit)
         refn = run('reference', m, d/'csv', cpus=cpus, limit=limit)
         step1 = run('step', m, d/'csv', d/'p1.csv', a.chunksize, 1)

@@ -290,7 +290,9 @@ def _typed_column(c:Column, s:pd.Series, required:bool)->pd.Series|None:
     import pyarrow as pa, pyarrow.compute as pc
     if not (isinstance(s.dtype, pd.StringDtype) and s.dtype.storage == 'pyarrow'): return None
     a = pa.chunked_array(pa.array(s.array)) if len(s) else pa.chunked_array([], pa.string())
-    if a.null_count or pc.any(pc.match_substring_regex(a, _EDGE_SPACE)).as_py(): return None
+    if a.null_count: return None
+    padded_ok = c.kind == 'number' or (c.kind == 'category' and all(str(v) == str(v).strip() for v in c.categories))
+    if not padded_ok and pc.any(pc.match_substring_regex(a, _EDGE_SPACE)).as_py(): return None   # numbers and categories refuse padding anyway
     isna = pc.is_in(a, value_set=pa.array(sorted(_NA)))
     if required and pc.any(isna).as_py(): return None
     if c.kind == 'number':

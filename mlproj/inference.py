@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_inference.ipynb #50-inference-002
 from __future__ import annotations
-import queue, threading
+import functools, queue, threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -34,8 +34,12 @@ def predict_proba_rows(model, # fitted pipeline (or any model with `predict_prob
     k = max(1, min(int(cpus), len(X) // max(1, min_rows)))
     if k == 1: return model.predict_proba(X)
     cut = np.linspace(0, len(X), k + 1).astype(int)
-    with ThreadPoolExecutor(k) as ex:
-        return np.concatenate(list(ex.map(lambda i: model.predict_proba(X.iloc[cut[i]:cut[i + 1]]), range(k))))
+    return np.concatenate(list(_pool(k).map(lambda i: model.predict_proba(X.iloc[cut[i]:cut[i + 1]]), range(k))))
+
+@functools.lru_cache(maxsize=None)
+def _pool(k:int)->ThreadPoolExecutor:
+    "`k` worker threads kept for the process's life: a chunk does not pay for starting threads."
+    return ThreadPoolExecutor(k, thread_name_prefix='predict')
 
 # %% ../nbs/50_inference.ipynb #50-inference-009
 def predict_frame(model, df:pd.DataFrame, schema:Schema=SCHEMA, lead:pd.DataFrame|None=None,
