@@ -242,6 +242,7 @@ def run_notebook(notebook, # the job notebook
                 time.sleep(attempt)
         except KeyboardInterrupt as e:            # Ctrl-C, or SIGTERM (a stopped job): papermill's group is gone; keep the report
             stopped, rc, timed_out, log = (e.args[0] if e.args else 'interrupted'), None, False, ""
+        except BaseException: renderer.close(); raise
         seconds = time.monotonic() - t0
         try:
             nb = nbformat.read(work_nb, as_version=4) if work_nb.exists() else nbformat.read(nb_path, as_version=4)
