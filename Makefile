@@ -52,8 +52,11 @@ lab: $(VENV)/.installed-dev
 export: $(VENV)/.installed-dev
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
 
+## make bench: every benchmark, each figure beside its reference from the same run (a few minutes; 10M rows: see README)
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench_inference.py
+	$(BIN)/python bench/bench_notebook.py
+	$(BIN)/python bench/bench_small_files.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,10 +11,10 @@ from .errors import MlprojError, OutputLocationError
 
 # %% auto #0
 __all__ = ['OPT_ML', 'ROOT_ENV', 'PROCESSING_INPUT', 'PROCESSING_OUTPUT', 'PROCESSING_PREFIX', 'MESSAGE_FILE', 'JOB_CONFIG_FILE',
-           'RESOURCE_CONFIG_FILE', 'MAX_MESSAGE_BYTES', 'input_dir', 'output_dir', 'opt_ml_root', 'container_path',
-           'read_json_config', 'resource_config', 'current_host', 'host_rank', 'clip_utf8', 'write_exit_message',
-           'atomic_path', 'OutputSet', 'describe_error', 'run_step', 'stop_process_group', 'die_with_parent',
-           'process_started', 'process_alive']
+           'RESOURCE_CONFIG_FILE', 'MAX_MESSAGE_BYTES', 'CPUS_ENV', 'input_dir', 'output_dir', 'opt_ml_root',
+           'container_path', 'read_json_config', 'resource_config', 'current_host', 'host_rank', 'usable_cpus',
+           'clip_utf8', 'write_exit_message', 'atomic_path', 'OutputSet', 'describe_error', 'run_step',
+           'stop_process_group', 'die_with_parent', 'process_started', 'process_alive']
 
 # %% ../nbs/01_contract.ipynb #01-contract-005
 OPT_ML = '/opt/ml'                       # the container's root, as SageMaker mounts it
@@ -68,6 +68,44 @@ def host_rank()->tuple[int,int]:
     return rc['hosts'].index(rc['current_host']), len(rc['hosts'])
 
 # %% ../nbs/01_contract.ipynb #01-contract-014
+CPUS_ENV = 'MLPROJ_CPUS'                 # caps the cores a step uses (unset or 0: every core the container may use)
+
+def _cgroup_quota(root:Path, rel:str)->float|None:
+    "Smallest CPU quota (in cores) set on cgroup `rel` or its parents under the mount `root` (v2 `cpu.max`, v1 cfs files); None if none."
+    quotas, parts = [], [p for p in rel.strip('/').split('/') if p]
+    for k in range(len(parts), -1, -1):
+        d = root.joinpath(*parts[:k])
+        try:
+            if (d/'cpu.max').exists(): q, per = ((d/'cpu.max').read_text().split() + ['100000'])[:2]
+            elif (d/'cpu.cfs_quota_us').exists(): q, per = (d/'cpu.cfs_quota_us').read_text().strip(), (d/'cpu.cfs_period_us').read_text().strip()
+            else: continue
+            if q not in ('max', '-1') and float(per) > 0: quotas.append(float(q) / float(per))
+        except (OSError, ValueError): continue
+    return min(quotas) if quotas else None
+
+def usable_cpus(cgroup_root='/sys/fs/cgroup', # where the cgroup hierarchy is mounted
+                proc_cgroup='/proc/self/cgroup', # this process's cgroup membership
+               )->int:
+    "Cores this process may use, as its container sees them: CPU affinity, cgroup CPU quota (rounded up), then `$MLPROJ_CPUS`."
+    import math
+    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    root, rels = Path(cgroup_root), {}
+    try:
+        for line in Path(proc_cgroup).read_text().splitlines():     # "0::/path" (v2) or "4:cpu,cpuacct:/path" (v1)
+            _, ctrl, rel = line.split(':', 2)
+            if ctrl == '': rels[root] = rel
+            elif 'cpu' in ctrl.split(','): rels.update({root/ctrl: rel, root/'cpu': rel, root/'cpu,cpuacct': rel})
+    except (OSError, ValueError): pass
+    for base, rel in rels.items():        # the cgroup and its parents up to the mount's root (in a container, often its own cgroup)
+        q = _cgroup_quota(base, rel) if base.is_dir() else None
+        if q is not None: n = min(n, max(1, math.ceil(q)))
+    cap = os.environ.get(CPUS_ENV, '').strip()
+    if cap:
+        if not cap.isdigit(): raise MlprojError(f'{CPUS_ENV}={cap!r}: expected a whole number of cores (0: all)')
+        if int(cap) > 0: n = min(n, int(cap))
+    return n
+
+# %% ../nbs/01_contract.ipynb #01-contract-019
 def clip_utf8(text:str, limit:int=MAX_MESSAGE_BYTES)->str:
     "`text` cut to at most `limit` UTF-8 bytes, never inside a character."
     return text.encode('utf-8')[:limit].decode('utf-8', errors='ignore')
@@ -79,7 +117,7 @@ def write_exit_message(text:str)->Path:
     p.write_text(clip_utf8(' '.join(str(text).split())), encoding='utf-8')
     return p
 
-# %% ../nbs/01_contract.ipynb #01-contract-017
+# %% ../nbs/01_contract.ipynb #01-contract-022
 def _temp_beside(dest:Path)->Path:
     "A new empty hidden file beside `dest` (creating its folder), or a clear error naming the location."
     try:
@@ -115,7 +153,7 @@ def atomic_path(dest):
         if full: raise full from None
         raise
 
-# %% ../nbs/01_contract.ipynb #01-contract-020
+# %% ../nbs/01_contract.ipynb #01-contract-025
 class OutputSet:
     "Stage several outputs under temporary names; rename all of them on `commit`, remove all on `discard`."
     def __init__(self): self.staged = []
@@ -140,7 +178,7 @@ class OutputSet:
         full = _full_device(e, dests)
         if full: raise full from None
 
-# %% ../nbs/01_contract.ipynb #01-contract-023
+# %% ../nbs/01_contract.ipynb #01-contract-028
 def describe_error(e:BaseException)->str:
     "One line for `e`: mlproj's own errors speak for themselves, others carry their type."
     msg = ' '.join(str(e).split()) or type(e).__name__
@@ -170,7 +208,7 @@ def run_step(step:str, fn, **kwargs):
     print(json.dumps({'step': step, 'status': 'ok', 'summary': result}, default=str), flush=True)
     return result
 
-# %% ../nbs/01_contract.ipynb #01-contract-026
+# %% ../nbs/01_contract.ipynb #01-contract-031
 def stop_process_group(proc, # a `subprocess.Popen` started with `start_new_session=True`
                        grace:float=5, # seconds between SIGTERM and SIGKILL
                       ):
@@ -182,7 +220,7 @@ def stop_process_group(proc, # a `subprocess.Popen` started with `start_new_sess
         try: proc.wait(wait); return
         except subprocess.TimeoutExpired: pass
 
-# %% ../nbs/01_contract.ipynb #01-contract-030
+# %% ../nbs/01_contract.ipynb #01-contract-035
 def die_with_parent():
     "Use as `preexec_fn`: on Linux, the child gets SIGKILL when the process that started it exits (elsewhere: nothing)."
     if not sys.platform.startswith('linux'): return

@@ -182,9 +182,8 @@ def csv_header(path:Path)->list:
     with open(path, newline='', encoding='utf-8-sig', errors='replace') as f: first = f.readline()
     return next(csv.reader([first]), [])
 
-def read_csv_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
-    "Read a CSV as text columns (validation converts them), whole or in chunks of `chunksize` rows."
-    check_header(csv_header(path), path)
+def _read_csv_text(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
+    "Read a CSV with pandas as text columns, whole or in chunks of `chunksize` rows; every way it fails is a one-line `InputError`."
     try:
         it = pd.read_csv(path, dtype=str, keep_default_na=False, encoding='utf-8', chunksize=chunksize or 2**62)
         for chunk in it: yield chunk
@@ -194,6 +193,35 @@ def read_csv_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
         _check_utf8(path); raise
     except pd.errors.ParserError as e:
         raise InputError(f'{path}: not a readable CSV ({" ".join(str(e).split())})') from None
+
+def _read_csv_arrow(path:Path, names:list, chunksize:int|None=None)->Iterator[pd.DataFrame]:
+    "Read a CSV with Arrow's reader as text columns, in batches of at most `chunksize` rows; raises `pyarrow.ArrowInvalid` on anything odd."
+    import pyarrow as pa, pyarrow.csv as pcsv
+    with open(path, 'rb') as f: head = f.read(1 << 16)
+    per_row = max(8, len(head) / max(1, head.count(b'\n')))               # bytes per line, to size Arrow's blocks near `chunksize` rows
+    block = int(min(64 << 20, max(1 << 20, per_row * (chunksize or 2**62))))
+    reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=block),
+                           parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                           convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                               strings_can_be_null=False, quoted_strings_can_be_null=False))
+    if reader.schema.names != names: raise pa.ArrowInvalid('header read differently')
+    for batch in reader:
+        for i in range(0, batch.num_rows, chunksize or max(1, batch.num_rows)): yield batch.slice(i, chunksize).to_pandas()
+
+def read_csv_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
+    "Read a CSV as text columns (validation converts them), whole or in chunks of `chunksize` rows."
+    import pyarrow as pa
+    names = check_header(csv_header(path), path)
+    done = 0
+    if names and all(names) and path.stat().st_size > 0:            # Arrow first: about 10x faster than pandas on text
+        try:
+            for chunk in _read_csv_arrow(path, names, chunksize):
+                done += len(chunk); yield chunk
+            return
+        except (pa.lib.ArrowException, OSError, UnicodeDecodeError): pass           # pandas says precisely what is wrong, from where Arrow stopped
+    for chunk in _read_csv_text(path, chunksize):
+        if len(chunk) <= done: done -= len(chunk); continue
+        yield chunk.iloc[done:]; done = 0
 
 def read_parquet_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
     "Read a Parquet file, whole or in record batches of `chunksize` rows."
@@ -254,6 +282,32 @@ def _locator(parts:list):
         return f'{src} row {first + int(i) - int(starts[k])}' + (f", column '{col}'" if col else '')
     return where
 
+_SPACE = ''.join(ch for ch in map(chr, range(0x3001)) if ch.isspace())     # what str.strip() strips
+_EDGE_SPACE = f'^[{_SPACE}]|[{_SPACE}]$'
+
+def _typed_column(c:Column, s:pd.Series, required:bool)->pd.Series|None:
+    "Column `c` of Arrow-backed text `s` in canonical form, checked with Arrow's kernels; None when any value needs the precise path."
+    import pyarrow as pa, pyarrow.compute as pc
+    if not (isinstance(s.dtype, pd.StringDtype) and s.dtype.storage == 'pyarrow'): return None
+    a = pa.chunked_array(pa.array(s.array)) if len(s) else pa.chunked_array([], pa.string())
+    if a.null_count: return None
+    padded_ok = c.kind == 'number' or (c.kind == 'category' and all(str(v) == str(v).strip() for v in c.categories))
+    if not padded_ok and pc.any(pc.match_substring_regex(a, _EDGE_SPACE)).as_py(): return None   # numbers and categories refuse padding anyway
+    isna = pc.is_in(a, value_set=pa.array(sorted(_NA)))
+    if required and pc.any(isna).as_py(): return None
+    if c.kind == 'number':
+        try: num = pc.cast(pc.if_else(isna, pa.scalar(None, pa.string()), a), pa.float64())
+        except pa.lib.ArrowException: return None
+        if pc.any(pc.is_nan(num)).as_py(): return None                          # 'NAN', '-nan': not numbers to the precise path
+        lo, hi = (-np.inf if c.lo is None else c.lo), (np.inf if c.hi is None else c.hi)
+        if pc.any(pc.or_(pc.less(num, lo), pc.greater(num, hi))).as_py(): return None
+        return pd.Series(num.to_numpy(zero_copy_only=False).astype('float64'), index=s.index)
+    text = a.to_numpy(zero_copy_only=False)
+    if c.kind == 'category':
+        if not pc.all(pc.or_(isna, pc.is_in(a, value_set=pa.array(list(c.categories), pa.string())))).as_py(): return None
+        text = text.copy(); text[isna.to_numpy(zero_copy_only=False)] = np.nan
+    return pd.Series(text, index=s.index, dtype=object)
+
 def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of several files, see `parts`)
              source:str='<data>', # file name used in messages
              require_target:bool=True, # must the target be present and filled (training, evaluation)?
@@ -272,6 +326,8 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
     for c in schema.columns:
         if c.name not in raw.columns: continue
         s = raw[c.name]
+        fast = _typed_column(c, s, not c.nullable and (c.name != schema.target or require_target))
+        if fast is not None: out[c.name] = fast; continue                 # every value plain: no per-value Python work
         if c.kind == 'number' and pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
             num = s.astype('float64'); isna = num.isna(); text = num.astype(str)      # typed input (Parquet)
         else:
@@ -296,7 +352,7 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
             out[c.name] = text.astype(object)
     return pd.DataFrame(out, index=raw.index)
 
-# %% ../nbs/10_data.ipynb #10-data-024
+# %% ../nbs/10_data.ipynb #10-data-026
 @dataclass
 class Chunk:
     "Validated rows, the raw rows they came from, and where: `parts` [(file, first row number, rows)] in order."
@@ -339,7 +395,7 @@ def load_table(path, require_target:bool=True, notes:list|None=None, schema:Sche
     parts = [c.df for c in iter_tables(path, None, require_target, notes, schema)]
     return pd.concat(parts, ignore_index=True)
 
-# %% ../nbs/10_data.ipynb #10-data-027
+# %% ../nbs/10_data.ipynb #10-data-029
 def split_table(df:pd.DataFrame, test_size:float=0.2, seed:int=42)->tuple[pd.DataFrame, pd.DataFrame]:
     "Stratified (train, test) split of `df`; rows keep their order within each part."
     if not 0 < test_size < 1: raise InputError(f'test_size must be between 0 and 1, got {test_size}')

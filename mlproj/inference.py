@@ -4,6 +4,8 @@
 
 # %% ../nbs/50_inference.ipynb #50-inference-002
 from __future__ import annotations
+import functools, queue, threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -11,7 +13,8 @@ from .data import SCHEMA, Schema, iter_tables
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['PROBA_DECIMALS', 'SOURCE_FILE', 'SOURCE_ROW', 'prediction_column', 'predict_frame', 'resolve_keep', 'predict_files']
+__all__ = ['PROBA_DECIMALS', 'SOURCE_FILE', 'SOURCE_ROW', 'prediction_column', 'predict_proba_rows', 'predict_frame',
+           'resolve_keep', 'predict_files']
 
 # %% ../nbs/50_inference.ipynb #50-inference-005
 PROBA_DECIMALS = 6   # probabilities are written rounded: enough to rank, and stable text
@@ -21,17 +24,36 @@ def prediction_column(schema:Schema)->str:
     "Name of the predicted-class column: `predicted_<target>`."
     return f'predicted_{schema.target}'
 
-# %% ../nbs/50_inference.ipynb #50-inference-007
-def predict_frame(model, df:pd.DataFrame, schema:Schema=SCHEMA, lead:pd.DataFrame|None=None)->pd.DataFrame:
+# %% ../nbs/50_inference.ipynb #50-inference-008
+def predict_proba_rows(model, # fitted pipeline (or any model with `predict_proba`)
+                       X:pd.DataFrame, # the rows to predict
+                       cpus:int=1, # worker threads; rows are split into this many consecutive blocks
+                       min_rows:int=1000, # a block holds at least this many rows (below that a thread costs more than it saves)
+                      )->np.ndarray:
+    "`model.predict_proba(X)` with `X`'s rows split over `cpus` threads: the same values, bit for bit, whatever `cpus`."
+    k = max(1, min(int(cpus), len(X) // max(1, min_rows)))
+    if k == 1: return model.predict_proba(X)
+    cut = np.linspace(0, len(X), k + 1).astype(int)
+    return np.concatenate(list(_pool(k).map(lambda i: model.predict_proba(X.iloc[cut[i]:cut[i + 1]]), range(k))))
+
+@functools.lru_cache(maxsize=None)
+def _pool(k:int)->ThreadPoolExecutor:
+    "`k` worker threads kept for the process's life: a chunk does not pay for starting threads."
+    return ThreadPoolExecutor(k, thread_name_prefix='predict')
+
+# %% ../nbs/50_inference.ipynb #50-inference-009
+def predict_frame(model, df:pd.DataFrame, schema:Schema=SCHEMA, lead:pd.DataFrame|None=None,
+                  cpus:int=1, # cores to predict on (see `predict_proba_rows`)
+                 )->pd.DataFrame:
     "Predictions for a validated table: `lead` columns (default: the id), the predicted class, one probability column per class."
-    proba = model.predict_proba(df[list(schema.features)])
+    proba = predict_proba_rows(model, df[list(schema.features)], cpus)
     classes = [str(c) for c in model.classes_]
     out = lead.reset_index(drop=True).copy() if lead is not None else pd.DataFrame({schema.id: df[schema.id].to_numpy()})
     out[prediction_column(schema)] = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
     for i, c in enumerate(classes): out[f'proba_{c}'] = proba[:, i]
     return out
 
-# %% ../nbs/50_inference.ipynb #50-inference-010
+# %% ../nbs/50_inference.ipynb #50-inference-012
 def resolve_keep(keep_columns:str, raw_columns:list, reserved:list, source)->list:
     "The input columns to copy into the predictions: '' none, 'all' every one, else comma-separated names (checked)."
     spec = (keep_columns or '').strip()
@@ -43,7 +65,7 @@ def resolve_keep(keep_columns:str, raw_columns:list, reserved:list, source)->lis
     if absent: raise InputError(f"{source}: keep_columns names {absent[0]!r}, which is not a column of the input")
     return names
 
-# %% ../nbs/50_inference.ipynb #50-inference-013
+# %% ../nbs/50_inference.ipynb #50-inference-015
 class _Writer:
     "Appends prediction frames to one CSV through Arrow, header first; counts what it wrote."
     def __init__(self, f, schema:Schema):
@@ -55,7 +77,52 @@ class _Writer:
         self.rows += len(out)
         for k, v in out[self.col].value_counts().items(): self.counts[k] = self.counts.get(k, 0) + int(v)
 
-# %% ../nbs/50_inference.ipynb #50-inference-014
+# %% ../nbs/50_inference.ipynb #50-inference-017
+_END = object()
+
+def _ahead(it, depth:int=1):
+    "Iterate `it` in a background thread, at most `depth` items ahead; its error is raised here, after the items before it."
+    q, stop = queue.Queue(depth), threading.Event()
+    def put(x):
+        while not stop.is_set():
+            try: q.put(x, timeout=0.1); return True
+            except queue.Full: pass
+        return False
+    def run():
+        try:
+            for x in it:
+                if not put((x, None)): return
+            put((_END, None))
+        except BaseException as e: put((_END, e))
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        while True:
+            x, e = q.get()
+            if e is not None: raise e
+            if x is _END: return
+            yield x
+    finally: stop.set()
+
+class _Behind:
+    "Call `fn(item)` on each item put, in a background thread at most `depth` items behind; its first error is raised at the next put or at close."
+    def __init__(self, fn, depth:int=1):
+        self.fn, self.q, self.err = fn, queue.Queue(depth), None
+        self.th = threading.Thread(target=self._run, daemon=True); self.th.start()
+    def _run(self):
+        while (x := self.q.get()) is not _END:
+            if self.err is None:
+                try: self.fn(x)
+                except BaseException as e: self.err = e
+    def _check(self):
+        if self.err is not None: raise self.err
+    def put(self, x): self._check(); self.q.put(x)
+    def close(self): self.q.put(_END); self.th.join(); self._check()
+    def __enter__(self): return self
+    def __exit__(self, typ, e, tb):
+        if typ is None: self.close()
+        else: self.q.put(_END); self.th.join()
+
+# %% ../nbs/50_inference.ipynb #50-inference-019
 def predict_files(model, # fitted pipeline
                   source, # input file or folder of shards
                   dest, # output CSV file (written as given: callers make it atomic)
@@ -64,30 +131,33 @@ def predict_files(model, # fitted pipeline
                   schema:Schema=SCHEMA, # the model's schema (see mlproj.train.model_schema)
                   keep_columns:str='', # input columns copied into the predictions: names, comma-separated, or 'all'
                   notes:list|None=None, # collects non-fatal findings (columns not in the schema), once per file
+                  cpus:int=1, # cores to predict on (see `predict_proba_rows`); the output is the same bytes whatever the number
                  )->dict:
     "Predict every row at `source` into the CSV `dest`, `chunksize` rows at a time; returns counts and files read."
     root = Path(source)
     reserved = [prediction_column(schema)] + [f'proba_{c}' for c in model.classes_]
-    files, use_id, keep = [], None, None
+    files, use_id, keep, done = [], None, None, 0
     with open(dest, 'wb') as f:
         w = _Writer(f, schema)
-        for chunk in iter_tables(source, chunksize=chunksize, require_target=False, notes=notes, schema=schema):
-            if use_id is None:                     # the first chunk decides the row reference and the kept columns
-                use_id = schema.id is not None and schema.id in chunk.df.columns
-                keep = resolve_keep(keep_columns, list(chunk.raw.columns), ([schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]) + reserved, chunk.source)
-            if use_id and schema.id not in chunk.df.columns:
-                raise InputError(f'{chunk.source}: no {schema.id!r} column, which the files before it have; give every file the id column, or none')
-            if use_id: lead = chunk.df[[schema.id]].astype(str).reset_index(drop=True)
-            else:
-                rel = [p.name if root.is_file() else p.relative_to(root).as_posix() for p, _, _ in chunk.parts]
-                lead = pd.DataFrame({SOURCE_FILE: np.repeat(rel, [n for *_, n in chunk.parts]),
-                                     SOURCE_ROW: np.concatenate([np.arange(first, first + n) for _, first, n in chunk.parts])})
-            missing = [k for k in keep if k not in chunk.raw.columns]
-            if missing: raise InputError(f"{chunk.source}: no column {missing[0]!r}, which keep_columns asks for")
-            for k in keep: lead[k] = chunk.raw[k].to_numpy()
-            w.write(predict_frame(model, chunk.df, schema, lead))
-            for p, _, _ in chunk.parts:
-                if not files or files[-1] != str(p): files.append(str(p))
-            if progress: progress(w.rows, chunk.source)
+        with _Behind(w.write) as writer:
+            for chunk in _ahead(iter_tables(source, chunksize=chunksize, require_target=False, notes=notes, schema=schema)):
+                if use_id is None:                     # the first chunk decides the row reference and the kept columns
+                    use_id = schema.id is not None and schema.id in chunk.df.columns
+                    keep = resolve_keep(keep_columns, list(chunk.raw.columns), ([schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]) + reserved, chunk.source)
+                if use_id and schema.id not in chunk.df.columns:
+                    raise InputError(f'{chunk.source}: no {schema.id!r} column, which the files before it have; give every file the id column, or none')
+                if use_id: lead = chunk.df[[schema.id]].astype(str).reset_index(drop=True)
+                else:
+                    rel = [p.name if root.is_file() else p.relative_to(root).as_posix() for p, _, _ in chunk.parts]
+                    lead = pd.DataFrame({SOURCE_FILE: np.repeat(rel, [n for *_, n in chunk.parts]),
+                                         SOURCE_ROW: np.concatenate([np.arange(first, first + n) for _, first, n in chunk.parts])})
+                missing = [k for k in keep if k not in chunk.raw.columns]
+                if missing: raise InputError(f"{chunk.source}: no column {missing[0]!r}, which keep_columns asks for")
+                for k in keep: lead[k] = chunk.raw[k].to_numpy()
+                writer.put(predict_frame(model, chunk.df, schema, lead, cpus))
+                for p, _, _ in chunk.parts:
+                    if not files or files[-1] != str(p): files.append(str(p))
+                done += len(chunk.df)
+                if progress: progress(done, chunk.source)
     return {'rows': w.rows, 'files': len(files), 'first_files': files[:5], 'predicted_counts': dict(sorted(w.counts.items())),
             'row_reference': ([schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]) if use_id is not None else [], 'kept_columns': keep or []}

@@ -13,7 +13,8 @@ from .params import check_params, parse_pairs, read_param_files
 # %% auto #0
 __all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'KERNEL_START_ATTEMPTS',
            'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams',
-           'default_total_timeout', 'kernel_start_failed', 'run_notebook', 'make_parser', 'main']
+           'default_total_timeout', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill', 'run_notebook',
+           'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
 TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str, 'list': list, 'dict': dict, 'Path': Path}
@@ -96,26 +97,92 @@ def default_total_timeout()->int|None:
     cfg = read_json_config(JOB_CONFIG_FILE)
     return None if (cfg or {}).get('StoppingCondition', {}).get('MaxRuntimeInSeconds') else DEFAULT_TIMEOUT
 
-# %% ../nbs/85_runner.ipynb #85-runner-019
+# %% ../nbs/85_runner.ipynb #85-runner-020
 def _render_html(nb_path:Path, html_path:Path):
     from nbconvert import HTMLExporter
     body, _ = HTMLExporter().from_filename(str(nb_path))
     with atomic_path(html_path) as t: t.write_text(body, encoding='utf-8')
 
-# %% ../nbs/85_runner.ipynb #85-runner-020
+_HTML_RENDERER = """
+import json, sys
+import nbformat
+from nbconvert import HTMLExporter
+ex = HTMLExporter()
+ex.from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell('# warm'), nbformat.v4.new_code_cell('1')]))
+job = sys.stdin.readline()
+if job.strip():
+    src, dest = json.loads(job)
+    body, _ = ex.from_filename(src)
+    with open(dest, 'w', encoding='utf-8') as f: f.write(body)
+"""
+
+class HtmlRenderer:
+    "nbconvert loaded in a process of its own while the notebook runs; `render` then costs only the rendering."
+    def __init__(self):
+        try: self.proc = subprocess.Popen([sys.executable, '-c', _HTML_RENDERER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+        except OSError: self.proc = None
+    def render(self, nb_path:Path, html_path:Path, timeout:float=300):
+        "Write `nb_path` as HTML to `html_path` (whole or not at all); in this process if the renderer cannot."
+        if self.proc is not None and self.proc.poll() is None:
+            with atomic_path(html_path) as t:
+                try:
+                    self.proc.communicate(json.dumps([str(nb_path), str(t)]) + '\n', timeout=timeout)
+                    ok = self.proc.returncode == 0 and t.stat().st_size > 0
+                except (subprocess.TimeoutExpired, OSError): ok = False
+                finally: self.close()
+                if ok: return
+                from nbconvert import HTMLExporter
+                t.write_text(HTMLExporter().from_filename(str(nb_path))[0], encoding='utf-8')
+            return
+        self.close(); _render_html(nb_path, html_path)
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None: self.proc.kill()
+        if self.proc is not None: self.proc.wait()
+
+# %% ../nbs/85_runner.ipynb #85-runner-022
 KERNEL_START_ATTEMPTS = 3   # a kernel that dies before its first reply is started again (see below)
 
 def kernel_start_failed(log:str)->bool:
     "Did the run end because the kernel died while starting, before any cell ran?"
     return 'Executing Cell' not in log and ('Kernel died before replying to kernel_info' in log or "Kernel didn't respond" in log)
 
-# %% ../nbs/85_runner.ipynb #85-runner-022
-def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None)->tuple[int|None, bool, str]:
+# %% ../nbs/85_runner.ipynb #85-runner-024
+_PAPERMILL_BOOT = """
+import json, os, sys
+from papermill.cli import papermill
+job = sys.stdin.readline()
+if job.strip():
+    argv, env = json.loads(job)
+    os.environ.update(env)
+    sys.argv = ['papermill'] + argv
+    papermill()
+"""
+
+def start_papermill()->subprocess.Popen:
+    "A papermill process in its own process group, papermill imported meanwhile, waiting for its command line (see `_papermill`)."
+    return subprocess.Popen([sys.executable, '-c', _PAPERMILL_BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True, errors='replace', preexec_fn=die_with_parent)
+
+def _discard(proc:subprocess.Popen|None):
+    "Stop a papermill process started ahead that was not used."
+    if proc is not None and proc.stdin is not None and not proc.stdin.closed:
+        proc.kill(); proc.wait(); proc.stdin.close(); proc.stdout.close()
+
+# %% ../nbs/85_runner.ipynb #85-runner-025
+def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None,
+               proc:subprocess.Popen|None=None, # a process from `start_papermill`, used instead of starting `cmd`
+              )->tuple[int|None, bool, str]:
     "Run papermill in its own process group (kernel connection files under `runtime_dir`): (exit code, timed out?, its output)."
     import threading
-    env = {**os.environ, **({'JUPYTER_RUNTIME_DIR': str(runtime_dir)} if runtime_dir else {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, text=True, errors='replace', env=env, preexec_fn=die_with_parent)
+    extra = {'JUPYTER_RUNTIME_DIR': str(runtime_dir)} if runtime_dir else {}
+    if proc is not None and proc.poll() is None:
+        try: proc.stdin.write(json.dumps([cmd[3:], extra]) + '\n'); proc.stdin.close()   # cmd: python -m papermill ARGS
+        except OSError: _discard(proc); proc = None
+    else: _discard(proc); proc = None
+    if proc is None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, text=True, errors='replace', env={**os.environ, **extra}, preexec_fn=die_with_parent)
     lines, timed_out = [], False
     def pump():
         for line in proc.stdout:
@@ -128,7 +195,7 @@ def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None)->tuple[in
     finally: th.join(10)
     return proc.returncode, timed_out, ''.join(lines)
 
-# %% ../nbs/85_runner.ipynb #85-runner-023
+# %% ../nbs/85_runner.ipynb #85-runner-026
 def _last_exception(stderr:str)->tuple[str, str]|None:
     "(type, message) of the last `pkg.Type: message` line papermill printed."
     for line in reversed(stderr.strip().splitlines()):
@@ -136,7 +203,7 @@ def _last_exception(stderr:str)->tuple[str, str]|None:
         if m: return m.group(1).rsplit('.', 1)[-1], (m.group(2) or '').strip()
     return None
 
-# %% ../nbs/85_runner.ipynb #85-runner-025
+# %% ../nbs/85_runner.ipynb #85-runner-028
 def run_notebook(notebook, # the job notebook
                  parameters:dict|None=None, # typed parameters (see resolve_parameters)
                  report=output_dir('report'), # folder for the executed notebook and its HTML
@@ -145,6 +212,7 @@ def run_notebook(notebook, # the job notebook
                  output_cap:int=DEFAULT_OUTPUT_CAP, # characters kept of one stream output
                  kernel:str='python3', # Jupyter kernel
                  stream=sys.stderr, # where papermill's log of cell outputs goes
+                 papermill_proc:subprocess.Popen|None=None, # papermill started ahead (`start_papermill`), for the first attempt
                 )->dict:
     "Execute `notebook` with papermill; save executed notebook + HTML to `report`; return the outcome."
     import nbformat, yaml
@@ -157,6 +225,7 @@ def run_notebook(notebook, # the job notebook
     stem = nb_path.stem if host_rank()[1] == 1 else f'{nb_path.stem}-{current_host()}'   # instances never share a report name
     executed, html = report/f'{stem}.ipynb', report/f'{stem}.html'
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in (parameters or {}).items()}
+    renderer = HtmlRenderer()                  # loads nbconvert while the notebook runs
     with tempfile.TemporaryDirectory() as tmp:
         pfile, work_nb = Path(tmp)/'parameters.yaml', Path(tmp)/name
         pfile.write_text(yaml.safe_dump(params))
@@ -166,17 +235,21 @@ def run_notebook(notebook, # the job notebook
         try:
             for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
                 rc, timed_out, log = _papermill(cmd, None if timeout is None else max(1, timeout - (time.monotonic() - t0)), stream,
-                                                Path(tmp)/'runtime')   # the kernel's connection file (it holds its key) goes with the temp folder
+                                                Path(tmp)/'runtime',   # the kernel's connection file (it holds its key) goes with the temp folder
+                                                papermill_proc if attempt == 1 else None)
                 if rc == 0 or timed_out or not kernel_start_failed(log) or attempt == KERNEL_START_ATTEMPTS: break
                 if stream is not None: print(f'{name}: the kernel died while starting (attempt {attempt} of {KERNEL_START_ATTEMPTS}); starting another', file=stream, flush=True)
                 time.sleep(attempt)
         except KeyboardInterrupt as e:            # Ctrl-C, or SIGTERM (a stopped job): papermill's group is gone; keep the report
             stopped, rc, timed_out, log = (e.args[0] if e.args else 'interrupted'), None, False, ""
+        except BaseException: renderer.close(); raise
         seconds = time.monotonic() - t0
-        nb = nbformat.read(work_nb, as_version=4) if work_nb.exists() else nbformat.read(nb_path, as_version=4)
-        cut = truncate_streams(nb, output_cap)
-        with atomic_path(executed) as t: nbformat.write(nb, t)
-    _render_html(executed, html)
+        try:
+            nb = nbformat.read(work_nb, as_version=4) if work_nb.exists() else nbformat.read(nb_path, as_version=4)
+            cut = truncate_streams(nb, output_cap)
+            with atomic_path(executed) as t: nbformat.write(nb, t)
+        except BaseException: renderer.close(); raise
+    renderer.render(executed, html)
     outcome = {'notebook': name, 'status': 'Completed', 'seconds': round(seconds, 3), 'executed_notebook': str(executed),
                'html': str(html), 'parameters': params, 'truncated_outputs': cut}
     if stopped: return {**outcome, 'status': 'Stopped', 'message': f'{name}: {stopped}'}
@@ -194,7 +267,7 @@ def run_notebook(notebook, # the job notebook
         elif etype == 'DeadKernelError': msg = 'the kernel died'
     return {**outcome, 'status': 'Failed', 'message': f'{name}{cell}: {etype}: {msg}'}
 
-# %% ../nbs/85_runner.ipynb #85-runner-027
+# %% ../nbs/85_runner.ipynb #85-runner-030
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m mlproj.runner', description='Run a job notebook with papermill: validated parameters, report kept, timeouts.')
     ap.add_argument('notebook', help='the job notebook (.ipynb)')
@@ -208,7 +281,7 @@ def make_parser()->argparse.ArgumentParser:
     ap.add_argument('--list-params', action='store_true', help="print the notebook's parameters and exit")
     return ap
 
-# %% ../nbs/85_runner.ipynb #85-runner-029
+# %% ../nbs/85_runner.ipynb #85-runner-032
 def main(argv=None):
     "Entry point: exit 0 on success; else one line on stderr, the exit message file, exit 1 (failed), 143 (SIGTERM) or 130 (Ctrl-C)."
     a = make_parser().parse_args(argv)
@@ -219,8 +292,11 @@ def main(argv=None):
         if a.list_params:
             for k, d in notebook_parameters(a.notebook).items(): print(f"{k}: {d['type'].__name__} = {d['default']!r}  # {d['help']}")
             return 0
-        params = resolve_parameters(a.notebook, a.param, a.parameters_file)
-        out = run_notebook(a.notebook, params, a.report, a.cell_timeout, a.timeout, a.output_cap, a.kernel)
+        warm = start_papermill()               # imports papermill while the parameters are checked; no kernel starts before they pass
+        try:
+            params = resolve_parameters(a.notebook, a.param, a.parameters_file)
+            out = run_notebook(a.notebook, params, a.report, a.cell_timeout, a.timeout, a.output_cap, a.kernel, papermill_proc=warm)
+        finally: _discard(warm)
     except KeyboardInterrupt as e:
         out = {'status': 'Stopped', 'message': f"{name}: {e.args[0] if e.args else 'interrupted'}"}
     except MlprojError as e:
@@ -231,5 +307,5 @@ def main(argv=None):
     if out['status'] == 'Stopped': return 143 if 'SIGTERM' in out['message'] else 130
     return 1
 
-# %% ../nbs/85_runner.ipynb #85-runner-030
+# %% ../nbs/85_runner.ipynb #85-runner-033
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: sys.exit(main())

@@ -163,11 +163,13 @@ def train(train=input_dir('train'), # folder (or file) with the training split
     from mlproj.data import load_table
     from mlproj.train import train_model, write_model_artifact, ARTIFACT
     from mlproj.monitor import suggest_baseline
+    from mlproj.contract import usable_cpus
     t0 = time.perf_counter()
     df = load_table(existing_dir(train, 'training input'))
     params = {'seed': seed, 'n_estimators': n_estimators, 'max_depth': max_depth or None}
-    log('train', f'fitting on {len(df)} rows with {params}')
-    m = train_model(df, **params)
+    cpus = usable_cpus()
+    log('train', f'fitting on {len(df)} rows with {params} on {cpus} core(s)')
+    m = train_model(df, **params, cpus=cpus)
     with OutputSet() as outs:
         manifest = write_model_artifact(m, outs.path(container_path(model)/ARTIFACT), params, suggest_baseline(df))   # with the data-quality baseline
     log('train', f'model written to {container_path(model)/ARTIFACT} in {time.perf_counter()-t0:.1f}s')
@@ -211,6 +213,7 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
     "Predict the target for every row of the input, chunk by chunk, into predictions-<host>.csv."
     from mlproj.train import load_model, model_schema
     from mlproj.inference import predict_files
+    from mlproj.contract import usable_cpus
     if chunksize < 1: raise InputError(f'chunksize must be at least 1, got {chunksize}')
     m, manifest = load_model(existing_dir(model, 'model input'), expected_model_sha256 or None)
     src = container_path(data)
@@ -222,14 +225,14 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
     last = [time.perf_counter()]
     def progress(rows, f):
         if time.perf_counter() - last[0] > 5: log('batch_inference', f'{rows:,} rows scored (at {f.name})'); last[0] = time.perf_counter()
-    t0, notes = time.perf_counter(), []
+    t0, notes, cpus = time.perf_counter(), [], usable_cpus()
     with OutputSet() as outs:
         s = predict_files(m, src, outs.path(container_path(predictions)/f'predictions-{host}.csv'), chunksize, progress,
-                          model_schema(manifest), keep_columns, notes)
+                          model_schema(manifest), keep_columns, notes, cpus)
     for n in notes[:20]: log('batch_inference', f'note: {n}')
     if len(notes) > 20: log('batch_inference', f'note: ... and {len(notes) - 20:,} more files with columns not in the schema')
     dt = time.perf_counter() - t0
-    log('batch_inference', f'{s["rows"]:,} rows from {s["files"]:,} file(s) in {dt:.1f}s ({s["rows"]/max(dt,1e-9):,.0f} rows/s)')
+    log('batch_inference', f'{s["rows"]:,} rows from {s["files"]:,} file(s) in {dt:.1f}s ({s["rows"]/max(dt,1e-9):,.0f} rows/s on {cpus} core(s))')
     return {**s, 'notes': notes[:20] + ([f'... and {len(notes) - 20:,} more'] if len(notes) > 20 else []), 'host': host}
 
 # %% ../nbs/60_steps.ipynb #60-steps-030

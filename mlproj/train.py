@@ -27,6 +27,7 @@ def train_model(train:pd.DataFrame, # validated training table, with the target 
                 n_estimators:int=200, # number of trees
                 max_depth:int|None=None, # depth limit of each tree (None: grow fully)
                 schema:Schema=SCHEMA, # the table's schema: its features and target
+                cpus:int=1, # cores to grow the trees on; the model is the same bytes whatever the number
                )->Pipeline:
     "Fit the feature transform and a seeded extra-trees forest on `train`."
     target = schema.target
@@ -34,8 +35,10 @@ def train_model(train:pd.DataFrame, # validated training table, with the target 
     if train[target].nunique() < 2: raise InputError(f'training data holds {train[target].nunique()} class; need at least 2')
     if n_estimators < 1: raise InputError(f'n_estimators must be at least 1, got {n_estimators}')
     model = Pipeline([('features', TableFeatures(schema)),
-                      ('classifier', ExtraTreesClassifier(n_estimators=n_estimators, max_depth=max_depth, random_state=seed, n_jobs=1))])
-    return model.fit(train[list(schema.features)], train[target].astype(str))
+                      ('classifier', ExtraTreesClassifier(n_estimators=n_estimators, max_depth=max_depth, random_state=seed, n_jobs=max(1, cpus)))])
+    model.fit(train[list(schema.features)], train[target].astype(str))
+    model.named_steps['classifier'].set_params(n_jobs=1)     # stored as 1: the artifact does not depend on the machine that trained it
+    return model
 
 # %% ../nbs/30_train.ipynb #30-train-007
 MODEL_FILE, MANIFEST_FILE, ARTIFACT = 'model.skops', 'manifest.json', 'model.tar.gz'
@@ -103,7 +106,7 @@ def write_model_artifact(model:Pipeline, # the fitted pipeline
         for n, b in extra.items(): _add_bytes(tar, n, b)
     return manifest
 
-# %% ../nbs/30_train.ipynb #30-train-010
+# %% ../nbs/30_train.ipynb #30-train-011
 def _members(tar:tarfile.TarFile, p:Path)->dict:
     "{name: TarInfo} of the artifact's members (manifest, model, baseline files if any), after refusing links, odd paths, other members and oversized ones."
     found = {}
@@ -140,7 +143,7 @@ def _check_baseline(tar, found:dict, manifest:dict, p)->dict:
             raise InputError(f'{p}: corrupted model artifact ({n} does not match the sha256 in {MANIFEST_FILE})')
     return have
 
-# %% ../nbs/30_train.ipynb #30-train-011
+# %% ../nbs/30_train.ipynb #30-train-012
 def check_manifest(model, manifest:dict, p)->Schema:
     "Refuse a manifest whose features, classes or target are not the model's; returns the schema."
     try: schema = model_schema(manifest)
