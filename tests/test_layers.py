@@ -21,6 +21,7 @@ LAYERS = [
     ['jobs'],
     ['local', 'sagemaker_backend'],
     ['pipeline'],
+    ['export'],
     ['cli'],
 ]
 LAYER = {m: i for i, ms in enumerate(LAYERS) for m in ms}
