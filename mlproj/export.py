@@ -22,7 +22,7 @@ __all__ = ['PARAM_TYPES', 'SOURCE_RECORD', 'SM_VERSION', 'GATE_STEP', 'FAIL_STEP
            'resolve_sagemaker', 'processing_steps', 'check_sagemaker_definition', 'sfn_job_prefix',
            'stepfunctions_definition', 'resolve_stepfunctions', 'stepfunctions_state', 'check_stepfunctions_definition',
            'cloudformation_template', 'export_definition', 'execution_values', 'upload_code', 'upsert', 'start', 'show',
-           'cmd_pipeline']
+           'pipeline_parser', 'cmd_pipeline']
 
 # %% ../nbs/92_export.ipynb #92-export-005
 def param_name(key:str)->str:
@@ -535,6 +535,30 @@ def show(backend:str, session, execution:str|None=None, # execution ARN (default
     return {'execution': execution, 'status': d['status'], 'failure_reason': d.get('cause'), 'steps': [{'step': k, 'status': v} for k, v in steps.items()]}
 
 # %% ../nbs/92_export.ipynb #92-export-059
+def pipeline_parser(sub):
+    "The `pipeline export|upsert|start|show` subcommands (implemented in mlproj.export)."
+    pl = sub.add_parser('pipeline', help='the pipeline on AWS: export it, deploy it, start and show executions').add_subparsers(dest='plcmd', required=True)
+    ex = pl.add_parser('export', help='write the pipeline as a SageMaker Pipelines definition, a Step Functions state machine or a CloudFormation template (uploads nothing, needs no credentials)')
+    ex.add_argument('--format', choices=('sagemaker', 'stepfunctions', 'cloudformation'), required=True, help='what to write')
+    ex.add_argument('-o', '--output', metavar='FILE', help='write to FILE (default: stdout)')
+    up = pl.add_parser('upsert', help='upload the code and create or update the SageMaker pipeline or the state machine')
+    up.add_argument('--state-machine-role', help='stepfunctions: the role Step Functions assumes')
+    up.add_argument('--no-dependency-wheels', action='store_true', help='stock image: ship only the mlproj wheel')
+    for p in (ex, up):
+        p.add_argument('--role', help='execution role ARN of the processing jobs'); p.add_argument('--bucket', help='S3 bucket for code, inputs and outputs')
+        p.add_argument('--prefix', default='mlproj', help='key prefix in the bucket (default: mlproj)')
+        p.add_argument('--image-uri', help='a prebuilt image with mlproj (default: the stock scikit-learn processing image + wheels)')
+        p.add_argument('--engine', choices=ENGINES, default='notebook', help='job notebooks (default) or runtime scripts')
+        p.add_argument('--input', action='append', metavar='NAME=S3URI', help='default location of a pipeline input (raw, data)')
+        p.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='MaxRuntimeInSeconds of each step (default 3600)')
+    st = pl.add_parser('start', help='start an execution'); st.add_argument('-p', '--param', action='append', metavar='GROUP.NAME=VALUE', help='e.g. -p train.seed=7, -p gate.threshold=0.95, -p input.raw=s3://...')
+    st.add_argument('--name', help='execution name (default: generated)')
+    sh = pl.add_parser('show', help="an execution's status and steps"); sh.add_argument('execution', nargs='?', help='execution ARN (default: the newest)')
+    for p in (ex, up, st, sh):
+        if p is not ex: p.add_argument('--backend', choices=('sagemaker', 'stepfunctions'), required=True, help='which AWS engine')
+        p.add_argument('--region', help='AWS region'); p.add_argument('--profile', help='AWS profile')
+
+# %% ../nbs/92_export.ipynb #92-export-061
 def _target(a)->Target:
     "The Target of a `pipeline export|upsert` command line."
     from mlproj.params import parse_pairs
