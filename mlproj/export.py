@@ -466,7 +466,6 @@ def upsert(backend:str, # sagemaker or stepfunctions
            state_machine_role:str|None=None, # stepfunctions: the role Step Functions assumes
            wheels:bool=True, dependencies:bool=True, p:Pipeline=PIPELINE, say=print)->str:
     "Upload the code, then create or update the SageMaker pipeline or the state machine; returns its ARN."
-    import botocore.exceptions
     if backend == 'stepfunctions':
         if not state_machine_role: raise BackendError('--state-machine-role is required with --backend stepfunctions (the role Step Functions assumes)')
         check_target(t.bucket, state_machine_role)
@@ -475,12 +474,10 @@ def upsert(backend:str, # sagemaker or stepfunctions
     body = json.dumps(defn)
     if backend == 'sagemaker':
         sm = session.client('sagemaker')
-        try:
-            sm.describe_pipeline(PipelineName=p.name)
-            arn = sm.update_pipeline(PipelineName=p.name, PipelineDefinition=body, RoleArn=t.role)['PipelineArn']; verb = 'updated'
-        except botocore.exceptions.ClientError as e:
-            if e.response['Error'].get('Code') not in ('ResourceNotFound', 'ValidationException'): raise
-            arn = sm.create_pipeline(PipelineName=p.name, PipelineDefinition=body, RoleArn=t.role)['PipelineArn']; verb = 'created'
+        known = [x for page in sm.get_paginator('list_pipelines').paginate(PipelineNamePrefix=p.name)
+                 for x in page['PipelineSummaries'] if x['PipelineName'] == p.name]
+        if known: arn = sm.update_pipeline(PipelineName=p.name, PipelineDefinition=body, RoleArn=t.role)['PipelineArn']; verb = 'updated'
+        else: arn = sm.create_pipeline(PipelineName=p.name, PipelineDefinition=body, RoleArn=t.role)['PipelineArn']; verb = 'created'
     else:
         sfn = session.client('stepfunctions')
         arn = _state_machine_arn(sfn, p.name)
@@ -519,7 +516,8 @@ def show(backend:str, session, execution:str|None=None, # execution ARN (default
         try: steps = [{'step': s['StepName'], 'status': s.get('StepStatus'), **({'reason': s['FailureReason']} if s.get('FailureReason') else {})}
                       for s in sm.list_pipeline_execution_steps(PipelineExecutionArn=execution).get('PipelineExecutionSteps', [])]
         except botocore.exceptions.ClientError as e: steps = f"not available: {e.response['Error'].get('Message', e)}"
-        return {'execution': execution, 'status': d['PipelineExecutionStatus'], 'failure_reason': d.get('FailureReason'), 'steps': steps}
+        params = {x['Name']: x['Value'] for x in sm.list_pipeline_parameters_for_execution(PipelineExecutionArn=execution).get('PipelineParameters', [])}
+        return {'execution': execution, 'status': d['PipelineExecutionStatus'], 'failure_reason': d.get('FailureReason'), 'parameters': params, 'steps': steps}
     sfn = session.client('stepfunctions')
     if not execution:
         arn = _state_machine_arn(sfn, p.name)
@@ -532,7 +530,8 @@ def show(backend:str, session, execution:str|None=None, # execution ARN (default
     for e in sfn.get_execution_history(executionArn=execution).get('events', []):
         det = e.get('stateEnteredEventDetails') or e.get('stateExitedEventDetails')
         if det: steps[det['name']] = 'Entered' if 'stateEnteredEventDetails' in e else 'Exited'
-    return {'execution': execution, 'status': d['status'], 'failure_reason': d.get('cause'), 'steps': [{'step': k, 'status': v} for k, v in steps.items()]}
+    return {'execution': execution, 'status': d['status'], 'failure_reason': d.get('cause'), 'parameters': json.loads(d.get('input') or '{}'),
+            'steps': [{'step': k, 'status': v} for k, v in steps.items()]}
 
 # %% ../nbs/92_export.ipynb #92-export-059
 def pipeline_parser(sub):
