@@ -464,13 +464,16 @@ def _state_machine_arn(sfn, name:str)->str|None:
 def upsert(backend:str, # sagemaker or stepfunctions
            t:Target, session, # the target and a boto3 session
            state_machine_role:str|None=None, # stepfunctions: the role Step Functions assumes
-           wheels:bool=True, dependencies:bool=True, p:Pipeline=PIPELINE, say=print)->str:
+           wheels:bool=True, dependencies:bool=True, p:Pipeline=PIPELINE, say=print,
+           code_only:bool=False, # upload only (for a CloudFormation deploy); returns the code location
+          )->str:
     "Upload the code, then create or update the SageMaker pipeline or the state machine; returns its ARN."
-    if backend == 'stepfunctions':
+    if backend == 'stepfunctions' and not code_only:
         if not state_machine_role: raise BackendError('--state-machine-role is required with --backend stepfunctions (the role Step Functions assumes)')
         check_target(t.bucket, state_machine_role)
     defn = export_definition('sagemaker' if backend == 'sagemaker' else 'stepfunctions', t, p)
-    upload_code(t, session.client('s3'), p, wheels, dependencies, say)
+    lay = upload_code(t, session.client('s3'), p, wheels, dependencies, say)
+    if code_only: return lay['code']
     body = json.dumps(defn)
     if backend == 'sagemaker':
         sm = session.client('sagemaker')
@@ -515,7 +518,7 @@ def show(backend:str, session, execution:str|None=None, # execution ARN (default
         d = sm.describe_pipeline_execution(PipelineExecutionArn=execution)
         try: steps = [{'step': s['StepName'], 'status': s.get('StepStatus'), **({'reason': s['FailureReason']} if s.get('FailureReason') else {})}
                       for s in sm.list_pipeline_execution_steps(PipelineExecutionArn=execution).get('PipelineExecutionSteps', [])]
-        except botocore.exceptions.ClientError as e: steps = f"not available: {e.response['Error'].get('Message', e)}"
+        except botocore.exceptions.ClientError as e: steps = f"not available from this endpoint ({e.response['Error'].get('Code') or e.response.get('ResponseMetadata', {}).get('HTTPStatusCode')})"
         params = {x['Name']: x['Value'] for x in sm.list_pipeline_parameters_for_execution(PipelineExecutionArn=execution).get('PipelineParameters', [])}
         return {'execution': execution, 'status': d['PipelineExecutionStatus'], 'failure_reason': d.get('FailureReason'), 'parameters': params, 'steps': steps}
     sfn = session.client('stepfunctions')
@@ -543,6 +546,7 @@ def pipeline_parser(sub):
     up = pl.add_parser('upsert', help='upload the code and create or update the SageMaker pipeline or the state machine')
     up.add_argument('--state-machine-role', help='stepfunctions: the role Step Functions assumes')
     up.add_argument('--no-dependency-wheels', action='store_true', help='stock image: ship only the mlproj wheel')
+    up.add_argument('--code-only', action='store_true', help='upload code, wheels and default inputs, create nothing (before `aws cloudformation deploy`)')
     for p in (ex, up):
         p.add_argument('--role', help='execution role ARN of the processing jobs'); p.add_argument('--bucket', help='S3 bucket for code, inputs and outputs')
         p.add_argument('--prefix', default='mlproj', help='key prefix in the bucket (default: mlproj)')
@@ -584,7 +588,8 @@ def cmd_pipeline(a)->int:
     from mlproj.sagemaker_backend import aws_session
     session = aws_session(a.region, a.profile)
     if a.plcmd == 'upsert':
-        upsert(a.backend, _target(a), session, a.state_machine_role, wheels=not a.image_uri, dependencies=not a.no_dependency_wheels, say=say)
+        upsert(a.backend, _target(a), session, a.state_machine_role, wheels=not a.image_uri, dependencies=not a.no_dependency_wheels, say=say,
+               code_only=a.code_only)
         return 0
     if a.plcmd == 'start':
         print(start(a.backend, session, execution_values(parse_pairs(a.param, '-p')), a.name)); return 0

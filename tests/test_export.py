@@ -321,6 +321,11 @@ def test_upsert_start_show_stepfunctions(moto_server):
     import boto3
     from mlproj.export import Target, stepfunctions_definition
     flags = ['--bucket', MOTO_BUCKET, '--role', ROLE, '--image-uri', 'img:1', '--prefix', 'sfn']
+    # --code-only: the uploads a CloudFormation deploy needs, and nothing created
+    code, _, err = cli('pipeline', 'upsert', '--backend', 'stepfunctions', *flags, '--code-only')
+    assert code == 0 and 'uploaded' in err and 'created' not in err, err
+    assert any(k.endswith('/entry.py') for k in keys('sfn/mlproj/code/'))
+    assert not [m for m in boto3.client('stepfunctions').list_state_machines()['stateMachines'] if m['name'] == 'mlproj']
     code, _, err = cli('pipeline', 'upsert', '--backend', 'stepfunctions', *flags)
     assert code == 2 and '--state-machine-role is required' in err
     code, _, err = cli('pipeline', 'upsert', '--backend', 'stepfunctions', *flags, '--state-machine-role', SFN_ROLE)
