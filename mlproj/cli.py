@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, signal, sys
 from .errors import MlprojError, SpecError
-from .params import parse_pairs
+from .params import parse_pairs, read_param_files
 from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
@@ -82,10 +82,13 @@ def _backend_args(p):
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
     sub = ap.add_subparsers(dest='cmd', required=True)
-    r = sub.add_parser('run', help='run preprocess -> train -> evaluate -> batch_inference as local processing jobs')
+    r = sub.add_parser('run', help='run the pipeline (every step, the quality gate) as local processing jobs, reusing cached steps')
     r.add_argument('--raw', help='raw training data, file or folder (default: the bundled table)')
     r.add_argument('--data', help='rows to score, file or folder (default: the bundled table)')
-    r.add_argument('-p', '--param', action='append', metavar='STEP.NAME=VALUE', help='step parameter, e.g. -p train.seed=7')
+    r.add_argument('-p', '--param', action='append', metavar='STEP.NAME=VALUE',
+                   help='pipeline parameter, e.g. -p train.seed=7, -p gate.threshold=0.95, -p preprocess.instance_count=2')
+    r.add_argument('-f', '--params-file', action='append', metavar='YAML', help='pipeline parameters from YAML ({step: {name: value}} or {step.name: value}); -p wins')
+    r.add_argument('--no-cache', action='store_true', help='run every step, even when an earlier identical step could be reused')
     r.add_argument('--run-id', help='run folder name under outputs/ (default: timestamp)')
     r.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='per-step MaxRuntimeInSeconds (default 3600)')
     r.add_argument('--engine', choices=ENGINES, default='notebook', help='run job notebooks (default) or runtime scripts')
@@ -105,12 +108,18 @@ def make_parser()->argparse.ArgumentParser:
 def _print_json(d): print(json.dumps(mask_secrets(d) if isinstance(d, dict) else d, indent=2, default=str), flush=True)
 
 # %% ../nbs/95_cli.ipynb #95-cli-016
-def run_params(pairs:list[str]|None)->dict:
-    "{step: {name: value}} of `-p STEP.NAME=VALUE` pairs."
+def run_params(pairs:list[str]|None, # `-p STEP.NAME=VALUE` pairs
+               files:list|None=None, # YAML files: {step: {name: value}} or {step.name: value}
+              )->dict:
+    "{step: {name: value}} of the parameter files, then the `-p` pairs (which win)."
     params = {}
-    for k, v in parse_pairs(pairs, '-p').items():
-        step, dot, name = k.partition('.')
-        if not dot: raise SpecError(f"-p {k}={v}: expected STEP.NAME=VALUE, e.g. train.seed=7")
+    flat = {}
+    for k, v in read_param_files(files).items():
+        if isinstance(v, dict): flat.update({f'{k}.{n}': x for n, x in v.items()})
+        else: flat[k] = v
+    for k, v in {**flat, **parse_pairs(pairs, '-p')}.items():
+        step, dot, name = str(k).partition('.')
+        if not dot: raise SpecError(f"parameter {k}={v}: expected STEP.NAME=VALUE, e.g. train.seed=7")
         params.setdefault(step, {})[name] = v
     return params
 
@@ -118,8 +127,8 @@ def run_params(pairs:list[str]|None)->dict:
 def cmd_run(a)->int:
     "`mlproj run`: the pipeline, locally."
     from mlproj.pipeline import run_pipeline
-    rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=run_params(a.param), run_id=a.run_id,
-                       max_runtime=a.max_runtime, engine=a.engine)
+    rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=run_params(a.param, a.params_file), run_id=a.run_id,
+                       max_runtime=a.max_runtime, engine=a.engine, cache=not a.no_cache)
     _print_json(rec)
     if rec['status'] == 'Completed': return 0
     interrupted = any(st.get('failure_reason', '').startswith('Stopped by user') for st in rec['steps'])

@@ -42,7 +42,7 @@ class Target:
     max_runtime: int = 3600         # MaxRuntimeInSeconds of every step
 
 # %% ../nbs/92_export.ipynb #92-export-009
-PARAM_TYPES = {int: 'Integer', float: 'Float', str: 'String'}
+PARAM_TYPES = {int: 'Integer', float: 'Float', str: 'String', bool: 'String'}   # a bool travels as its text, True or False
 
 def export_parameters(t:Target, p:Pipeline=PIPELINE)->dict:
     "{'group.name': (exported name, SageMaker type, default)} of every pipeline parameter, inputs first."
@@ -50,7 +50,7 @@ def export_parameters(t:Target, p:Pipeline=PIPELINE)->dict:
     out = {f'input.{ch}': (param_name(f'input.{ch}'), 'String', lay['inputs'][ch]) for ch in p.inputs}
     for k, q in p.parameters().items():
         if q.type not in PARAM_TYPES: raise SpecError(f'pipeline parameter {k}: type {q.type.__name__} has no SageMaker counterpart (int, float, str)')
-        out[k] = (param_name(k), PARAM_TYPES[q.type], q.default)
+        out[k] = (param_name(k), PARAM_TYPES[q.type], str(q.default) if q.type is bool else q.default)
     names = [n for n, _, _ in out.values()]
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -438,7 +438,7 @@ def execution_values(pairs:dict, # {'group.name': text} from -p
         if not dot: raise SpecError(f'-p {k}={v}: expected GROUP.NAME=VALUE, e.g. train.seed=7')
         groups.setdefault(g, {})[n] = v
     typed = check_run_params(groups, p)
-    return {param_name(k): v for k, v in ins.items()} | {param_name(f'{g}.{n}'): v for g, d in typed.items() for n, v in d.items()}
+    return {param_name(k): v for k, v in ins.items()} | {param_name(f'{g}.{n}'): str(v) if isinstance(v, bool) else v for g, d in typed.items() for n, v in d.items()}
 
 # %% ../nbs/92_export.ipynb #92-export-064
 def upload_code(t:Target, s3, p:Pipeline=PIPELINE, wheels:bool=True, dependencies:bool=True, say=print)->dict:

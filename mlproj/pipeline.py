@@ -11,13 +11,14 @@ from .contract import atomic_path, process_alive, process_started
 from .errors import SpecError
 from .params import check_params, did_you_mean
 from .storage import to_uri, digests
-from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, mermaid
-from .jobs import step_job, render_request, write_code_bundle, REPORT_CHANNEL
+from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, step_outcome, mermaid
+from .jobs import step_job, render_request, write_code_bundle, mask_secrets, REPORT_CHANNEL
 from .local import run_local
+from .cache import package_digest, environment, source_checkout, key_material, step_key, explain_miss, step_records, reuse_outputs, StaleOutputs
 
 # %% auto #0
 __all__ = ['GATE_OPS', 'RESOURCE_PARAMS', 'INTERNAL_PARAMS', 'PIPELINE', 'MODEL_DIGEST_PARAM', 'Gate', 'metric_value', 'Pipeline',
-           'pipeline_mermaid', 'wiring', 'check_run_params', 'new_run_id', 'provenance', 'reconcile_runs',
+           'pipeline_mermaid', 'wiring', 'check_run_params', 'new_run_id', 'provenance', 'reconcile_runs', 'check_gate',
            'run_pipeline']
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-005
@@ -163,57 +164,119 @@ def reconcile_runs(outputs_dir)->list[str]:
     return fixed
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-033
+def _input_record(uri:str, record:dict)->dict:
+    "{'uri', 'sha256'} of an input: the digests recorded for an output of this run, else computed."
+    for s in record['steps']:
+        for out in s.get('outputs', {}).values():
+            if out['uri'] == uri: return {'uri': uri, 'sha256': out['sha256']}
+    return {'uri': uri, 'sha256': digests(uri)}
+
+def check_gate(p:Pipeline, # the pipeline
+               outs:dict, # {channel: folder} of the gate's step in this run
+               threshold:float, # the run's gate.threshold
+              )->dict:
+    "The gate's verdict: {'step', 'metric', 'op', 'threshold', 'value', 'passed'} (+ 'message' when it failed)."
+    g = p.gate
+    f = Path(outs[g.channel])/g.file
+    try: doc = json.loads(f.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e: raise SpecError(f'quality gate: cannot read {f}: {e}') from None
+    value = metric_value(doc, g.metric, str(f))
+    v = {'step': g.step, 'metric': g.metric, 'op': g.op, 'threshold': threshold, 'value': value, 'passed': g.holds(value, threshold)}
+    return v if v['passed'] else {**v, 'message': g.message(value, threshold)}
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-035
 def run_pipeline(raw=None, # raw training data (default: the bundled table)
                  data=None, # rows to score in batch inference (default: the bundled table)
                  outputs_dir='outputs', # where runs and job sandboxes go
-                 params:dict|None=None, # {step: {name: value}} step parameters
+                 params:dict|None=None, # {group: {name: value}}: step parameters, resources, gate.threshold
                  run_id:str|None=None, # name of the run folder (default: timestamp)
                  max_runtime:int=3600, # per-step MaxRuntimeInSeconds
                  engine:str='notebook', # 'notebook' (job notebooks under papermill, with reports) or 'script'
                  stream=sys.stderr, # progress and job logs (None: quiet)
+                 cache:bool=True, # reuse the outputs of an earlier identical step (False: run every step)
+                 p:Pipeline=PIPELINE, # the pipeline
                 )->dict:
-    "Run every step as a local processing job, in graph order; returns the run record (also written to run.json)."
+    "Run the pipeline's steps as local processing jobs, in graph order, with caching and the gate; returns the run record (also written to run.json)."
+    from mlproj import __version__
     from mlproj.data import bundled_path
-    params = check_run_params(params or {})             # refuse a bad parameter before any step runs
-    order = PIPELINE.steps
+    params = check_run_params(params or {}, p)            # refuse a bad parameter before any step runs
+    threshold = params.get('gate', {}).get('threshold', p.gate.threshold) if p.gate else None
     run_id = run_id or new_run_id()
     outputs_dir = Path(outputs_dir); run_dir = outputs_dir/run_id
     if run_dir.exists(): raise SpecError(f'run folder already exists: {run_dir}')
     given = {'raw': raw, 'data': data}
-    external = {ch: str(given.get(ch) or bundled_path()) for ch in PIPELINE.inputs}
-    bundles = {step: write_code_bundle(step, engine, outputs_dir/'code') for step in order}   # also checks the job notebooks
+    external = {ch: str(given.get(ch) or bundled_path()) for ch in p.inputs}
+    bundles = {step: write_code_bundle(step, engine, outputs_dir/'code') for step in p.steps}   # also checks the job notebooks
     run_dir.mkdir(parents=True)
     reconcile_runs(outputs_dir)
-    record = {'run_id': run_id, 'status': 'InProgress', 'engine': engine, 'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-              'run_dir': str(run_dir.resolve()), 'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}, 'steps': []}
+    record = {'run_id': run_id, 'pipeline': p.name, 'status': 'InProgress', 'engine': engine, 'cache': cache,
+              'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'run_dir': str(run_dir.resolve()),
+              'mlproj_version': __version__, 'source': source_checkout(), 'parameters': params,
+              'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}, 'steps': []}
     def save():
         with atomic_path(run_dir/'run.json') as t: t.write_text(json.dumps(record, indent=2))
     say = (lambda m: print(f'[run {run_id}] {m}', file=stream, flush=True)) if stream else (lambda m: None)
-    t_run = time.perf_counter()
-    for i, (step, (ins, outs)) in enumerate(wiring(run_dir, external).items(), 1):
+    t_run, n = time.perf_counter(), len(p.steps)
+    for i, (step, (ins, outs)) in enumerate(wiring(run_dir, external, p).items(), 1):
         if engine == 'notebook': outs = {**outs, REPORT_CHANNEL: str(run_dir/step/REPORT_CHANNEL)}
-        res = {n: v for n, v in params.get(step, {}).items() if n in RESOURCE_PARAMS}
-        step_params = {**provenance(step, record), **{n: v for n, v in params.get(step, {}).items() if n not in RESOURCE_PARAMS}}
-        spec = step_job(step, ins, outs, step_params, max_runtime=max_runtime, engine=engine, code=str(bundles[step]), **res)
-        req = render_request(spec)
-        say(f'step {i}/{len(order)}: {step} (job {spec.name})')
-        t0 = time.perf_counter()
-        d = run_local(req, jobs_dir=outputs_dir/'jobs', stream=stream)
-        full = {n: p.default for n, p in STEPS[step].params.items()} | step_params
-        record['steps'].append({
-            'step': step, 'job_name': spec.name, 'status': d['ProcessingJobStatus'], 'parameters': full,
-            'seconds': round(time.perf_counter() - t0, 3), 'started': d.get('ProcessingStartTime'), 'ended': d.get('ProcessingEndTime'),
-            'inputs': {k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in ins.items()},
-            'outputs': {k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in outs.items()},
-            **({'failure_reason': d['FailureReason']} if d.get('FailureReason') else {})})
-        save()
-        if d['ProcessingJobStatus'] != 'Completed':
-            record['status'] = d['ProcessingJobStatus']; record['failed_step'] = step
-            break
+        given = params.get(step, {})
+        resources = {k: given.get(k, q.default) for k, q in RESOURCE_PARAMS.items()}
+        step_params = {**{k: v for k, v in given.items() if k not in RESOURCE_PARAMS}, **provenance(step, record)}
+        srec = {'step': step, 'engine': engine,
+                'code': {'package': package_digest(), 'bundle': bundles[step].name, 'environment': environment()},
+                'parameters': {k: q.default for k, q in STEPS[step].params.items()} | step_params, 'resources': resources,
+                'inputs': {k: _input_record(to_uri(v), record) for k, v in ins.items()}}
+        material = key_material(srec)
+        srec['cache_key'] = key = step_key(material)
+        t0, hit, reason = time.perf_counter(), None, 'cache disabled (--no-cache)'
+        if cache:
+            earlier = step_records(outputs_dir, step, exclude=run_id)
+            reason = None
+            for rid, old in earlier:
+                if old['cache_key'] != key: continue
+                try: reuse_outputs(old['outputs'], outs); hit = (rid, old); break
+                except StaleOutputs as e: reason = reason or f'outputs of run {rid} unusable ({e})'
+            if not hit and not reason:
+                try: reason = explain_miss(material, key_material(earlier[0][1]) if earlier else None)
+                except KeyError: reason = 'no comparable earlier run of this step'
+        if hit:
+            rid, old = hit
+            srec.update(cache='hit', from_run=rid, job_name=old.get('job_name'), request=old.get('request'), status='Completed',
+                        **({'exit_message': old['exit_message']} if old.get('exit_message') else {}), seconds=round(time.perf_counter() - t0, 3),
+                        outputs={k: {'uri': to_uri(outs[k]), 'sha256': old['outputs'][k]['sha256']} for k in old['outputs']})
+            record['steps'].append(srec); save()
+            say(f"{i}/{n} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else ''))
+        else:
+            spec = step_job(step, ins, outs, step_params, max_runtime=max_runtime, engine=engine, code=str(bundles[step]), **resources)
+            say(f'{i}/{n} {step}: running job {spec.name} (cache miss: {reason})')
+            req = render_request(spec)
+            d = run_local(req, jobs_dir=outputs_dir/'jobs', stream=stream)
+            srec.update(cache='miss', cache_reason=reason, job_name=spec.name, request=mask_secrets(req), status=d['ProcessingJobStatus'],
+                        **({'exit_message': d['ExitMessage']} if d.get('ExitMessage') else {}),
+                        seconds=round(time.perf_counter() - t0, 3), started=d.get('ProcessingStartTime'), ended=d.get('ProcessingEndTime'),
+                        outputs={k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in outs.items()},
+                        **({'failure_reason': d['FailureReason']} if d.get('FailureReason') else {}))
+            record['steps'].append(srec); save()
+            say(f"{i}/{n} {step}: {srec['status']} in {srec['seconds']:.1f}s (cache miss)" + (f"; {srec['exit_message']}" if srec.get('exit_message') and srec['status'] == 'Completed' else ''))
+            if srec['status'] != 'Completed':
+                record.update(status=srec['status'], failed_step=step); break
+        o = step_outcome(step, ins, outs)
+        if o is not None:
+            srec['outcome'] = record.setdefault('outcomes', {})[step] = o; save()
+            say(f"{step}: {o['outcome']}, {o['violations']} violation(s)" + (f" ({', '.join(f'{k} {v}' for k, v in o['by_kind'].items())})" if o['by_kind'] else ''))
+        if p.gate and step == p.gate.step:
+            try: record['gate'] = check_gate(p, outs, threshold)
+            except SpecError as e: record['gate'] = {'step': step, 'metric': p.gate.metric, 'passed': False, 'message': str(e)}
+            g = record['gate']
+            say(f"quality gate: {g['metric']} = {g['value']:.4f}, required {p.gate.op} {threshold:g}: {'pass' if g['passed'] else 'FAIL'}" if 'value' in g else g['message'])
+            if not g['passed']:
+                record.update(status='Failed', failed_step='gate', failure_reason=g['message'], skipped=list(p.gated)); save(); break
     else: record['status'] = 'Completed'
     record['seconds'] = round(time.perf_counter() - t_run, 3)
-    ev = run_dir/'evaluate/evaluation/evaluation.json'
-    if ev.exists(): record['accuracy'] = json.loads(ev.read_text())['multiclass_classification_metrics']['accuracy']['value']
+    record['cache_hits'] = sum(s.get('cache') == 'hit' for s in record['steps'])
     save()
-    say(f"{record['status']} in {record['seconds']:.1f}s" + (f", held-out accuracy {record['accuracy']:.4f}" if 'accuracy' in record else '') + f" -> {run_dir}")
+    g = record.get('gate', {})
+    say(f"{record['status']} in {record['seconds']:.1f}s ({record['cache_hits']}/{n} steps from cache)"
+        + (f"; {g['metric'].split('.')[-2]} {g['value']:.4f} (gate {p.gate.op} {g['threshold']:g}: {'pass' if g['passed'] else 'fail'})" if 'value' in g else '')
+        + (f"; {record['failure_reason']}" if record.get('failure_reason') else '') + f" -> {run_dir}")
     return record

@@ -14,9 +14,9 @@ from .errors import InputError, SpecError
 from .params import check_params, check_range, did_you_mean
 
 # %% auto #0
-__all__ = ['BUNDLED', 'STEPS', 'Param', 'signature_params', 'Step', 'step', 'get_step', 'check_step_params', 'log',
-           'existing_dir', 'has_data', 'preprocess', 'train', 'evaluate', 'batch_inference', 'producers',
-           'step_sources', 'step_order', 'mermaid']
+__all__ = ['BUNDLED', 'STEPS', 'STEP_OUTCOMES', 'Param', 'signature_params', 'Step', 'step', 'get_step', 'check_step_params',
+           'log', 'existing_dir', 'has_data', 'preprocess', 'train', 'evaluate', 'batch_inference', 'monitor',
+           'monitor_outcome', 'step_outcome', 'producers', 'step_sources', 'step_order', 'mermaid']
 
 # %% ../nbs/60_steps.ipynb #60-steps-006
 BUNDLED = 'bundled'   # an input's default source: the schema's table that ships with the package
@@ -162,13 +162,14 @@ def train(train=input_dir('train'), # folder (or file) with the training split
     "Train the classifier and write model.tar.gz."
     from mlproj.data import load_table
     from mlproj.train import train_model, write_model_artifact, ARTIFACT
+    from mlproj.monitor import suggest_baseline
     t0 = time.perf_counter()
     df = load_table(existing_dir(train, 'training input'))
     params = {'seed': seed, 'n_estimators': n_estimators, 'max_depth': max_depth or None}
     log('train', f'fitting on {len(df)} rows with {params}')
     m = train_model(df, **params)
     with OutputSet() as outs:
-        manifest = write_model_artifact(m, outs.path(container_path(model)/ARTIFACT), params)
+        manifest = write_model_artifact(m, outs.path(container_path(model)/ARTIFACT), params, suggest_baseline(df))   # with the data-quality baseline
     log('train', f'model written to {container_path(model)/ARTIFACT} in {time.perf_counter()-t0:.1f}s')
     return {'rows': len(df), 'classes': manifest['classes'], 'params': params, 'model_sha256': manifest['model_sha256']}
 
@@ -232,6 +233,81 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
     return {**s, 'notes': notes[:20] + ([f'... and {len(notes) - 20:,} more'] if len(notes) > 20 else []), 'host': host}
 
 # %% ../nbs/60_steps.ipynb #60-steps-030
+@step(inputs=('model', 'data', 'predictions'), outputs=('monitoring',), shardable=('data',), sources={'data': BUNDLED},
+      limits={'chunksize': '[1, 10000000]'})
+def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, which carries the data-quality baseline
+            data=input_dir('data'), # rows to check: a CSV/Parquet file or a folder of shards (batch inference's input)
+            predictions=input_dir('predictions'), # batch inference's predictions of these rows (absent or of other rows: not checked)
+            monitoring=output_dir('monitoring'), # output folder for statistics.json, constraint_violations.json and summary-<host>.json
+            chunksize:int=50_000, # rows read at a time (bounds memory)
+            fail_on_violation:bool=False, # fail the job, with the first violation as its exit message, when a constraint is violated
+            expected_model_sha256:str='', # sha256 of model.tar.gz the step must be given (its provenance); empty: any valid artifact
+           )->dict:
+    "Check the rows against the model's data-quality baseline; write statistics.json and constraint_violations.json (Model Monitor's formats)."
+    from mlproj.contract import write_exit_message
+    from mlproj.train import load_model, load_baseline, model_schema
+    from mlproj.inference import prediction_column
+    from mlproj import monitor as mon
+    if chunksize < 1: raise InputError(f'chunksize must be at least 1, got {chunksize}')
+    mpath = existing_dir(model, 'model input')
+    _, manifest = load_model(mpath, expected_model_sha256 or None)
+    baseline, schema = load_baseline(mpath), model_schema(manifest)
+    if baseline is None: raise InputError(f'{mpath}: the model carries no data-quality baseline (trained before monitoring existed); retrain it')
+    plan = mon.make_plan(schema, baseline[mon.STATISTICS_FILE])
+    host, (rank, n_hosts) = current_host(), host_rank()
+    src, t0 = container_path(data), time.perf_counter()
+    if n_hosts > 1 and src.is_dir() and not has_data(src):
+        log('monitor', f'{host}: no input objects in this shard ({src}); nothing to summarise')
+        summary = mon.empty_summary(plan)
+    else: summary = mon.summarize_files(existing_dir(data, 'data input'), plan, chunksize, schema)
+    pred = container_path(predictions)
+    if rank == 0 and pred.exists() and has_data(pred):
+        summary['predictions'] = mon.summarize_predictions(pred, prediction_column(schema), schema.id, chunksize)
+    res = mon.finish(summary, baseline, schema)
+    out, sfx = container_path(monitoring), '' if n_hosts == 1 else f'-{host}'
+    docs = {f'summary-{host}.json': summary, f'statistics{sfx}.json': res['statistics'], f'constraint_violations{sfx}.json': {'violations': res['violations']}}
+    with OutputSet() as outs:
+        for name, doc in docs.items(): outs.path(out/name).write_text(json.dumps(doc, indent=2), encoding='utf-8')
+    o = res['outcome']
+    for n in res['notes']: log('monitor', f'note: {n}')
+    kinds = ', '.join(f'{k} {v}' for k, v in o['by_kind'].items())
+    log('monitor', f"{summary['rows']:,} rows from {summary['files']:,} file(s) in {time.perf_counter()-t0:.1f}s: {o['outcome']}, "
+                   f"{o['violations']} violation(s)" + (f' ({kinds})' if kinds else ''))
+    if o['violations'] and fail_on_violation:
+        raise InputError(f"{mon.first_violation(res['violations'])} ({o['violations']} violation(s) in all, see {out/f'constraint_violations{sfx}.json'})")
+    write_exit_message(o['message'])
+    return {'outcome': o['outcome'], 'violations': o['violations'], 'by_kind': o['by_kind'], 'rows': summary['rows'], 'files': summary['files'],
+            'host': host, 'notes': res['notes'], 'drift': [{k: r[k] for k in ('feature', 'method', 'distance', 'threshold', 'drift')} for r in res['drift']],
+            'constraint_violations': str(out/f'constraint_violations{sfx}.json'), 'statistics': str(out/f'statistics{sfx}.json')}
+
+# %% ../nbs/60_steps.ipynb #60-steps-033
+def monitor_outcome(monitoring, # the monitor job's output folder
+                    model, # the model it checked against (for the baseline, when instances are merged)
+                   )->dict:
+    "{'outcome', 'violations', 'by_kind'} of the whole input of a monitor job."
+    from functools import reduce
+    from mlproj import monitor as mon
+    out, model = container_path(monitoring), container_path(model)
+    sums = sorted(out.glob('summary-*.json'))
+    if len(sums) > 1:
+        from mlproj.train import load_model, load_baseline, model_schema
+        summary = reduce(mon.merge_summaries, [json.loads(f.read_text(encoding='utf-8')) for f in sums])
+        o = mon.finish(summary, load_baseline(model), model_schema(load_model(model)[1]))['outcome']
+    else: o = mon.outcome(json.loads((out/'constraint_violations.json').read_text(encoding='utf-8'))['violations'])
+    return {k: o[k] for k in ('outcome', 'violations', 'by_kind')}
+
+# %% ../nbs/60_steps.ipynb #60-steps-036
+STEP_OUTCOMES = {'monitor': lambda ins, outs: monitor_outcome(outs['monitoring'], ins['model'])}
+
+def step_outcome(step:str, # the step
+                 inputs:dict, # {channel: local folder} it read
+                 outputs:dict, # {channel: local folder} it wrote
+                )->dict|None:
+    "The outcome of a completed `step` from its outputs (e.g. monitor's violations), or None for a step that has none."
+    f = STEP_OUTCOMES.get(step)
+    return f(inputs, outputs) if f else None
+
+# %% ../nbs/60_steps.ipynb #60-steps-039
 def producers()->dict:
     "{output channel: step} over all steps; two steps producing the same channel is refused."
     out = {}
@@ -241,7 +317,7 @@ def producers()->dict:
             out[c] = s.name
     return out
 
-# %% ../nbs/60_steps.ipynb #60-steps-031
+# %% ../nbs/60_steps.ipynb #60-steps-040
 def step_sources(name:str)->dict:
     "{input: (producing step, its output) or BUNDLED} of step `name`."
     s, made = get_step(name), producers()
@@ -252,7 +328,7 @@ def step_sources(name:str)->dict:
         else: raise SpecError(f'step {name}: no step produces its input {c!r} and it declares no default source')
     return out
 
-# %% ../nbs/60_steps.ipynb #60-steps-032
+# %% ../nbs/60_steps.ipynb #60-steps-041
 def step_order()->list[str]:
     "Every step, each after the steps it reads from (declaration order among the rest)."
     done, order = set(), []
@@ -262,7 +338,7 @@ def step_order()->list[str]:
         order.append(ready[0]); done.add(ready[0])
     return order
 
-# %% ../nbs/60_steps.ipynb #60-steps-035
+# %% ../nbs/60_steps.ipynb #60-steps-044
 def mermaid()->str:
     "The step graph as Mermaid flowchart text."
     lines = ['flowchart LR']

@@ -17,9 +17,9 @@ from .features import TableFeatures
 from .storage import sha256_file, sha256_stream
 
 # %% auto #0
-__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'TRUSTED_TYPES',
-           'train_model', 'library_versions', 'build_manifest', 'model_schema', 'model_bytes', 'write_model_artifact',
-           'check_manifest', 'load_model']
+__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'BASELINE_FILES',
+           'MAX_BASELINE_BYTES', 'TRUSTED_TYPES', 'train_model', 'library_versions', 'build_manifest', 'model_schema',
+           'model_bytes', 'write_model_artifact', 'check_manifest', 'load_model', 'load_baseline']
 
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with the target column
@@ -41,6 +41,8 @@ def train_model(train:pd.DataFrame, # validated training table, with the target 
 MODEL_FILE, MANIFEST_FILE, ARTIFACT = 'model.skops', 'manifest.json', 'model.tar.gz'
 FORMAT = 'mlproj-model/3'   # /3: the pipeline in skops' format (/2 and before: a pickle); the manifest carries the whole schema
 MAX_MODEL_BYTES, MAX_MANIFEST_BYTES = 2 * 2**30, 2**20
+BASELINE_FILES = ('statistics.json', 'constraints.json')   # the data-quality baseline (see mlproj.monitor), optional members
+MAX_BASELINE_BYTES = 64 * 2**20
 TRUSTED_TYPES = ['mlproj.data.Column', 'mlproj.data.Schema', 'mlproj.features.TableFeatures', 'sklearn.tree._tree.Tree']
 
 def library_versions()->dict:
@@ -49,12 +51,13 @@ def library_versions()->dict:
     return {'python': platform.python_version(), 'scikit-learn': sklearn.__version__, 'numpy': np.__version__,
             'pandas': pd.__version__, 'skops': skops.__version__}
 
-def build_manifest(model:Pipeline, model_sha256:str, params:dict|None=None)->dict:
-    "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), classes, params, versions."
+def build_manifest(model:Pipeline, model_sha256:str, params:dict|None=None, baseline_sha256:dict|None=None)->dict:
+    "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), classes, params, versions, baseline files."
     schema = model.named_steps['features'].schema
     return {'format': FORMAT, 'target': schema.target, 'id_column': schema.id, 'features': list(schema.features),
             'classes': [str(c) for c in model.classes_], 'schema': schema.to_dict(),
-            'params': params or {}, 'libraries': library_versions(), 'model_file': MODEL_FILE, 'model_sha256': model_sha256}
+            'params': params or {}, 'libraries': library_versions(), 'model_file': MODEL_FILE, 'model_sha256': model_sha256,
+            **({'baseline': dict(baseline_sha256)} if baseline_sha256 else {})}
 
 def model_schema(manifest:dict)->Schema:
     "The schema a model was trained with, from its manifest."
@@ -84,27 +87,33 @@ def _add_bytes(tar:tarfile.TarFile, name:str, data:bytes):
     info = tarfile.TarInfo(name); info.size = len(data); info.mtime = 0; info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
 
-def write_model_artifact(model:Pipeline, dest, params:dict|None=None)->dict:
-    "Write `model.tar.gz` (manifest first, then the pipeline in skops' format) to the file `dest`; returns the manifest."
+def write_model_artifact(model:Pipeline, # the fitted pipeline
+                         dest, # the file to write
+                         params:dict|None=None, # training parameters, recorded in the manifest
+                         baseline:dict|None=None, # {'statistics.json': ..., 'constraints.json': ...}: the data-quality baseline (mlproj.monitor.suggest_baseline)
+                        )->dict:
+    "Write `model.tar.gz` (manifest first, then the pipeline in skops' format, then the baseline files) to the file `dest`; returns the manifest."
     blob = model_bytes(model)
-    manifest = build_manifest(model, hashlib.sha256(blob).hexdigest(), params)
+    extra = {n: json.dumps(baseline[n], indent=2).encode() for n in BASELINE_FILES} if baseline else {}
+    manifest = build_manifest(model, hashlib.sha256(blob).hexdigest(), params, {n: hashlib.sha256(b).hexdigest() for n, b in extra.items()})
     # gzip header without time or name, so the same model gives the same bytes
     with open(dest, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
         _add_bytes(tar, MANIFEST_FILE, json.dumps(manifest, indent=2, default=str).encode())
         _add_bytes(tar, MODEL_FILE, blob)
+        for n, b in extra.items(): _add_bytes(tar, n, b)
     return manifest
 
 # %% ../nbs/30_train.ipynb #30-train-010
 def _members(tar:tarfile.TarFile, p:Path)->dict:
-    "{name: TarInfo} of the artifact's two members, after refusing links, odd paths, other members and oversized ones."
+    "{name: TarInfo} of the artifact's members (manifest, model, baseline files if any), after refusing links, odd paths, other members and oversized ones."
     found = {}
     for ti in tar:                                            # headers only, streaming
         name = ti.name
         if name.startswith('/') or '..' in Path(name).parts: raise InputError(f'{p}: member {name[:80]!r} has an absolute or .. path')
         if ti.issym() or ti.islnk(): raise InputError(f'{p}: member {name[:80]!r} is a link; a model artifact holds regular files only')
-        if name not in (MODEL_FILE, MANIFEST_FILE) or not ti.isfile():
-            raise InputError(f'{p}: not a model artifact of this mlproj (unexpected member {name[:80]!r}; it holds {MANIFEST_FILE} and {MODEL_FILE})')
-        cap = MAX_MODEL_BYTES if name == MODEL_FILE else MAX_MANIFEST_BYTES
+        if name not in (MODEL_FILE, MANIFEST_FILE) + BASELINE_FILES or not ti.isfile() or name in found:
+            raise InputError(f'{p}: not a model artifact of this mlproj (unexpected member {name[:80]!r}; it holds {MANIFEST_FILE}, {MODEL_FILE} and the baseline {", ".join(BASELINE_FILES)})')
+        cap = MAX_MODEL_BYTES if name == MODEL_FILE else MAX_MANIFEST_BYTES if name == MANIFEST_FILE else MAX_BASELINE_BYTES
         if ti.size > cap: raise InputError(f'{p}: member {name} declares {ti.size:,} bytes, over the limit of {cap:,}')
         found[name] = ti
     missing = [n for n in (MANIFEST_FILE, MODEL_FILE) if n not in found]
@@ -118,6 +127,18 @@ def _read_manifest(tar, ti, p)->dict:
     if manifest.get('format') != FORMAT:
         raise InputError(f"{p}: model artifact format {str(manifest.get('format'))[:40]!r} is not the one this mlproj reads ({FORMAT!r}); retrain the model with this version")
     return manifest
+
+def _check_baseline(tar, found:dict, manifest:dict, p)->dict:
+    "{name: TarInfo} of the baseline members, after checking they are the ones the manifest names, with its sha256."
+    named = manifest.get('baseline') or {}
+    if not isinstance(named, dict): raise InputError(f'{p}: {MANIFEST_FILE} names its baseline wrongly (not an object)')
+    have = {n: ti for n, ti in found.items() if n in BASELINE_FILES}
+    if set(named) != set(have):
+        raise InputError(f'{p}: {MANIFEST_FILE} names baseline files {sorted(named)}, the artifact holds {sorted(have)}')
+    for n, ti in have.items():
+        if sha256_stream(tar.extractfile(ti)) != named[n]:
+            raise InputError(f'{p}: corrupted model artifact ({n} does not match the sha256 in {MANIFEST_FILE})')
+    return have
 
 # %% ../nbs/30_train.ipynb #30-train-011
 def check_manifest(model, manifest:dict, p)->Schema:
@@ -150,6 +171,7 @@ def load_model(path, # model.tar.gz, or a folder holding one
             manifest = _read_manifest(tar, found[MANIFEST_FILE], p)
             if sha256_stream(tar.extractfile(found[MODEL_FILE])) != manifest.get('model_sha256'):
                 raise InputError(f'{p}: corrupted model artifact ({MODEL_FILE} does not match the sha256 in {MANIFEST_FILE})')
+            _check_baseline(tar, found, manifest, p)
             blob = tar.extractfile(found[MODEL_FILE]).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise InputError(f'{p}: corrupted model artifact ({type(e).__name__}: {" ".join(str(e).split())[:200]})') from None
@@ -160,3 +182,21 @@ def load_model(path, # model.tar.gz, or a folder holding one
     except Exception as e: raise InputError(f'{p}: {MODEL_FILE} does not load ({type(e).__name__}: {" ".join(str(e).split())[:120]})') from None
     check_manifest(model, manifest, p)
     return model, manifest
+
+# %% ../nbs/30_train.ipynb #30-train-016
+def load_baseline(path, # model.tar.gz, or a folder holding one
+                 )->dict|None:
+    "The baseline a model carries, {'statistics.json': ..., 'constraints.json': ...}, checked against its manifest; None if it has none."
+    p = Path(path)
+    if p.is_dir(): p = p/ARTIFACT
+    if not p.exists(): raise InputError(f'model artifact not found: {p}')
+    try:
+        with tarfile.open(p, 'r:gz') as tar:
+            found = _members(tar, p)
+            have = _check_baseline(tar, found, _read_manifest(tar, found[MANIFEST_FILE], p), p)
+            raw = {n: tar.extractfile(ti).read() for n, ti in have.items()}
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise InputError(f'{p}: corrupted model artifact ({type(e).__name__}: {" ".join(str(e).split())[:200]})') from None
+    if not raw: return None
+    try: return {n: json.loads(raw[n]) for n in BASELINE_FILES}
+    except (ValueError, UnicodeDecodeError) as e: raise InputError(f'{p}: a baseline file is not JSON ({type(e).__name__})') from None

@@ -85,8 +85,8 @@ def test_a_wine_table_runs_through_every_step_with_the_notebook_engine(wine_proj
                        cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     rec = json.loads(r.stdout)
-    assert rec['status'] == 'Completed' and [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference']
-    assert rec['accuracy'] >= 0.85, rec['accuracy']
+    assert rec['status'] == 'Completed' and [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference', 'monitor']
+    assert rec['gate']['value'] >= 0.85, rec['gate']
     run = work/'outputs/wine'
     manifest = json.loads(subprocess.run(['tar', 'xzOf', str(run/'train/model/model.tar.gz'), 'manifest.json'], capture_output=True, check=True).stdout)
     assert manifest['schema']['name'] == 'wine' and manifest['classes'] == ['class_0', 'class_1', 'class_2'] and manifest['id_column'] is None

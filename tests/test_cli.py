@@ -164,13 +164,14 @@ def test_mlproj_run_writes_the_run_record(tmp_path):
     rec = json.loads(r.stdout)
     assert rec == json.loads((tmp_path/'r1/run.json').read_text())
     assert rec['engine'] == 'script'
-    assert rec['status'] == 'Completed' and rec['accuracy'] >= 0.95
-    assert [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference']
+    assert rec['status'] == 'Completed' and rec['gate']['value'] >= 0.95
+    assert [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference', 'monitor']
     for s in rec['steps']:
         assert s['status'] == 'Completed' and s['seconds'] > 0
         assert all(v['sha256'] for v in s['outputs'].values()), s['step']
     for f in ['preprocess/train/train-algo-1.csv', 'preprocess/test/test-algo-1.csv', 'train/model/model.tar.gz',
-              'evaluate/evaluation/evaluation.json', 'evaluate/evaluation/confusion_matrix.png', 'batch_inference/predictions/predictions-algo-1.csv']:
+              'evaluate/evaluation/evaluation.json', 'evaluate/evaluation/confusion_matrix.png', 'batch_inference/predictions/predictions-algo-1.csv',
+              'monitor/monitoring/statistics.json', 'monitor/monitoring/constraint_violations.json']:
         assert (tmp_path/'r1'/f).exists(), f
     assert rec['steps'][1]['parameters']['n_estimators'] == 30
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MOTO_BUCKET, FAKE_KEY_ID
+from mlproj.pipeline import PIPELINE
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE = 'arn:aws:iam::123456789012:role/r'
@@ -95,7 +96,7 @@ def test_sagemaker_steps_are_valid_create_processing_job_requests(exported):
     from mlproj.jobs import validate_request
     defn = load(exported['sagemaker'])
     steps = processing_steps(resolve_sagemaker(defn))          # Get references replaced by sample URIs and defaults
-    assert list(steps) == ['preprocess', 'train', 'evaluate', 'batch_inference']
+    assert list(steps) == list(PIPELINE.steps)
     for name, args in steps.items():
         req = {'ProcessingJobName': f'check-{name}'.replace('_', '-'), **args}
         botocore_check(req)
@@ -132,7 +133,7 @@ def test_state_machine_tasks_are_valid_create_processing_job_requests(exported):
     defn = load(exported['stepfunctions'])
     st = stepfunctions_state(defn)
     tasks = {n: s for n, s in defn['States'].items() if s.get('Resource') == SFN_SYNC}
-    assert list(tasks) == ['preprocess', 'train', 'evaluate', 'batch_inference']
+    assert list(tasks) == list(PIPELINE.steps)
     for name, s in tasks.items(): botocore_check(resolve_stepfunctions(s['Parameters'], st, {'Execution': {'Name': 'e-1'}}))
 
 
@@ -201,6 +202,7 @@ def sample_values():
         name = k.partition('.')[2]
         if name == 'instance_type': vals[k] = 'ml.c5.2xlarge'
         elif name == 'instance_count': vals[k] = 2
+        elif q.type is bool: vals[k] = not q.default
         elif q.type is int: vals[k] = q.default + 1
         elif q.type is float: vals[k] = round(q.default * 1.25, 6)
         else: vals[k] = 'island'
@@ -228,8 +230,9 @@ def test_every_exported_step_equals_the_cli_request(engine, tmp_path):
         code, _, err = cli('pipeline', 'export', '--format', fmt, *flags, '-o', str(tmp_path/f'{fmt}.json'))
         assert code == 0, err
         defs[fmt] = load(tmp_path/f'{fmt}.json')
+    from mlproj.export import execution_values
     vals = sample_values()
-    given = {param_name(k): v for k, v in vals.items()}
+    given = execution_values({k: str(v) for k, v in vals.items()})     # what `mlproj pipeline start -p` would send
     sm = processing_steps(resolve_sagemaker(defs['sagemaker'], given, execution='e-1'))
     st = stepfunctions_state(defs['stepfunctions'], given)
     sfn = {n: resolve_stepfunctions(s['Parameters'], st, {'Execution': {'Name': 'e-1'}})

@@ -1,4 +1,4 @@
-"""The four runtime scripts as SageMaker Processing runs them: `--help`, a silent import, and the full chain
+"""The runtime scripts as SageMaker Processing runs them: `--help`, a silent import, and the full chain
 (preprocess -> train -> evaluate -> batch_inference) with the container's default paths and with explicit paths."""
 import json, math, re, tarfile, hashlib
 import pytest
@@ -10,6 +10,7 @@ LOCATIONS = {
     'train': {'train': f'{IN}/train', 'model': f'{OUT}/model'},
     'evaluate': {'model': f'{IN}/model', 'test': f'{IN}/test', 'evaluation': f'{OUT}/evaluation'},
     'batch_inference': {'model': f'{IN}/model', 'data': f'{IN}/data', 'predictions': f'{OUT}/predictions'},
+    'monitor': {'model': f'{IN}/model', 'data': f'{IN}/data', 'predictions': f'{IN}/predictions', 'monitoring': f'{OUT}/monitoring'},
 }
 SCHEMA_COLUMNS = ['penguin_id', 'species', 'island', 'bill_length_mm', 'bill_depth_mm', 'flipper_length_mm',
                   'body_mass_g', 'sex', 'year']

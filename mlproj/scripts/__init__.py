@@ -14,9 +14,17 @@ __all__ = ['script_parser', 'run_script', 'StepScripts']
 # %% ../../nbs/70_scripts.ipynb #70-scripts-005
 def script_parser(step:str):
     "The `argparse` parser of step `step`'s runtime script, built from its entry function."
+    import argparse
     from fastcore.script import anno_parser
+    from mlproj.params import convert_value
     s = get_step(step)
-    return anno_parser(s.fn, prog=f'python -m mlproj.scripts.{step}')
+    p = anno_parser(s.fn, prog=f'python -m mlproj.scripts.{step}')
+    for a in p._actions:
+        if a.dest in s.params and s.params[a.dest].type is bool:       # a bare flag -> an option taking true/false
+            a.__class__, a.nargs, a.const, a.metavar = argparse._StoreAction, '?', True, 'true|false'
+            a.type = lambda v, n=a.dest: convert_value(n, v, bool)
+            a.type.__name__ = 'bool'                                        # argparse names it in its message
+    return p
 
 # %% ../../nbs/70_scripts.ipynb #70-scripts-008
 def run_script(step:str, argv:list|None=None):
