@@ -12,17 +12,17 @@ from .storage import s3_join, split_s3
 from .steps import BUNDLED, STEPS, step_sources
 from .jobs import CODE_CHANNEL, ENGINES, code_files, code_dir, step_job, render_request, validate_request, job_name
 from .sagemaker_backend import to_remote, check_target
+from .cache import package_digest
 from .pipeline import PIPELINE, Pipeline, RESOURCE_PARAMS, check_run_params
 
 # %% auto #0
 __all__ = ['PARAM_TYPES', 'SOURCE_RECORD', 'SM_VERSION', 'GATE_STEP', 'FAIL_STEP', 'PROPERTY_FILE', 'SM_CONDITIONS', 'SFN_SYNC',
            'SFN_GET_OBJECT', 'SFN_CHOICES', 'READ_METRIC', 'GATE_STATE', 'ROLE_TOKEN', 'FORMATS', 'param_name',
-           'Target', 'export_parameters', 'package_source_digest', 'pipeline_code', 'code_digest', 's3_layout',
-           'output_uri', 'step_request', 'Ref', 'step_template', 'message_parts', 'sagemaker_definition',
-           'resolve_sagemaker', 'processing_steps', 'check_sagemaker_definition', 'sfn_job_prefix',
-           'stepfunctions_definition', 'resolve_stepfunctions', 'stepfunctions_state', 'check_stepfunctions_definition',
-           'cloudformation_template', 'export_definition', 'execution_values', 'upload_code', 'upsert', 'start', 'show',
-           'pipeline_parser', 'cmd_pipeline']
+           'Target', 'export_parameters', 'pipeline_code', 'code_digest', 's3_layout', 'output_uri', 'step_request',
+           'Ref', 'step_template', 'message_parts', 'sagemaker_definition', 'resolve_sagemaker', 'processing_steps',
+           'check_sagemaker_definition', 'sfn_job_prefix', 'stepfunctions_definition', 'resolve_stepfunctions',
+           'stepfunctions_state', 'check_stepfunctions_definition', 'cloudformation_template', 'export_definition',
+           'execution_values', 'upload_code', 'upsert', 'start', 'show', 'pipeline_parser', 'cmd_pipeline']
 
 # %% ../nbs/92_export.ipynb #92-export-005
 def param_name(key:str)->str:
@@ -60,25 +60,14 @@ def export_parameters(t:Target, p:Pipeline=PIPELINE)->dict:
 # %% ../nbs/92_export.ipynb #92-export-011
 SOURCE_RECORD = 'mlproj-source.sha256'
 
-def package_source_digest()->str:
-    "sha256 of the installed `mlproj` package's Python source and version (what the code channel's wheel is built from)."
-    import mlproj
-    root, h = Path(mlproj.__file__).parent, hashlib.sha256(mlproj.__version__.encode() + b'\0')
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs[:] = sorted(x for x in dirs if x != '__pycache__')
-        for f in sorted(files):
-            if f.endswith('.py'): h.update(str(Path(d, f).relative_to(root)).encode() + b'\0' + Path(d, f).read_bytes() + b'\0')
-    return h.hexdigest()
-
-# %% ../nbs/92_export.ipynb #92-export-012
 def pipeline_code(engine:str='notebook', p:Pipeline=PIPELINE)->dict:
     "{file name: bytes} of the code channel every step of `p` shares: each step's code files and the package source record."
     files = {}
     for s in p.steps: files |= code_files(s, engine)
-    files[SOURCE_RECORD] = f'{package_source_digest()}  mlproj\n'.encode()
+    files[SOURCE_RECORD] = f'{package_digest()}  mlproj\n'.encode()     # the run cache's code identity of the package
     return files
 
-# %% ../nbs/92_export.ipynb #92-export-013
+# %% ../nbs/92_export.ipynb #92-export-012
 @functools.lru_cache(maxsize=None)
 def code_digest(engine:str='notebook', p:Pipeline=PIPELINE)->str:
     "The name of the code channel's folder: a digest of `pipeline_code` (computed once per process)."
@@ -93,12 +82,12 @@ def s3_layout(t:Target, p:Pipeline=PIPELINE)->dict:
     return {'base': base, 'code': f"{base}code/{code_digest(t.engine, p)}/",
             'inputs': {ch: t.inputs.get(ch) or f'{base}input/{ch}/' for ch in p.inputs}, 'runs': f'{base}runs/'}
 
-# %% ../nbs/92_export.ipynb #92-export-015
+# %% ../nbs/92_export.ipynb #92-export-014
 def output_uri(layout:dict, execution:str, step:str, channel:str)->str:
     "Where `step` writes `channel` in execution `execution`."
     return f"{layout['runs']}{execution}/{step}/{channel}/"
 
-# %% ../nbs/92_export.ipynb #92-export-018
+# %% ../nbs/92_export.ipynb #92-export-017
 def step_request(step:str, # a step of `p`
                  t:Target, # bucket, role, image, engine
                  values:dict|None=None, # {'group.name': value} of pipeline parameters (default: their defaults)
@@ -114,7 +103,7 @@ def step_request(step:str, # a step of `p`
                     code=lay['code'], max_runtime=t.max_runtime, instance_type=v[f'{step}.instance_type'], role=t.role)
     return to_remote(render_request(spec), t.bucket, t.role, t.image_uri, t.prefix)[0]
 
-# %% ../nbs/92_export.ipynb #92-export-021
+# %% ../nbs/92_export.ipynb #92-export-020
 @dataclass(frozen=True)
 class Ref:
     "A hole in a step template: a pipeline parameter (`param`: 'group.name'), or where a step's output goes in this execution (`output`: 'step/channel')."
@@ -123,7 +112,7 @@ class Ref:
     prefix: str = ''       # text before the value; with `text` the hole is a string ('seed=' + value)
     text: bool = False     # render the value as text (an element of ContainerArguments)
 
-# %% ../nbs/92_export.ipynb #92-export-022
+# %% ../nbs/92_export.ipynb #92-export-021
 def _argument_slot(args:list, step:str, name:str, value, engine:str)->int:
     "Index of the element of `args` carrying step parameter `name`'s value."
     for i, a in enumerate(args[:-1]):
@@ -151,7 +140,7 @@ def step_template(step:str, t:Target, p:Pipeline=PIPELINE)->dict:
         args[_argument_slot(args, step, name, q.default, t.engine)] = Ref('param', n, f'{name}=' if t.engine == 'notebook' else '', True)
     return req
 
-# %% ../nbs/92_export.ipynb #92-export-025
+# %% ../nbs/92_export.ipynb #92-export-024
 SM_VERSION = '2020-12-01'
 GATE_STEP, FAIL_STEP, PROPERTY_FILE = 'QualityGate', 'QualityGateFailed', 'GateMetrics'
 SM_CONDITIONS = {'>=': 'GreaterThanOrEqualTo', '>': 'GreaterThan', '<=': 'LessThanOrEqualTo', '<': 'LessThan'}
@@ -163,7 +152,7 @@ def message_parts(p:Pipeline=PIPELINE)->tuple[str, str, str]:
     mid, _, post = rest.partition('876543')
     return pre, mid, post
 
-# %% ../nbs/92_export.ipynb #92-export-027
+# %% ../nbs/92_export.ipynb #92-export-026
 def _sm_fill(x, step:str, t:Target, p:Pipeline):
     "A step template with its `Ref`s as SageMaker Pipelines expressions."
     if isinstance(x, dict): return {k: _sm_fill(v, step, t, p) for k, v in x.items()}
@@ -176,7 +165,7 @@ def _sm_fill(x, step:str, t:Target, p:Pipeline):
     if src != step: return {'Get': f"Steps.{src}.ProcessingOutputConfig.Outputs['{ch}'].S3Output.S3Uri"}
     return {'Std:Join': {'On': '', 'Values': [s3_layout(t, p)['runs'], {'Get': 'Execution.PipelineExecutionId'}, f'/{step}/{ch}/']}}
 
-# %% ../nbs/92_export.ipynb #92-export-028
+# %% ../nbs/92_export.ipynb #92-export-027
 def sagemaker_definition(t:Target, p:Pipeline=PIPELINE)->dict:
     "The SageMaker Pipelines definition of `p`: parameters, a Processing step per step, the gate as Condition + Fail."
     params = [{'Name': n, 'Type': ty, 'DefaultValue': d} for n, ty, d in export_parameters(t, p).values()]
@@ -198,7 +187,7 @@ def sagemaker_definition(t:Target, p:Pipeline=PIPELINE)->dict:
     return {'Version': SM_VERSION, 'Metadata': {}, 'Parameters': params, 'Steps': steps,
             'PipelineExperimentConfig': {'ExperimentName': {'Get': 'Execution.PipelineName'}, 'TrialName': {'Get': 'Execution.PipelineExecutionId'}}}
 
-# %% ../nbs/92_export.ipynb #92-export-031
+# %% ../nbs/92_export.ipynb #92-export-030
 def resolve_sagemaker(defn:dict, # a SageMaker Pipelines definition
                       values:dict|None=None, # {exported parameter name: value}; others take their defaults
                       execution:str='EXECUTION', # the PipelineExecutionId
@@ -227,7 +216,7 @@ def resolve_sagemaker(defn:dict, # a SageMaker Pipelines definition
         return ev(next(o for o in flat[m[1]]['Arguments']['ProcessingOutputConfig']['Outputs'] if o['OutputName'] == m[2])['S3Output']['S3Uri'])
     return {**ev({k: v for k, v in defn.items() if k != 'Parameters'}), 'Parameters': defn['Parameters']}
 
-# %% ../nbs/92_export.ipynb #92-export-034
+# %% ../nbs/92_export.ipynb #92-export-033
 def processing_steps(defn:dict)->dict:
     "{step name: Arguments} of every Processing step of a SageMaker Pipelines definition, condition branches included."
     out = {}
@@ -238,7 +227,7 @@ def processing_steps(defn:dict)->dict:
     walk(defn['Steps'])
     return out
 
-# %% ../nbs/92_export.ipynb #92-export-036
+# %% ../nbs/92_export.ipynb #92-export-035
 def check_sagemaker_definition(defn:dict, values:dict|None=None)->dict:
     "Refuse a definition whose Processing steps, resolved (defaults, or `values`), are not valid CreateProcessingJob requests."
     for name, args in processing_steps(resolve_sagemaker(defn, values)).items():
@@ -246,7 +235,7 @@ def check_sagemaker_definition(defn:dict, values:dict|None=None)->dict:
         except SpecError as e: raise SpecError(f'SageMaker pipeline step {name}: {e}') from None
     return defn
 
-# %% ../nbs/92_export.ipynb #92-export-039
+# %% ../nbs/92_export.ipynb #92-export-038
 SFN_SYNC = 'arn:aws:states:::sagemaker:createProcessingJob.sync'
 SFN_GET_OBJECT = 'arn:aws:states:::aws-sdk:s3:getObject'
 SFN_CHOICES = {'>=': 'NumericGreaterThanEqualsPath', '>': 'NumericGreaterThanPath', '<=': 'NumericLessThanEqualsPath', '<': 'NumericLessThanPath'}
@@ -265,7 +254,7 @@ def _run_location(t:Target, p:Pipeline, step:str, ch:str)->str:
     "Intrinsic: where `step` writes `ch` in this execution."
     return f"States.Format({_fmt(s3_layout(t, p)['runs'], f'/{step}/{ch}/')}, $$.Execution.Name)"
 
-# %% ../nbs/92_export.ipynb #92-export-041
+# %% ../nbs/92_export.ipynb #92-export-040
 def _sfn_fill(x, t:Target, p:Pipeline):
     "A step template as Step Functions task Parameters: each `Ref` becomes a `.$` field (a path or an intrinsic)."
     if isinstance(x, list):
@@ -282,12 +271,12 @@ def _sfn_fill(x, t:Target, p:Pipeline):
         else: out[k] = v
     return out
 
-# %% ../nbs/92_export.ipynb #92-export-042
+# %% ../nbs/92_export.ipynb #92-export-041
 def sfn_job_prefix(step:str, p:Pipeline=PIPELINE)->str:
     "The fixed start of a step's job names in the state machine (at most 26 characters, so a UUID execution name fits)."
     return re.sub(r'[^a-zA-Z0-9]+', '-', f'{p.name}-{step}').strip('-')[:26].rstrip('-')
 
-# %% ../nbs/92_export.ipynb #92-export-044
+# %% ../nbs/92_export.ipynb #92-export-043
 def stepfunctions_definition(t:Target, p:Pipeline=PIPELINE)->dict:
     "The Amazon States Language state machine of `p`: parameters, a createProcessingJob.sync task per step, the gate as Choice + Fail."
     defaults = {n: d for n, _, d in export_parameters(t, p).values()}
@@ -312,7 +301,7 @@ def stepfunctions_definition(t:Target, p:Pipeline=PIPELINE)->dict:
         if not p.gated: states['Passed'] = {'Type': 'Succeed'}
     return {'Comment': f'{p.name}: {" -> ".join(p.steps)}, exported by mlproj from the pipeline declaration', 'StartAt': 'Parameters', 'States': states}
 
-# %% ../nbs/92_export.ipynb #92-export-047
+# %% ../nbs/92_export.ipynb #92-export-046
 def _intrinsic(expr:str, state:dict, ctx:dict):
     "The value of a path or intrinsic function call `expr` over `state` and the context object `ctx`."
     pos = [0]
@@ -356,7 +345,7 @@ def _intrinsic(expr:str, state:dict, ctx:dict):
     if pos[0] != len(expr): raise SpecError(f'cannot read {expr!r} past position {pos[0]}')
     return v
 
-# %% ../nbs/92_export.ipynb #92-export-049
+# %% ../nbs/92_export.ipynb #92-export-048
 def resolve_stepfunctions(params, state:dict, ctx:dict):
     "Task `params` as Step Functions passes them on: every `.$` field evaluated over `state` and the context `ctx`."
     if isinstance(params, list): return [resolve_stepfunctions(v, state, ctx) for v in params]
@@ -364,14 +353,14 @@ def resolve_stepfunctions(params, state:dict, ctx:dict):
     return {(k[:-2] if k.endswith('.$') else k): (_intrinsic(v, state, ctx) if k.endswith('.$') else resolve_stepfunctions(v, state, ctx))
             for k, v in params.items()}
 
-# %% ../nbs/92_export.ipynb #92-export-051
+# %% ../nbs/92_export.ipynb #92-export-050
 def stepfunctions_state(defn:dict, given:dict|None=None)->dict:
     "The state the tasks see after the parameter states, for execution input `given`."
     ctx = {'Execution': {'Name': 'EXECUTION', 'Input': given or {}}}
     st = resolve_stepfunctions(defn['States']['Parameters']['Parameters'], {}, ctx)
     return resolve_stepfunctions(defn['States']['MergeParameters']['Parameters'], st, ctx)
 
-# %% ../nbs/92_export.ipynb #92-export-053
+# %% ../nbs/92_export.ipynb #92-export-052
 def check_stepfunctions_definition(defn:dict, given:dict|None=None)->dict:
     "Refuse a state machine whose processing tasks, resolved (defaults, or execution input `given`), are not valid CreateProcessingJob requests."
     st = stepfunctions_state(defn, given)
@@ -381,7 +370,7 @@ def check_stepfunctions_definition(defn:dict, given:dict|None=None)->dict:
         except (SpecError, KeyError) as e: raise SpecError(f'state machine task {name}: {e}') from None
     return defn
 
-# %% ../nbs/92_export.ipynb #92-export-056
+# %% ../nbs/92_export.ipynb #92-export-055
 ROLE_TOKEN = '${ProcessingRoleArn}'
 _ROLE_STANDIN = 'arn:aws:iam::000000000000:role/mlproj-processing-role-from-template-parameter'
 
@@ -409,7 +398,7 @@ def cloudformation_template(t:Target, p:Pipeline=PIPELINE)->dict:
         'Outputs': {'SageMakerPipelineName': {'Condition': 'WithSageMaker', 'Value': {'Ref': 'SageMakerPipeline'}},
                     'StateMachineArn': {'Condition': 'WithStepFunctions', 'Value': {'Ref': 'StateMachine'}}}}
 
-# %% ../nbs/92_export.ipynb #92-export-059
+# %% ../nbs/92_export.ipynb #92-export-058
 FORMATS = ('sagemaker', 'stepfunctions', 'cloudformation')
 
 def export_definition(fmt:str, # sagemaker, stepfunctions or cloudformation
@@ -423,7 +412,7 @@ def export_definition(fmt:str, # sagemaker, stepfunctions or cloudformation
     check_sagemaker_definition(sagemaker_definition(t, p)); check_stepfunctions_definition(stepfunctions_definition(t, p))
     return cloudformation_template(t, p)
 
-# %% ../nbs/92_export.ipynb #92-export-062
+# %% ../nbs/92_export.ipynb #92-export-061
 def execution_values(pairs:dict, # {'group.name': text} from -p
                      p:Pipeline=PIPELINE)->dict:
     "{exported name: typed value} of `-p group.name=value` pairs (inputs: `input.<channel>=s3://...`), checked as `mlproj run` checks them."
@@ -440,7 +429,7 @@ def execution_values(pairs:dict, # {'group.name': text} from -p
     typed = check_run_params(groups, p)
     return {param_name(k): v for k, v in ins.items()} | {param_name(f'{g}.{n}'): str(v) if isinstance(v, bool) else v for g, d in typed.items() for n, v in d.items()}
 
-# %% ../nbs/92_export.ipynb #92-export-064
+# %% ../nbs/92_export.ipynb #92-export-063
 def upload_code(t:Target, s3, p:Pipeline=PIPELINE, wheels:bool=True, dependencies:bool=True, say=print)->dict:
     "Upload the code channel, the wheels (stock image: `wheels` True) and the bundled table to default inputs; returns the layout."
     import tempfile
@@ -459,7 +448,7 @@ def upload_code(t:Target, s3, p:Pipeline=PIPELINE, wheels:bool=True, dependencie
         if ch not in t.inputs: say(f"uploaded {len(storage.upload(Path(bundled_path()), uri, s3))} file(s) of the bundled table -> {uri}")
     return lay
 
-# %% ../nbs/92_export.ipynb #92-export-065
+# %% ../nbs/92_export.ipynb #92-export-064
 def _state_machine_arn(sfn, name:str)->str|None:
     for page in sfn.get_paginator('list_state_machines').paginate():
         for m in page['stateMachines']:
@@ -494,7 +483,7 @@ def upsert(backend:str, # sagemaker or stepfunctions
     say(f'{verb} {arn}')
     return arn
 
-# %% ../nbs/92_export.ipynb #92-export-066
+# %% ../nbs/92_export.ipynb #92-export-065
 def start(backend:str, session, values:dict|None=None, # {exported name: typed value}
           name:str|None=None, # execution name (default: generated, unique)
           p:Pipeline=PIPELINE)->str:
@@ -509,7 +498,7 @@ def start(backend:str, session, values:dict|None=None, # {exported name: typed v
     if not arn: raise BackendError(f'no state machine named {p.name}: run `mlproj pipeline upsert --backend stepfunctions` first')
     return sfn.start_execution(stateMachineArn=arn, name=name, input=json.dumps(values or {}))['executionArn']
 
-# %% ../nbs/92_export.ipynb #92-export-067
+# %% ../nbs/92_export.ipynb #92-export-066
 def show(backend:str, session, execution:str|None=None, # execution ARN (default: the newest)
          p:Pipeline=PIPELINE)->dict:
     "Status and steps of an execution of the deployed pipeline."
@@ -541,7 +530,7 @@ def show(backend:str, session, execution:str|None=None, # execution ARN (default
     return {'execution': execution, 'status': d['status'], 'failure_reason': d.get('cause'), 'parameters': json.loads(d.get('input') or '{}'),
             'steps': [{'step': k, 'status': v} for k, v in steps.items()]}
 
-# %% ../nbs/92_export.ipynb #92-export-069
+# %% ../nbs/92_export.ipynb #92-export-068
 def pipeline_parser(sub):
     "The `pipeline export|upsert|start|show` subcommands (implemented in mlproj.export)."
     pl = sub.add_parser('pipeline', help='the pipeline on AWS: export it, deploy it, start and show executions').add_subparsers(dest='plcmd', required=True)
@@ -566,7 +555,7 @@ def pipeline_parser(sub):
         if p is not ex: p.add_argument('--backend', choices=('sagemaker', 'stepfunctions'), required=True, help='which AWS engine')
         p.add_argument('--region', help='AWS region'); p.add_argument('--profile', help='AWS profile')
 
-# %% ../nbs/92_export.ipynb #92-export-071
+# %% ../nbs/92_export.ipynb #92-export-070
 def _target(a)->Target:
     "The Target of a `pipeline export|upsert` command line."
     from mlproj.params import parse_pairs
