@@ -15,10 +15,12 @@ $(VENV)/.installed: $(BIN)/python setup.py settings.ini
 	$(BIN)/pip install --quiet -e .
 	@touch $@
 
-# Development install: nbdev 2.4 pin set + test stack, and a Jupyter kernel for papermill.
-$(VENV)/.installed-dev: $(VENV)/.installed
+# Development install: nbdev 2.4 pin set + test stack, and a Jupyter kernel for papermill;
+# asl-validator (npm, pinned by package-lock.json) into node_modules/ for the state machine check.
+$(VENV)/.installed-dev: $(VENV)/.installed package.json package-lock.json
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	npm ci --no-audit --no-fund
 	@touch $@
 
 install: $(VENV)/.installed

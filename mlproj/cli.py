@@ -101,6 +101,7 @@ def make_parser()->argparse.ArgumentParser:
     stop.add_argument('--region'); stop.add_argument('--profile')
     job.add_parser('list', help='list local jobs, newest first')
     job.add_parser('params', help="list the steps' parameters, or one step's").add_argument('step', nargs='?')
+    from mlproj.export import pipeline_parser; pipeline_parser(sub)   # mlproj pipeline export|upsert|start|show
     return ap
 
 # %% ../nbs/95_cli.ipynb #95-cli-015
@@ -191,7 +192,9 @@ def main(argv=None)->int:
     "Entry point of the `mlproj` command: exit 0 done, 1 a job that did not complete, 2 refused (one line), 130 interrupted."
     a = make_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)   # a terminated CLI stops its job's instances like Ctrl-C
-    try: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
+    try:
+        if a.cmd == 'pipeline': from mlproj.export import cmd_pipeline; code = cmd_pipeline(a)
+        else: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
     except Exception as e:

@@ -22,7 +22,7 @@ LAYERS = [
     ['local', 'sagemaker_backend'],
     ['cache'],
     ['pipeline'],
-    ['lab'],
+    ['export', 'lab'],
     ['cli'],
 ]
 LAYER = {m: i for i, ms in enumerate(LAYERS) for m in ms}
@@ -100,7 +100,7 @@ def test_script_help_imports_no_heavy_library(step):
     assert not seen & set(HEAVY), sorted(seen & set(HEAVY))
 
 
-@pytest.mark.parametrize('args', [['--help'], ['job', 'params'], ['job', 'run', '--help']])
+@pytest.mark.parametrize('args', [['--help'], ['job', 'params'], ['job', 'run', '--help'], ['pipeline', 'export', '--help']])
 def test_cli_help_imports_no_heavy_library(args):
     seen = imported_modules(['-c', f'import sys; from mlproj.cli import main; sys.exit(main({args!r}))'])
     assert not seen & set(HEAVY), sorted(seen & set(HEAVY))

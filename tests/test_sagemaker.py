@@ -6,45 +6,10 @@ import contextlib, copy, io, json, logging, os, socket, subprocess, sys, tarfile
 from pathlib import Path
 import pytest
 
+from conftest import MOTO_BUCKET as BUCKET, FAKE_KEY_ID, FAKE_SECRET   # the loopback server's bucket and fake credentials
+
 ROLE = 'arn:aws:iam::123456789012:role/service-role/MlprojProcessing'
-BUCKET = 'mlproj-test-bucket'
-LOOPBACK = {'127.0.0.1', 'localhost', '::1'}
-# fake credentials for moto, distinctive enough that finding one anywhere means it leaked
-FAKE_KEY_ID, FAKE_SECRET = 'AKIAMLPROJTESTKEY0001', 'mlproj-test-secret-do-not-leak-0001'
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    "Fail any test that tries to reach a host other than loopback."
-    real, attempts = socket.socket.connect, []
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and host not in LOOPBACK and not host.startswith('/'):
-            attempts.append(address)      # recorded too, in case the caller swallows the error (telemetry would)
-            raise ConnectionRefusedError(f'test tried to reach {address}: only loopback is allowed')
-        return real(self, address)
-    monkeypatch.setattr(socket.socket, 'connect', guarded)
-    yield
-    assert not attempts, f'tried to reach non-loopback endpoints: {attempts}'
-
-
-@pytest.fixture(scope='module')
-def moto_server():
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {'AWS_ENDPOINT_URL': f'http://127.0.0.1:{port}', 'AWS_ACCESS_KEY_ID': FAKE_KEY_ID, 'AWS_SECRET_ACCESS_KEY': FAKE_SECRET,
-           'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_REGION': 'us-east-1', 'AWS_CONFIG_FILE': '/dev/null', 'AWS_SHARED_CREDENTIALS_FILE': '/dev/null'}
-    old = {k: os.environ.get(k) for k in list(env) + ['AWS_PROFILE', 'AWS_SESSION_TOKEN']}
-    os.environ.update(env); os.environ.pop('AWS_PROFILE', None); os.environ.pop('AWS_SESSION_TOKEN', None)
-    import boto3
-    boto3.client('s3').create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-    for k, v in old.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+pytestmark = pytest.mark.usefixtures('loopback_only')     # fixtures loopback_only and moto_server: tests/conftest.py
 
 
 def keys(prefix=''):
