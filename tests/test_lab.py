@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-JOBS = ['preprocess', 'train', 'evaluate', 'batch_inference']
+JOBS = ['preprocess', 'train', 'evaluate', 'batch_inference', 'monitor']
 SHOTS = REPO/'outputs'/'lab'                    # screenshots for a person to look at (names unique per test)
 CHROMIUM = shutil.which('chromium') or ('/usr/bin/chromium' if Path('/usr/bin/chromium').exists() else None)
 
@@ -107,9 +107,9 @@ def test_lab_prints_a_loopback_url_with_a_token_and_fills_the_sandbox(lab):
     with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(lab.base + 'api/kernelspecs', timeout=30)   # no token
     assert e.value.code == 403
     inp, out = lab.sandbox/'processing'/'input', lab.sandbox/'processing'/'output'
-    assert sorted(p.name for p in inp.iterdir()) == ['data', 'model', 'raw', 'test', 'train']
+    assert sorted(p.name for p in inp.iterdir()) == ['data', 'model', 'predictions', 'raw', 'test', 'train']
     assert (inp/'model'/'model.tar.gz').is_file() and (inp/'test'/'test-algo-1.csv').is_file()
-    assert sorted(p.name for p in out.iterdir()) == ['evaluation', 'model', 'predictions', 'test', 'train']
+    assert sorted(p.name for p in out.iterdir()) == ['evaluation', 'model', 'monitoring', 'predictions', 'test', 'train']
     assert lab.api('api/status')['started']
 
 
@@ -154,7 +154,8 @@ def test_job_notebook_runs_in_a_kernel_of_the_server(lab, job):
     assert any('text/html' in o.get('data', {}) for o in outs), 'no table shown'
     out = lab.sandbox/'processing'/'output'
     written = {'preprocess': out/'train'/'train-algo-1.csv', 'train': out/'model'/'model.tar.gz',
-               'evaluate': out/'evaluation'/'evaluation.json', 'batch_inference': out/'predictions'/'predictions-algo-1.csv'}[job]
+               'evaluate': out/'evaluation'/'evaluation.json', 'batch_inference': out/'predictions'/'predictions-algo-1.csv',
+               'monitor': out/'monitoring'/'constraint_violations.json'}[job]
     assert written.is_file(), f'{job} wrote nothing to the sandbox ({written})'
     if job == 'evaluate': assert any('image/png' in o.get('data', {}) for o in outs), 'no figure shown'
 
