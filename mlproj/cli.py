@@ -190,6 +190,8 @@ def _sigterm(*_): raise KeyboardInterrupt
 
 def main(argv=None)->int:
     "Entry point of the `mlproj` command: exit 0 done, 1 a job that did not complete, 2 refused (one line), 130 interrupted."
+    from mlproj.runner import skip_optional_imports
+    skip_optional_imports()                   # the driver reads job notebooks too (see mlproj.runner)
     a = make_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)   # a terminated CLI stops its job's instances like Ctrl-C
     try:

@@ -11,10 +11,10 @@ from .errors import MlprojError, InputError, ParameterError
 from .params import check_params, parse_pairs, read_param_files
 
 # %% auto #0
-__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'KERNEL_START_ATTEMPTS',
+__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'SKIP_OPTIONAL', 'KERNEL_START_ATTEMPTS',
            'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams',
-           'default_total_timeout', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill', 'run_notebook',
-           'make_parser', 'main']
+           'default_total_timeout', 'skip_optional_imports', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill',
+           'run_notebook', 'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
 TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str, 'list': list, 'dict': dict, 'Path': Path}
@@ -98,12 +98,19 @@ def default_total_timeout()->int|None:
     return None if (cfg or {}).get('StoppingCondition', {}).get('MaxRuntimeInSeconds') else DEFAULT_TIMEOUT
 
 # %% ../nbs/85_runner.ipynb #85-runner-020
+SKIP_OPTIONAL = "import sys; sys.modules.setdefault('rfc3987_syntax', None)\n"   # run first in each of the runner's processes
+
+def skip_optional_imports():
+    "Mark the optional modules a job never needs as absent in this process (see above)."
+    exec(SKIP_OPTIONAL, {})
+
+# %% ../nbs/85_runner.ipynb #85-runner-022
 def _render_html(nb_path:Path, html_path:Path):
     from nbconvert import HTMLExporter
     body, _ = HTMLExporter().from_filename(str(nb_path))
     with atomic_path(html_path) as t: t.write_text(body, encoding='utf-8')
 
-_HTML_RENDERER = """
+_HTML_RENDERER = SKIP_OPTIONAL + """
 import json, sys
 import nbformat
 from nbconvert import HTMLExporter
@@ -140,15 +147,15 @@ class HtmlRenderer:
         if self.proc is not None and self.proc.poll() is None: self.proc.kill()
         if self.proc is not None: self.proc.wait()
 
-# %% ../nbs/85_runner.ipynb #85-runner-022
+# %% ../nbs/85_runner.ipynb #85-runner-024
 KERNEL_START_ATTEMPTS = 3   # a kernel that dies before its first reply is started again (see below)
 
 def kernel_start_failed(log:str)->bool:
     "Did the run end because the kernel died while starting, before any cell ran?"
     return 'Executing Cell' not in log and ('Kernel died before replying to kernel_info' in log or "Kernel didn't respond" in log)
 
-# %% ../nbs/85_runner.ipynb #85-runner-024
-_PAPERMILL_BOOT = """
+# %% ../nbs/85_runner.ipynb #85-runner-026
+_PAPERMILL_BOOT = SKIP_OPTIONAL + """
 import json, os, sys
 from papermill.cli import papermill
 job = sys.stdin.readline()
@@ -169,7 +176,7 @@ def _discard(proc:subprocess.Popen|None):
     if proc is not None and proc.stdin is not None and not proc.stdin.closed:
         proc.kill(); proc.wait(); proc.stdin.close(); proc.stdout.close()
 
-# %% ../nbs/85_runner.ipynb #85-runner-025
+# %% ../nbs/85_runner.ipynb #85-runner-027
 def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None,
                proc:subprocess.Popen|None=None, # a process from `start_papermill`, used instead of starting `cmd`
               )->tuple[int|None, bool, str]:
@@ -195,7 +202,7 @@ def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None,
     finally: th.join(10)
     return proc.returncode, timed_out, ''.join(lines)
 
-# %% ../nbs/85_runner.ipynb #85-runner-026
+# %% ../nbs/85_runner.ipynb #85-runner-028
 def _last_exception(stderr:str)->tuple[str, str]|None:
     "(type, message) of the last `pkg.Type: message` line papermill printed."
     for line in reversed(stderr.strip().splitlines()):
@@ -203,7 +210,7 @@ def _last_exception(stderr:str)->tuple[str, str]|None:
         if m: return m.group(1).rsplit('.', 1)[-1], (m.group(2) or '').strip()
     return None
 
-# %% ../nbs/85_runner.ipynb #85-runner-028
+# %% ../nbs/85_runner.ipynb #85-runner-030
 def run_notebook(notebook, # the job notebook
                  parameters:dict|None=None, # typed parameters (see resolve_parameters)
                  report=output_dir('report'), # folder for the executed notebook and its HTML
@@ -229,7 +236,7 @@ def run_notebook(notebook, # the job notebook
     with tempfile.TemporaryDirectory() as tmp:
         pfile, work_nb = Path(tmp)/'parameters.yaml', Path(tmp)/name
         pfile.write_text(yaml.safe_dump(params))
-        cmd = [sys.executable, '-m', 'papermill', str(nb_path), str(work_nb), '-f', str(pfile), '-k', kernel,
+        cmd = [sys.executable, '-c', SKIP_OPTIONAL + "import runpy; runpy.run_module('papermill', run_name='__main__')", str(nb_path), str(work_nb), '-f', str(pfile), '-k', kernel,
                '--execution-timeout', str(cell_timeout), '--log-output', '--no-progress-bar', '--autosave-cell-every', '10']
         t0, stopped = time.monotonic(), None
         try:
@@ -267,7 +274,7 @@ def run_notebook(notebook, # the job notebook
         elif etype == 'DeadKernelError': msg = 'the kernel died'
     return {**outcome, 'status': 'Failed', 'message': f'{name}{cell}: {etype}: {msg}'}
 
-# %% ../nbs/85_runner.ipynb #85-runner-030
+# %% ../nbs/85_runner.ipynb #85-runner-032
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m mlproj.runner', description='Run a job notebook with papermill: validated parameters, report kept, timeouts.')
     ap.add_argument('notebook', help='the job notebook (.ipynb)')
@@ -281,9 +288,10 @@ def make_parser()->argparse.ArgumentParser:
     ap.add_argument('--list-params', action='store_true', help="print the notebook's parameters and exit")
     return ap
 
-# %% ../nbs/85_runner.ipynb #85-runner-032
+# %% ../nbs/85_runner.ipynb #85-runner-034
 def main(argv=None):
     "Entry point: exit 0 on success; else one line on stderr, the exit message file, exit 1 (failed), 143 (SIGTERM) or 130 (Ctrl-C)."
+    skip_optional_imports()
     a = make_parser().parse_args(argv)
     name = Path(a.notebook).name
     def _stop(*_): raise KeyboardInterrupt('stopped (SIGTERM)')
@@ -307,5 +315,5 @@ def main(argv=None):
     if out['status'] == 'Stopped': return 143 if 'SIGTERM' in out['message'] else 130
     return 1
 
-# %% ../nbs/85_runner.ipynb #85-runner-033
+# %% ../nbs/85_runner.ipynb #85-runner-035
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: sys.exit(main())
