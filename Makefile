@@ -59,6 +59,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench_inference.py
 	$(BIN)/python bench/bench_notebook.py
 	$(BIN)/python bench/bench_small_files.py
+	$(BIN)/python bench/bench_monitor.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

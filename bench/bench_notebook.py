@@ -5,7 +5,7 @@ where that time goes, measured in the same run. Prints figures; asserts nothing.
 
 Each run is the real command, `mlproj job run <step> --engine <engine>` on the bundled data, in a fresh process, the
 two engines alternating; the figure is the median. The parts are each timed in fresh processes (median of 3): what
-a notebook job does that a script job does not. Last, `mlproj run` (the four steps, notebook engine, as `make run`
+a notebook job does that a script job does not. Last, `mlproj run` (every step, notebook engine, as `make run`
 does) is timed once, cold: its outputs folder is new.
 """
 import argparse, os, statistics, subprocess, sys, tempfile, time
@@ -23,7 +23,8 @@ def timed(argv, env=None) -> float:
 
 
 def py(code: str, n: int = 3) -> float:
-    return statistics.median(timed([sys.executable, '-c', code]) for _ in range(n))
+    from mlproj.runner import SKIP_OPTIONAL          # as the runner's processes do
+    return statistics.median(timed([sys.executable, '-c', SKIP_OPTIONAL + code]) for _ in range(n))
 
 
 def main():
@@ -58,7 +59,8 @@ def main():
                                                            'HTMLExporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]))') - base),
         ]
         for name, t in parts: print(f'  {name:<64} {t:5.2f} s')
-        code = ('import time, nbformat\nfrom nbconvert import HTMLExporter\nex = HTMLExporter()\n'
+        from mlproj.runner import SKIP_OPTIONAL
+        code = SKIP_OPTIONAL + ('import time, nbformat\nfrom nbconvert import HTMLExporter\nex = HTMLExporter()\n'
                 'ex.from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]))\n'
                 f't = time.perf_counter(); ex.from_filename({str(executed)!r}); print(time.perf_counter() - t)')
         render = statistics.median(                 # the rendering alone, timed inside its process
@@ -69,7 +71,8 @@ def main():
         if not a.no_pipeline:
             penv = {**os.environ, 'MLPROJ_OUTPUTS': str(Path(d)/'pipeline')}
             t = timed([BIN/'mlproj', 'run'], penv)
-            print(f'\nmlproj run (four steps, notebook engine, cold outputs folder): {t:.1f} s (target <= 15 s)')
+            from mlproj.pipeline import PIPELINE
+            print(f'\nmlproj run ({len(PIPELINE.steps)} steps, notebook engine, cold outputs folder): {t:.1f} s (target <= 15 s)')
 
 
 if __name__ == '__main__':
