@@ -6,7 +6,7 @@ Every script runs as a real subprocess over a temporary tree shaped like `/opt/m
 other test files may add.
 """
 from __future__ import annotations
-import csv, fcntl, hashlib, json, os, shutil, socket, subprocess, sys
+import contextlib, csv, fcntl, hashlib, io, json, os, shutil, signal, socket, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -281,3 +281,17 @@ def moto_server():
     for k, v in old.items():
         if v is None: os.environ.pop(k, None)
         else: os.environ[k] = v
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    "`run(*args) -> (exit code, stdout, stderr)`: the mlproj command in-process, outputs under tmp_path."
+    from mlproj.cli import main
+    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
+    old = signal.getsignal(signal.SIGTERM)
+    def run(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+    yield run
+    signal.signal(signal.SIGTERM, old)

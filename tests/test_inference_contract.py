@@ -1,6 +1,6 @@
 """Batch inference takes the rows people have: the model's own schema, only its features required, ids optional,
 columns passed through, and data problems named precisely. Each test here failed on the code before this contract."""
-import contextlib, csv, io, json, signal
+import csv, io, json
 from pathlib import Path
 import pandas as pd
 import pytest
@@ -12,20 +12,6 @@ def public_table(src, with_species=True, with_year=True) -> pd.DataFrame:
     "The palmerpenguins layout, made from the bundled table: no id column; optionally no species, no year."
     df = pd.read_csv(src, dtype=str, keep_default_na=False)[PUBLIC]
     return df.drop(columns=[c for c, keep in (('species', with_species), ('year', with_year)) if not keep])
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    "`run(*args) -> (exit code, stdout, stderr)`: the mlproj command in-process, outputs under tmp_path."
-    from mlproj.cli import main
-    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
-    old = signal.getsignal(signal.SIGTERM)
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main([str(a) for a in args])
-        return code, out.getvalue(), err.getvalue()
-    yield run
-    signal.signal(signal.SIGTERM, old)
 
 
 @pytest.mark.parametrize('with_species', [True, False])

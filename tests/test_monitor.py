@@ -1,27 +1,13 @@
 """Data-quality monitoring: the baseline travels in the model, the monitor step flags each kind of drift and broken data
 on its feature and nothing else, N instances merge to exactly one, and the files have Model Monitor's field structure
 (pinned by real Model Monitor outputs in tests/fixtures/monitor/)."""
-import contextlib, io, json, signal
+import json
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
 
 FIXTURES = Path(__file__).parent/'fixtures'/'monitor'
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    "`run(*args) -> (exit code, stdout, stderr)`: the mlproj command in-process, outputs under tmp_path."
-    from mlproj.cli import main
-    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
-    old = signal.getsignal(signal.SIGTERM)
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main([str(a) for a in args])
-        return code, out.getvalue(), err.getvalue()
-    yield run
-    signal.signal(signal.SIGTERM, old)
 
 
 def run_monitor(tree, model, frame_or_path, *args, name='rows.csv'):
