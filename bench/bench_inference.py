@@ -10,7 +10,7 @@ with the rows split over all cores, `predict_proba_rows`), and the script a user
 (`pd.read_csv` every shard whole -> `predict_proba` -> `to_csv`). With `--rows` above 1M the in-memory references use
 the first 1M rows (rows/s compare), and the step is also run on 1M rows for the memory comparison.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, textwrap, time
+import argparse, json, os, subprocess, sys, tempfile, textwrap, time
 from pathlib import Path
 
 CHILD = textwrap.dedent("""

@@ -26,7 +26,6 @@ def main():
     ap.add_argument('--files', type=int, default=2000)
     ap.add_argument('--rows-per-file', type=int, default=1)
     a = ap.parse_args()
-    import pandas as pd
     from mlproj.data import SCHEMA, load_table, bundled_path, synthetic_penguins
     from mlproj.train import train_model, write_model_artifact
     with tempfile.TemporaryDirectory() as d:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import hashlib, json, os, shutil, subprocess, sys
 from functools import lru_cache
 from pathlib import Path
-from .contract import atomic_path
-from .storage import to_uri, uri_path, sha256_stream
+from .storage import uri_path, sha256_stream
 
 # %% auto #0
 __all__ = ['tree_digest', 'package_digest', 'environment', 'source_checkout', 'key_material', 'step_key', 'explain_miss',

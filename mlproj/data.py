@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
-import json
 import numpy as np
 import pandas as pd
 from .errors import InputError, SpecError, StorageError

@@ -4,7 +4,7 @@
 
 # %% ../nbs/92_export.ipynb #92-export-002
 from __future__ import annotations
-import copy, functools, hashlib, json, os, re, sys
+import functools, json, re, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from .errors import SpecError, BackendError

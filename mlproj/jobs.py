@@ -10,8 +10,8 @@ from pathlib import Path
 from .contract import PROCESSING_PREFIX, MAX_MESSAGE_BYTES, ROOT_ENV, OPT_ML, input_dir, output_dir
 from .errors import SpecError
 from .params import did_you_mean
-from .storage import to_uri, uri_path
-from .steps import STEPS, get_step, check_step_params
+from .storage import to_uri
+from .steps import get_step, check_step_params
 
 # %% auto #0
 __all__ = ['SECRET_NAME', 'MASK', 'ENGINES', 'CODE_CHANNEL', 'REPORT_CHANNEL', 'ENTRY_FILE', 'ENTRY_SOURCE', 'JobInput',

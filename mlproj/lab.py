@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 from fastcore.script import call_parse
-from .contract import ROOT_ENV, PROCESSING_INPUT, PROCESSING_OUTPUT, container_path, stop_process_group, die_with_parent
+from .contract import ROOT_ENV, PROCESSING_INPUT, PROCESSING_OUTPUT, stop_process_group, die_with_parent
 from .errors import MlprojError, SpecError, StorageError
 from .storage import download, digests, to_uri
 from .steps import STEPS, step_order

@@ -221,7 +221,7 @@ def masked(req: dict) -> dict:
 
 @pytest.mark.parametrize('engine', ['notebook', 'script'])
 def test_every_exported_step_equals_the_cli_request(engine, tmp_path):
-    from mlproj.export import param_name, processing_steps, resolve_sagemaker, resolve_stepfunctions, stepfunctions_state, SFN_SYNC
+    from mlproj.export import processing_steps, resolve_sagemaker, resolve_stepfunctions, stepfunctions_state, SFN_SYNC
     from mlproj.pipeline import PIPELINE
     from mlproj.steps import STEPS, step_sources
     flags = ['--bucket', 'bkt', '--role', ROLE, '--region', 'us-east-1', '--engine', engine]

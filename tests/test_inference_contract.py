@@ -1,7 +1,6 @@
 """Batch inference takes the rows people have: the model's own schema, only its features required, ids optional,
 columns passed through, and data problems named precisely. Each test here failed on the code before this contract."""
-import csv, io, json
-from pathlib import Path
+import csv, io
 import pandas as pd
 import pytest
 

@@ -30,7 +30,6 @@ def kinds(violations) -> set:
 
 def test_the_model_carries_its_baseline_named_by_the_manifest(opt_ml_trained):
     from mlproj.train import load_model, load_baseline
-    from mlproj.storage import sha256_file
     import tarfile, hashlib
     _, manifest = load_model(opt_ml_trained['model'])
     base = load_baseline(opt_ml_trained['model'])

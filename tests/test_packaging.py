@@ -4,7 +4,7 @@ The wheel is built the way the SageMaker backend builds it (`build_wheels`, from
 installed without dependencies into a fresh venv in a temporary folder; the dependencies come from this test's own
 environment through a .pth file (no network needed). The checkout is not on the fresh venv's path: `mlproj` there is
 the wheel's."""
-import json, os, subprocess, sys
+import json, os, subprocess
 from pathlib import Path
 import pytest
 

@@ -3,7 +3,6 @@
 bench/, not here."""
 import re
 import pandas as pd
-import pytest
 
 
 def _cores(stderr: str) -> int:

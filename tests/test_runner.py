@@ -1,6 +1,6 @@
 """Job notebooks and the notebook runner: three ways to run a job notebook, parameter validation,
 failures that end the run loudly (error, cell timeout, total timeout, dead kernel), reports kept."""
-import inspect, json, os, shutil, subprocess, sys, time
+import json, os, shutil, subprocess, sys, time
 from pathlib import Path
 import nbformat
 import pytest

@@ -2,7 +2,7 @@
 
 moto marks a processing job Completed at once and runs nothing; the tests then play the job locally from the
 request moto stored, with inputs read from and outputs written to moto's S3."""
-import contextlib, copy, io, json, logging, os, socket, subprocess, sys, tarfile, zipfile
+import contextlib, copy, io, json, logging, os, subprocess, sys, tarfile, zipfile
 from pathlib import Path
 import pytest
 
