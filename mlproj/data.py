@@ -13,8 +13,8 @@ from .errors import InputError, SpecError, StorageError
 from .storage import check_links
 
 # %% auto #0
-__all__ = ['SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES', 'Column',
-           'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files', 'check_header', 'csv_header',
+__all__ = ['TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES',
+           'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files', 'check_header', 'csv_header',
            'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'quote', 'check_columns', 'validate', 'Chunk',
            'iter_tables', 'load_table', 'split_table']
 
@@ -30,23 +30,31 @@ class Column:
     nullable: bool = True            # may the value be missing?
 
 # %% ../nbs/10_data.ipynb #10-data-006
+TASKS = ('binary', 'multiclass', 'regression')   # what a schema's target makes of the model (Schema.task)
+
 @dataclass(frozen=True)
 class Schema:
     "A table to learn from: its columns, the target to predict, the features, an optional id, its bundled data file."
     name: str                        # what the table is, e.g. 'penguins'
     columns: tuple                   # Column, in file order
-    target: str                      # the category column to predict
+    target: str                      # the column to predict: a number (regression) or a category (classification)
     features: tuple                  # the columns the model reads
     id: str|None = None              # a row identifier carried to the predictions, if the table has one
     data_file: str = ''              # the bundled table, under mlproj/assets/
+    positive: str|None = None        # binary targets: the positive class (default: the last category listed)
     def __post_init__(self):
         names = [c.name for c in self.columns]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup: raise SpecError(f'schema {self.name}: column {dup[0]!r} declared twice')
         for role, n in [('target', self.target), ('id', self.id)] + [('feature', f) for f in self.features]:
             if n is not None and n not in names: raise SpecError(f'schema {self.name}: {role} {n!r} is not one of its columns')
-        if self.column(self.target).kind != 'category' or not self.column(self.target).categories:
-            raise SpecError(f'schema {self.name}: target {self.target!r} must be a category column with its classes listed')
+        t = self.column(self.target)
+        if not (t.kind == 'number' or (t.kind == 'category' and len(set(t.categories)) >= 2)):
+            raise SpecError(f'schema {self.name}: target {self.target!r} must be a number column (regression) '
+                            'or a category column with at least two classes listed (classification)')
+        if self.positive is not None and (len(t.categories) != 2 or self.positive not in t.categories):
+            raise SpecError(f'schema {self.name}: positive={self.positive!r} must be one of the two classes of a binary target'
+                            + (f' ({", ".join(t.categories)})' if len(t.categories) == 2 else f'; {self.target!r} is not binary'))
         bad = [f for f in self.features if self.column(f).kind not in ('number', 'category') or f in (self.target, self.id)]
         if bad: raise SpecError(f'schema {self.name}: feature {bad[0]!r} must be a number or category column, not the target or id')
     def column(self, name:str)->Column: return next(c for c in self.columns if c.name == name)
@@ -57,7 +65,18 @@ class Schema:
     @property
     def categorical_features(self)->tuple: return tuple(f for f in self.features if self.column(f).kind == 'category')
     @property
-    def classes(self)->tuple: return tuple(self.column(self.target).categories)
+    def task(self)->str:
+        "'regression' for a number target; 'binary' for a category target with two classes; 'multiclass' for more."
+        t = self.column(self.target)
+        return 'regression' if t.kind == 'number' else 'binary' if len(t.categories) == 2 else 'multiclass'
+    @property
+    def classes(self)->tuple:
+        "The target's classes in declared order (none for regression)."
+        return tuple(self.column(self.target).categories) if self.task != 'regression' else ()
+    @property
+    def positive_class(self)->str|None:
+        "The class a binary model scores (`positive`, else the last one listed); None for other tasks."
+        return (self.positive or self.classes[-1]) if self.task == 'binary' else None
     def to_dict(self)->dict:
         "A JSON-ready description (stored in the model's manifest)."
         return {**asdict(self), 'columns': [asdict(c) for c in self.columns]}
@@ -65,7 +84,7 @@ class Schema:
     def from_dict(cls, d:dict)->'Schema':
         "The schema described by `to_dict`'s output."
         cols = tuple(Column(**{**c, 'categories': tuple(c.get('categories') or ())}) for c in d['columns'])
-        return cls(d['name'], cols, d['target'], tuple(d['features']), d.get('id'), d.get('data_file', ''))
+        return cls(d['name'], cols, d['target'], tuple(d['features']), d.get('id'), d.get('data_file', ''), d.get('positive'))
 
 # %% ../nbs/10_data.ipynb #10-data-008
 SCHEMA = Schema(
