@@ -310,3 +310,75 @@ def test_a_full_disk_under_the_outputs_root_is_one_line(tmp_path, monkeypatch, c
     assert code == 2 and 'Traceback' not in err and err.count('mlproj: error') == 1, err[-2000:]
     assert last == f'mlproj: error: No space left on device writing to {tmp_path.resolve()}/jobs/full-disk', last
     assert not list((tmp_path/'jobs/full-disk').glob('.describe.json*')), 'a half-written record was left'
+
+
+def _crafted_model(dest: Path, train_csv: Path, field: str, value, tree: int = 17, boosted: bool = False) -> str:
+    """A model.tar.gz written by the real `write_model_artifact`, from a model fitted on `train_csv` whose tree `tree` has
+    `field` of its second inner node set to `value` (0 or the root's child for 'loop'); returns the message expected."""
+    import numpy as np
+    from mlproj.data import load_table
+    from mlproj.train import train_model, write_model_artifact
+    train = load_table(train_csv)
+    if boosted:                         # histogram gradient boosting: TreePredictor node arrays
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.pipeline import Pipeline
+        from mlproj.data import SCHEMA
+        from mlproj.features import TableFeatures
+        model = Pipeline([('features', TableFeatures(SCHEMA)), ('classifier', HistGradientBoostingClassifier(max_iter=10, random_state=0))])
+        model.fit(train[list(SCHEMA.features)], train[SCHEMA.target].astype(str))
+        clf = model.named_steps['classifier']
+        pred = clf._predictors[tree // clf.n_trees_per_iteration_][tree % clf.n_trees_per_iteration_]
+        nodes = pred.nodes.copy()
+        inner = int(np.flatnonzero(nodes['is_leaf'] == 0)[1])
+        names = {'child': 'left', 'loop': 'left', 'feature': 'feature_idx'}
+        n = len(nodes)
+    else:
+        model = train_model(train, n_estimators=20)
+        t = model.named_steps['classifier'].estimators_[tree].tree_
+        st = t.__getstate__(); nodes = st['nodes'].copy()
+        inner = int(np.flatnonzero(nodes['left_child'] != -1)[1])
+        names = {'child': 'left_child', 'loop': 'left_child', 'feature': 'feature'}
+        n = len(nodes)
+    which = 'loop' if value == 'loop' else field
+    nodes[names[which]][inner] = 0 if value == 'loop' else value
+    if boosted: pred.nodes = nodes
+    else: st['nodes'] = nodes; t.__setstate__(st)
+    write_model_artifact(model, dest)
+    width = model.named_steps['classifier'].n_features_in_
+    return {'child': f'classifier tree {tree}: child {value} of node {inner} is out of range ({n:,} nodes)',
+            'loop': f'classifier tree {tree}: child 0 of node {inner} does not come after it (a loop)',
+            'feature': f'classifier tree {tree}: feature {value} of node {inner} is out of range ({width:,} input features)'}[which]
+
+
+_CRAFTS = [('child', 10**9), ('feature', 10**6), ('child', 'loop')]
+
+
+@pytest.mark.parametrize('step', ['evaluate', 'batch_inference'])
+@pytest.mark.parametrize('field,value', _CRAFTS, ids=['child-1e9', 'feature-1e6', 'child-to-root'])
+def test_crafted_trees_are_refused_before_they_predict(step, field, value, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "They segfaulted the step (exit 139) or looped in native code until MaxRuntime; now: one line naming the step's estimator and tree, exit 1."
+    t = opt_ml_tree
+    t.input('model').mkdir(parents=True)
+    expected = _crafted_model(t.input('model')/'model.tar.gz', opt_ml_trained['train_csv'], field, value)
+    if step == 'evaluate': t.stage('test', opt_ml_trained['test_csv'])
+    else: t.stage('data', opt_ml_penguins)
+    p = t.python('-m', f'mlproj.scripts.{step}', timeout=120)        # the hang guard: TimeoutExpired fails the test
+    line = opt_ml_assert_failed(p, t, step, [t.outputs])
+    assert p.returncode == 1, (p.returncode, p.stderr[-500:])
+    assert line == f'{step}: {t.input("model")}/model.tar.gz: model.skops: {expected}', line
+
+
+@pytest.mark.parametrize('field,value', _CRAFTS, ids=['child-1e9', 'feature-1e6', 'child-to-root'])
+def test_crafted_boosted_trees_are_refused_before_they_predict(field, value, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "The same for histogram gradient boosting's TreePredictor node arrays (its type trusted here, as the widened trust list does)."
+    t = opt_ml_tree
+    t.input('model').mkdir(parents=True)
+    expected = _crafted_model(t.input('model')/'model.tar.gz', opt_ml_trained['train_csv'], field, value, tree=7, boosted=True)
+    t.stage('data', opt_ml_penguins)
+    code = ("import runpy, sys\nimport mlproj.train as T\n"
+            "T.TRUSTED_TYPES.append('sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor')\n"
+            "sys.argv = ['batch_inference']\nrunpy.run_module('mlproj.scripts.batch_inference', run_name='__main__')")
+    p = t.python('-c', code, timeout=120)
+    line = opt_ml_assert_failed(p, t, 'batch_inference', [t.outputs])
+    assert p.returncode == 1, (p.returncode, p.stderr[-500:])
+    assert line == f'batch_inference: {t.input("model")}/model.tar.gz: model.skops: {expected}', line
