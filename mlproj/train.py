@@ -144,7 +144,7 @@ def _check_baseline(tar, found:dict, manifest:dict, p)->dict:
             raise InputError(f'{p}: corrupted model artifact ({n} does not match the sha256 in {MANIFEST_FILE})')
     return have
 
-# %% ../nbs/30_train.ipynb #30-train-022
+# %% ../nbs/30_train.ipynb #30-train-062
 def _first(mask)->int|None:
     i = np.flatnonzero(mask)
     return int(i[0]) if len(i) else None
@@ -179,7 +179,7 @@ def tree_depth(left, right, leaf)->int:
         d, up = d + np.where(m, d[up], 0), np.where(m, up[up], -1)
     return int(d.max())
 
-# %% ../nbs/30_train.ipynb #30-train-024
+# %% ../nbs/30_train.ipynb #30-train-064
 def sklearn_tree_problem(t, # a `sklearn.tree._tree.Tree`
                          owner, # the fitted estimator whose `tree_` it is
                         )->str|None:
@@ -200,7 +200,7 @@ def sklearn_tree_problem(t, # a `sklearn.tree._tree.Tree`
     if (d := tree_depth(nodes['left_child'], nodes['right_child'], leaf)) > depth: return f'it is {d:,} deep, deeper than its max_depth {depth:,}'
     return None
 
-# %% ../nbs/30_train.ipynb #30-train-026
+# %% ../nbs/30_train.ipynb #30-train-066
 def predictor_problem(pred, # a `TreePredictor` of histogram gradient boosting
                       owner, # the fitted estimator holding it
                      )->str|None:
@@ -230,7 +230,7 @@ def predictor_problem(pred, # a `TreePredictor` of histogram gradient boosting
         return f'node {i} splits feature {feats[i]} by category, which the model does not treat as categorical'
     return None
 
-# %% ../nbs/30_train.ipynb #30-train-028
+# %% ../nbs/30_train.ipynb #30-train-068
 def _trees(obj, owner, path:tuple, seen:set, depth:int=0):
     "(tree, the estimator holding it, the fitted estimators above it) of every tree inside `obj`, in a fixed order."
     from sklearn.base import BaseEstimator
