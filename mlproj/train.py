@@ -11,7 +11,7 @@ import pandas as pd
 import sklearn
 from sklearn.ensemble import ExtraTreesClassifier
 from sklearn.pipeline import Pipeline
-from .data import SCHEMA, Schema
+from .data import SCHEMA, Schema, quote
 from .errors import InputError
 from .features import TableFeatures
 from .storage import sha256_file, sha256_stream
@@ -20,7 +20,7 @@ from .storage import sha256_file, sha256_stream
 __all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'BASELINE_FILES',
            'MAX_BASELINE_BYTES', 'TRUSTED_TYPES', 'train_model', 'library_versions', 'build_manifest', 'model_schema',
            'model_bytes', 'write_model_artifact', 'tree_shape_problem', 'tree_depth', 'sklearn_tree_problem',
-           'predictor_problem', 'check_trees', 'check_manifest', 'load_model', 'load_baseline']
+           'predictor_problem', 'check_trees', 'schema_difference', 'check_manifest', 'load_model', 'load_baseline']
 
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with the target column
@@ -270,9 +270,23 @@ def check_trees(model, # the loaded model: a Pipeline, or one estimator
                        or (sklearn_tree_problem(t, owner) if isinstance(t, Tree) else predictor_problem(t, owner)))
             if problem: raise InputError(f'{p}: {MODEL_FILE}: {name} tree {k}: {problem}')
 
+# %% ../nbs/30_train.ipynb #30-train-071
+def schema_difference(claimed:Schema, # the schema an artifact's manifest describes
+                      actual:Schema, # the schema inside the model
+                     )->str|None:
+    "The first way `claimed` differs from `actual` (names, roles, columns, then each column's kind, categories, bounds, nullability), or None."
+    if claimed == actual: return None
+    for f in ('name', 'target', 'features', 'id', 'data_file', 'names'):
+        a, b = getattr(claimed, f), getattr(actual, f)
+        if a != b: return f'{f} {quote(a, 80, quoted=False)} instead of {quote(b, 80, quoted=False)}'
+    for a, b in zip(claimed.columns, actual.columns):
+        for f in ('kind', 'categories', 'lo', 'hi', 'nullable'):
+            if getattr(a, f) != getattr(b, f): return f'column {quote(a.name, 40)}: {f} {quote(getattr(a, f), 80, quoted=False)} instead of {quote(getattr(b, f), 80, quoted=False)}'
+    return 'it differs'
+
 # %% ../nbs/30_train.ipynb #30-train-012
 def check_manifest(model, manifest:dict, p)->Schema:
-    "Refuse a manifest whose features, classes or target are not the model's; returns the schema."
+    "Refuse a manifest whose features, classes, target or schema are not the model's; returns the schema."
     try: schema = model_schema(manifest)
     except (KeyError, TypeError, ValueError) as e: raise InputError(f'{p}: {MANIFEST_FILE} holds no valid schema ({type(e).__name__}: {str(e)[:80]})') from None
     feats = getattr(model, 'named_steps', {}).get('features')
@@ -282,6 +296,9 @@ def check_manifest(model, manifest:dict, p)->Schema:
               ('target', manifest.get('target'), getattr(getattr(feats, 'schema', None), 'target', None))]
     for what, claimed, actual in checks:
         if claimed != actual: raise InputError(f'{p}: {MANIFEST_FILE} says {what} {str(claimed)[:80]}, the model has {str(actual)[:80]}')
+    try: inner = Schema.from_dict(feats.schema.to_dict())     # the schema inside the model, through Column's and Schema's checks
+    except (AttributeError, KeyError, TypeError, ValueError) as e: raise InputError(f'{p}: {MODEL_FILE} holds no valid schema ({type(e).__name__}: {str(e)[:80]})') from None
+    if diff := schema_difference(schema, inner): raise InputError(f'{p}: {MANIFEST_FILE} describes another schema than the model was trained with ({diff})')
     return schema
 
 def load_model(path, # model.tar.gz, or a folder holding one

@@ -382,3 +382,43 @@ def test_crafted_boosted_trees_are_refused_before_they_predict(field, value, opt
     line = opt_ml_assert_failed(p, t, 'batch_inference', [t.outputs])
     assert p.returncode == 1, (p.returncode, p.stderr[-500:])
     assert line == f'batch_inference: {t.input("model")}/model.tar.gz: model.skops: {expected}', line
+
+
+def _retarred(src: Path, dest: Path, edit) -> Path:
+    "`src`'s members written again into `dest`, the manifest passed through `edit(manifest) -> manifest` (JSON text, NaN allowed)."
+    with tarfile.open(src, 'r:gz') as tar: members = [(ti.name, tar.extractfile(ti).read()) for ti in tar]
+    members = [(n, json.dumps(edit(json.loads(b))).encode() if n == 'manifest.json' else b) for n, b in members]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return _artifact(dest, members)
+
+
+def _column_edit(name, **changes):
+    def edit(manifest):
+        manifest['schema']['columns'] = [dict(c, **changes) if c['name'] == name else c for c in manifest['schema']['columns']]
+        return manifest
+    return edit
+
+
+@pytest.mark.parametrize('case,edit,message', [
+    ('wider range', _column_edit('body_mass_g', hi=80000),
+     "manifest.json describes another schema than the model was trained with (column 'body_mass_g': hi 80000 instead of 8000)"),
+    ('new category', _column_edit('island', categories=['Biscoe', 'Dream', 'Torgersen', 'Atlantis']),
+     "manifest.json describes another schema than the model was trained with (column 'island': categories ('Biscoe', 'Dream', 'Torgersen', 'Atlantis') instead of ('Biscoe', 'Dream', 'Torgersen'))"),
+    ('NaN bound', _column_edit('body_mass_g', hi=float('nan')),
+     "manifest.json holds no valid schema (SpecError: column 'body_mass_g': bound hi nan is not a finite number)"),
+    ('infinite bound', _column_edit('bill_length_mm', lo=float('-inf')),
+     "manifest.json holds no valid schema (SpecError: column 'bill_length_mm': bound lo -inf is not a finite number)"),
+], ids=lambda x: x.replace(' ', '-') if isinstance(x, str) and len(x) < 20 else '')
+def test_a_re_tarred_manifest_cannot_loosen_validation(case, edit, message, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "The schema is the model's: a manifest widening a range, adding a category or switching a bound off with NaN is refused (Atlantis was scored)."
+    t = opt_ml_tree
+    art = _retarred(opt_ml_trained['model'], t.input('model')/'model.tar.gz', edit)
+    lines = opt_ml_penguins.read_text().splitlines()
+    header = lines[0].split(','); row = lines[1].split(','); row[header.index('island')] = 'Atlantis'
+    t.stage_text('data', 'rows.csv', '\n'.join(lines + [','.join(row)]) + '\n')
+    line = opt_ml_assert_failed(t.run('batch_inference'), t, 'batch_inference', [t.outputs])
+    assert line == f'batch_inference: {art}: {message}', line
+    # the same rows against the untouched model: Atlantis is refused as the schema says
+    t2 = opt_ml_tree.__class__(t.root.parent/'again', t.root.parent/'again-work')
+    t2.stage('model', opt_ml_trained['model']); t2.stage_text('data', 'rows.csv', '\n'.join(lines + [','.join(row)]) + '\n')
+    assert "unknown category 'Atlantis'" in opt_ml_assert_failed(t2.run('batch_inference'), t2, 'batch_inference', [t2.outputs])
