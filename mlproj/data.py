@@ -28,6 +28,13 @@ class Column:
     lo: float|None = None            # smallest plausible value of a number
     hi: float|None = None            # largest plausible value of a number
     nullable: bool = True            # may the value be missing?
+    def __post_init__(self):
+        for side in ('lo', 'hi'):                  # a NaN bound would switch its check off, and an infinite one is no bound
+            v = getattr(self, side)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v)):
+                raise SpecError(f'column {quote(self.name, 40)}: bound {side} {quote(v, 40, quoted=False)} is not a finite number')
+        if self.lo is not None and self.hi is not None and self.lo > self.hi:
+            raise SpecError(f'column {quote(self.name, 40)}: bound lo {self.lo:g} is above hi {self.hi:g}')
 
 # %% ../nbs/10_data.ipynb #10-data-006
 TASKS = ('binary', 'multiclass', 'regression')   # what a schema's target makes of the model (Schema.task)

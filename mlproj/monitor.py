@@ -4,7 +4,7 @@
 
 # %% ../nbs/45_monitor.ipynb #45-monitor-003
 from __future__ import annotations
-import json, math
+import json, math, sys
 from fractions import Fraction
 from pathlib import Path
 import numpy as np
@@ -14,11 +14,12 @@ from .errors import InputError
 
 # %% auto #0
 __all__ = ['STATISTICS_FILE', 'CONSTRAINTS_FILE', 'VIOLATIONS_FILE', 'CHECK_TYPES', 'N_BUCKETS', 'COMPLETENESS_MARGIN',
-           'KS_CRITICAL', 'MONITORING_CONFIG', 'exact_sum', 'add_exact', 'exact_value', 'numbers', 'categories',
-           'numeric_edges', 'bucket_counts', 'make_plan', 'empty_summary', 'summarize_chunk', 'merge_summaries',
-           'merge_predictions', 'summarize_files', 'summarize_predictions', 'inferred_type', 'statistics',
-           'suggest_baseline', 'ks_over_buckets', 'linf', 'chi_squared_p', 'robust_floor', 'compare', 'check',
-           'monitor_frame', 'outcome', 'first_violation', 'finish', 'plot_feature']
+           'KS_CRITICAL', 'MONITORING_CONFIG', 'exact_sum', 'add_exact', 'exact_value', 'exact_sum_of_squares',
+           'sqrt_float', 'to_float', 'numbers', 'categories', 'numeric_edges', 'bucket_counts', 'make_plan',
+           'empty_summary', 'summarize_chunk', 'merge_summaries', 'merge_predictions', 'summarize_files',
+           'summarize_predictions', 'inferred_type', 'statistics', 'suggest_baseline', 'ks_over_buckets', 'linf',
+           'chi_squared_p', 'robust_floor', 'compare', 'check', 'monitor_frame', 'outcome', 'first_violation', 'finish',
+           'plot_feature']
 
 # %% ../nbs/45_monitor.ipynb #45-monitor-006
 STATISTICS_FILE, CONSTRAINTS_FILE, VIOLATIONS_FILE = 'statistics.json', 'constraints.json', 'constraint_violations.json'
@@ -65,6 +66,39 @@ def exact_value(a:list)->Fraction:
     "An exact sum as a Fraction."
     return Fraction(a[0]) * Fraction(2) ** a[1]
 
+# %% ../nbs/45_monitor.ipynb #45-monitor-081
+def _int_sum(a)->int:
+    "The exact sum of non-negative int64 values below 2**62, in two 31-bit halves (no int64 overflow below 2**32 values)."
+    return (int((a >> 31).sum()) << 31) + int((a & ((1 << 31) - 1)).sum())
+
+def exact_sum_of_squares(x)->list:
+    "The exact sum of the squares of the finite float64 values `x`, as `[N, k]` meaning N·2**k (no square overflows)."
+    x = np.asarray(x, dtype='float64')
+    x = x[np.isfinite(x) & (x != 0)]
+    if not len(x): return [0, 0]
+    m, e = np.frexp(np.abs(x))
+    ints = (m * 2.0**53).astype(np.int64)                   # |x| = ints·2**(e-53), ints < 2**53
+    hi, lo = ints >> 27, ints & ((1 << 27) - 1)
+    k, total = 2 * (int(e.min()) - 53), 0
+    for ee in np.unique(e):
+        s = e == ee
+        h, l = hi[s], lo[s]
+        total += ((_int_sum(h * h) << 54) + (_int_sum(h * l) << 28) + _int_sum(l * l)) << (2 * (int(ee) - 53) - k)
+    return _norm(total, k)
+
+def sqrt_float(v:Fraction)->float:
+    "The square root of a non-negative exact value as a float (computed in integers: no overflow, about 60 correct bits before rounding)."
+    if v <= 0: return 0.0
+    p, q = v.numerator, v.denominator
+    s = 60 - (p.bit_length() - q.bit_length()) // 2                 # scale by 4**s so that the root has about 60 bits
+    r = math.isqrt((p << 2 * s) // q) if s >= 0 else math.isqrt(p // (q << -2 * s))
+    return float(Fraction(r, 1 << s)) if s >= 0 else float(r << -s)
+
+def to_float(v:Fraction)->float:
+    "The float nearest an exact value; the largest float of its sign beyond the float range."
+    try: return float(v)
+    except OverflowError: return sys.float_info.max if v > 0 else -sys.float_info.max
+
 # %% ../nbs/45_monitor.ipynb #45-monitor-012
 def _text(s:pd.Series)->pd.Series:
     return s.astype(object).where(s.notna(), '').astype(str).str.strip()
@@ -89,7 +123,9 @@ def numeric_edges(values, n:int=N_BUCKETS)->list:
     v = np.asarray(values, dtype='float64'); v = v[np.isfinite(v)]
     if not len(v): return []
     lo, hi = float(v.min()), float(v.max())
-    return [lo, hi] if lo == hi else [float(e) for e in np.linspace(lo, hi, n + 1)]
+    if lo == hi: return [lo, hi]
+    if math.isfinite(hi - lo): return [float(e) for e in np.linspace(lo, hi, n + 1)]
+    return [lo] + [lo * (1 - i / n) + hi * (i / n) for i in range(1, n)] + [hi]      # -1e308..1e308: hi - lo is inf, each term is not
 
 def bucket_counts(values, edges:list)->list:
     "Counts of the finite `values` over [lower tail] + buckets between `edges` + [upper tail]."
@@ -156,7 +192,7 @@ def summarize_chunk(raw:pd.DataFrame, # one chunk as read: text (CSV) or typed (
             num, isna, bad = numbers(raw[name])
             fin = num[np.isfinite(num)]
             f.update(missing=int(isna.sum()), not_number=int(bad.sum()), count=int(len(fin)),
-                     sum=exact_sum(fin), sumsq=exact_sum(fin.to_numpy() ** 2),
+                     sum=exact_sum(fin), sumsq=exact_sum_of_squares(fin),
                      min=float(fin.min()) if len(fin) else None, max=float(fin.max()) if len(fin) else None)
             below = num < (-np.inf if p['lo'] is None else p['lo'])
             above = (num > (np.inf if p['hi'] is None else p['hi'])) | (num == np.inf)
@@ -265,7 +301,7 @@ def _numeric_stats(f:dict, edges:list)->dict:
     if f['count']:
         n, s, q = f['count'], exact_value(f['sum']), exact_value(f['sumsq'])
         mean = s / n
-        out.update(mean=float(mean), sum=float(s), std_dev=math.sqrt(max(float(q / n - mean * mean), 0.0)),
+        out.update(mean=float(mean), sum=to_float(s), std_dev=sqrt_float(q / n - mean * mean),
                    min=f['min'], max=f['max'], distribution={'kll': _kll(f, edges)})
     return out
 

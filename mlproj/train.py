@@ -11,7 +11,7 @@ import pandas as pd
 import sklearn
 from sklearn.ensemble import ExtraTreesClassifier
 from sklearn.pipeline import Pipeline
-from .data import SCHEMA, Schema
+from .data import SCHEMA, Schema, quote
 from .errors import InputError
 from .features import TableFeatures
 from .storage import sha256_file, sha256_stream
@@ -19,7 +19,8 @@ from .storage import sha256_file, sha256_stream
 # %% auto #0
 __all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'BASELINE_FILES',
            'MAX_BASELINE_BYTES', 'TRUSTED_TYPES', 'train_model', 'library_versions', 'build_manifest', 'model_schema',
-           'model_bytes', 'write_model_artifact', 'check_manifest', 'load_model', 'load_baseline']
+           'model_bytes', 'write_model_artifact', 'tree_shape_problem', 'tree_depth', 'sklearn_tree_problem',
+           'predictor_problem', 'check_trees', 'schema_difference', 'check_manifest', 'load_model', 'load_baseline']
 
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with the target column
@@ -143,9 +144,149 @@ def _check_baseline(tar, found:dict, manifest:dict, p)->dict:
             raise InputError(f'{p}: corrupted model artifact ({n} does not match the sha256 in {MANIFEST_FILE})')
     return have
 
+# %% ../nbs/30_train.ipynb #30-train-062
+def _first(mask)->int|None:
+    i = np.flatnonzero(mask)
+    return int(i[0]) if len(i) else None
+
+def tree_shape_problem(left, # left child of each node
+                       right, # right child of each node
+                       feature, # feature each node splits on
+                       leaf, # True at the leaves (their children and feature are not read)
+                       width:int, # input features the tree is given
+                      )->str|None:
+    "What keeps node arrays from being a tree over `width` features (children in range and after their parent, one parent each, features in range); None if nothing."
+    n = len(leaf)
+    if n < 1: return 'it has no nodes'
+    inner = np.flatnonzero(~np.asarray(leaf, dtype=bool))
+    l, r, f = (np.asarray(a)[inner].astype(np.int64) for a in (left, right, feature))
+    for kids in (l, r):
+        if (i := _first((kids < 0) | (kids >= n))) is not None: return f'child {kids[i]} of node {inner[i]} is out of range ({n:,} nodes)'
+        if (i := _first(kids <= inner)) is not None: return f'child {kids[i]} of node {inner[i]} does not come after it (a loop)'
+    parents = np.bincount(np.concatenate([l, r]), minlength=n)
+    if (j := _first(parents[1:] != 1)) is not None: return f'node {j + 1} has {parents[j + 1]} parents (a tree node has one)'
+    if (i := _first((f < 0) | (f >= width))) is not None: return f'feature {f[i]} of node {inner[i]} is out of range ({width:,} input features)'
+    return None
+
+def tree_depth(left, right, leaf)->int:
+    "Depth of a tree that passed `tree_shape_problem` (pointer jumping: log2(depth) vector steps, not one per node)."
+    n, inner = len(leaf), np.flatnonzero(~np.asarray(leaf, dtype=bool))
+    up = np.full(n, -1, dtype=np.int64)
+    up[np.asarray(left)[inner]] = inner; up[np.asarray(right)[inner]] = inner
+    d = (up >= 0).astype(np.int64)
+    while (up >= 0).any():
+        m = up >= 0
+        d, up = d + np.where(m, d[up], 0), np.where(m, up[up], -1)
+    return int(d.max())
+
+# %% ../nbs/30_train.ipynb #30-train-064
+def sklearn_tree_problem(t, # a `sklearn.tree._tree.Tree`
+                         owner, # the fitted estimator whose `tree_` it is
+                        )->str|None:
+    "What is wrong with one scikit-learn tree, or None."
+    st = t.__getstate__()
+    nodes, values, n, depth = st['nodes'], st['values'], st['node_count'], st['max_depth']
+    if n != len(nodes): return f'node_count {n:,} is not the {len(nodes):,} nodes it holds'
+    width = getattr(owner, 'n_features_in_', None)
+    if t.n_features != width: return f'reads {t.n_features:,} features, its estimator is given {width}'
+    if t.n_outputs != getattr(owner, 'n_outputs_', None): return f'has {t.n_outputs:,} outputs, its estimator {getattr(owner, "n_outputs_", None)}'
+    classes = np.atleast_1d(getattr(owner, 'n_classes_', np.ones(t.n_outputs, dtype=np.int64)))
+    if not np.array_equal(t.n_classes, classes): return f'has {str(t.n_classes.tolist())[:60]} classes, its estimator {str(classes.tolist())[:60]}'
+    leaf = nodes['left_child'] == -1
+    if (i := _first((nodes['right_child'] == -1) != leaf)) is not None: return f'node {i} has one child'
+    if problem := tree_shape_problem(nodes['left_child'], nodes['right_child'], nodes['feature'], leaf, width): return problem
+    if (i := _first(np.isnan(nodes['threshold']) & ~leaf)) is not None: return f'the threshold of node {i} is not a number'
+    if (i := _first(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))) is not None: return f'the value of node {i} is not finite'
+    if (d := tree_depth(nodes['left_child'], nodes['right_child'], leaf)) > depth: return f'it is {d:,} deep, deeper than its max_depth {depth:,}'
+    return None
+
+# %% ../nbs/30_train.ipynb #30-train-066
+def predictor_problem(pred, # a `TreePredictor` of histogram gradient boosting
+                      owner, # the fitted estimator holding it
+                     )->str|None:
+    "What is wrong with one histogram-boosting tree (its `nodes` record array and category bitsets), or None."
+    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+    nodes, width = getattr(pred, 'nodes', None), getattr(owner, 'n_features_in_', None)
+    if not isinstance(nodes, np.ndarray) or nodes.ndim != 1 or nodes.dtype != PREDICTOR_RECORD_DTYPE: return 'its nodes are not an array of predictor records'
+    if not isinstance(width, (int, np.integer)): return 'its estimator has no fitted input width'
+    if (i := _first(nodes['is_leaf'] > 1)) is not None: return f'node {i} is neither leaf nor split (is_leaf {nodes["is_leaf"][i]})'
+    leaf = nodes['is_leaf'] == 1
+    if problem := tree_shape_problem(nodes['left'], nodes['right'], nodes['feature_idx'], leaf, width): return problem
+    cat = ~leaf & (nodes['is_categorical'] != 0)
+    if (i := _first(np.isnan(nodes['num_threshold']) & ~leaf & ~cat)) is not None: return f'the threshold of node {i} is not a number'
+    if (i := _first(~np.isfinite(nodes['value']))) is not None: return f'the value of node {i} is not finite'
+    sets = [getattr(pred, a, None) for a in ('raw_left_cat_bitsets', 'binned_left_cat_bitsets')]
+    if not all(isinstance(b, np.ndarray) and b.dtype == np.uint32 and b.ndim == 2 and b.shape[1] == 8 for b in sets):
+        return 'its category bitsets are not arrays of 8 uint32 per split'
+    if (i := _first(cat & (nodes['bitset_idx'] >= min(len(b) for b in sets)))) is not None:
+        return f'bitset {nodes["bitset_idx"][i]} of node {i} is out of range ({min(len(b) for b in sets)} bitsets)'
+    flags = getattr(getattr(owner, '_bin_mapper', None), 'is_categorical_', None)
+    known = np.zeros(0, dtype=bool) if flags is None else np.asarray(flags, dtype=bool).ravel()
+    feats = nodes['feature_idx'].astype(np.int64)
+    split_by_category = np.zeros(len(nodes), dtype=bool)
+    inside = (feats >= 0) & (feats < len(known))
+    split_by_category[inside] = known[feats[inside]]
+    if (i := _first(cat & ~split_by_category)) is not None:
+        return f'node {i} splits feature {feats[i]} by category, which the model does not treat as categorical'
+    return None
+
+# %% ../nbs/30_train.ipynb #30-train-068
+def _trees(obj, owner, path:tuple, seen:set, depth:int=0):
+    "(tree, the estimator holding it, the fitted estimators above it) of every tree inside `obj`, in a fixed order."
+    from sklearn.base import BaseEstimator
+    from sklearn.tree._tree import Tree
+    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
+    if id(obj) in seen or depth > 50: return
+    if isinstance(obj, (Tree, TreePredictor)): yield obj, owner, path; return
+    if isinstance(obj, (list, tuple, dict, np.ndarray, BaseEstimator)): seen.add(id(obj))
+    if isinstance(obj, (list, tuple)): items = obj
+    elif isinstance(obj, dict): items = obj.values()
+    elif isinstance(obj, np.ndarray) and obj.dtype == object: items = obj.ravel()
+    elif isinstance(obj, BaseEstimator): items = [v for _, v in sorted(vars(obj).items())]; owner, path = obj, path + (obj,)
+    else: return
+    for x in items: yield from _trees(x, owner, path, seen, depth + 1)
+
+def _holder_problem(est)->str|None:
+    "Trees per boosting iteration that are not the estimator's n_trees_per_iteration_ (prediction writes one column per tree)."
+    k = getattr(est, 'n_trees_per_iteration_', None)
+    if k is None: return None
+    grid = getattr(est, 'estimators_', None)
+    if isinstance(grid, np.ndarray) and grid.ndim == 2 and grid.shape[1] != k: return f'{grid.shape[1]} trees per iteration, not its {k}'
+    its = getattr(est, '_predictors', None)
+    if isinstance(its, list) and (bad := next((i for i, x in enumerate(its) if len(x) != k), None)) is not None: return f'iteration {bad} holds {len(its[bad])} trees, not its {k}'
+    return None
+
+def check_trees(model, # the loaded model: a Pipeline, or one estimator
+                p, # the artifact, named in the error
+               ):
+    "Refuse a model holding a tree whose arrays would crash or hang prediction; the error names the pipeline step and the tree."
+    from sklearn.tree._tree import Tree
+    for name, est in getattr(model, 'steps', None) or [('model', model)]:
+        seen = set()
+        for k, (t, owner, path) in enumerate(_trees(est, None, (), seen)):
+            width = {getattr(e, 'n_features_in_', None) for e in path if hasattr(e, 'n_features_in_')}
+            problem = (next(filter(None, map(_holder_problem, path)), None)
+                       or (f'its estimators are given {sorted(width, key=str)[:4]} features, not one width' if len(width) > 1 else None)
+                       or (sklearn_tree_problem(t, owner) if isinstance(t, Tree) else predictor_problem(t, owner)))
+            if problem: raise InputError(f'{p}: {MODEL_FILE}: {name} tree {k}: {problem}')
+
+# %% ../nbs/30_train.ipynb #30-train-071
+def schema_difference(claimed:Schema, # the schema an artifact's manifest describes
+                      actual:Schema, # the schema inside the model
+                     )->str|None:
+    "The first way `claimed` differs from `actual` (names, roles, columns, then each column's kind, categories, bounds, nullability), or None."
+    if claimed == actual: return None
+    for f in ('name', 'target', 'features', 'id', 'data_file', 'names'):
+        a, b = getattr(claimed, f), getattr(actual, f)
+        if a != b: return f'{f} {quote(a, 80, quoted=False)} instead of {quote(b, 80, quoted=False)}'
+    for a, b in zip(claimed.columns, actual.columns):
+        for f in ('kind', 'categories', 'lo', 'hi', 'nullable'):
+            if getattr(a, f) != getattr(b, f): return f'column {quote(a.name, 40)}: {f} {quote(getattr(a, f), 80, quoted=False)} instead of {quote(getattr(b, f), 80, quoted=False)}'
+    return 'it differs'
+
 # %% ../nbs/30_train.ipynb #30-train-012
 def check_manifest(model, manifest:dict, p)->Schema:
-    "Refuse a manifest whose features, classes or target are not the model's; returns the schema."
+    "Refuse a manifest whose features, classes, target or schema are not the model's; returns the schema."
     try: schema = model_schema(manifest)
     except (KeyError, TypeError, ValueError) as e: raise InputError(f'{p}: {MANIFEST_FILE} holds no valid schema ({type(e).__name__}: {str(e)[:80]})') from None
     feats = getattr(model, 'named_steps', {}).get('features')
@@ -155,6 +296,9 @@ def check_manifest(model, manifest:dict, p)->Schema:
               ('target', manifest.get('target'), getattr(getattr(feats, 'schema', None), 'target', None))]
     for what, claimed, actual in checks:
         if claimed != actual: raise InputError(f'{p}: {MANIFEST_FILE} says {what} {str(claimed)[:80]}, the model has {str(actual)[:80]}')
+    try: inner = Schema.from_dict(feats.schema.to_dict())     # the schema inside the model, through Column's and Schema's checks
+    except (AttributeError, KeyError, TypeError, ValueError) as e: raise InputError(f'{p}: {MODEL_FILE} holds no valid schema ({type(e).__name__}: {str(e)[:80]})') from None
+    if diff := schema_difference(schema, inner): raise InputError(f'{p}: {MANIFEST_FILE} describes another schema than the model was trained with ({diff})')
     return schema
 
 def load_model(path, # model.tar.gz, or a folder holding one
@@ -183,6 +327,7 @@ def load_model(path, # model.tar.gz, or a folder holding one
     if untrusted: raise InputError(f'{p}: {MODEL_FILE} asks for types this mlproj does not trust: {", ".join(untrusted[:5])}')
     try: model = sio.loads(blob, trusted=TRUSTED_TYPES)
     except Exception as e: raise InputError(f'{p}: {MODEL_FILE} does not load ({type(e).__name__}: {" ".join(str(e).split())[:120]})') from None
+    check_trees(model, p)                                     # before anything predicts: crafted trees crash or hang native code
     check_manifest(model, manifest, p)
     return model, manifest
 

@@ -274,3 +274,46 @@ def test_predictions_of_a_sharded_run_are_checked_on_the_merge(cli, opt_ml_train
     one = json.loads((tmp_path/'outputs/mon-1/monitoring/statistics.json').read_text())
     assert res['statistics'] == one and one['features'][-1]['name'] == 'predicted_species'
     assert one['features'][-1]['string_statistics']['common']['num_present'] == 900
+
+
+# --- values at the float limits ----------------------------------------------------------------------------------
+
+def _reference_std(values) -> float:
+    "Population standard deviation of floats, computed exactly in fractions and rooted in 80-digit decimals."
+    from decimal import Decimal, getcontext
+    from fractions import Fraction
+    getcontext().prec = 80
+    exact = [Fraction(v) for v in values]
+    mean = sum(exact) / len(exact)
+    var = sum((v - mean) ** 2 for v in exact) / len(exact)
+    return float((Decimal(var.numerator) / Decimal(var.denominator)).sqrt())
+
+
+@pytest.mark.parametrize('case', ['one 1e200', 'a third at -1e308', 'mixed 1e155..1e308'])
+def test_values_at_the_float_limits_are_counted_and_reported(opt_ml_trained, opt_ml_tree, case):
+    "One 1e200 failed the job with OverflowError; squares past 1.3e154 overflowed to a std_dev of 0.0. Now: counted, checked, exact."
+    from mlproj.data import synthetic_penguins
+    d = synthetic_penguins(600, seed=31)
+    d = d[d.body_mass_g.notna()].reset_index(drop=True)
+    mass = d.body_mass_g.to_numpy().copy()
+    if case == 'one 1e200': mass[5] = 1e200
+    elif case == 'a third at -1e308': mass[::3] = -1e308
+    else: mass[::3] = np.resize([1e155, -1e155, 3.3e200, 1.7976931348623157e308, -2e307], len(mass[::3]))
+    d['body_mass_g'] = mass
+    p = run_monitor(opt_ml_tree, opt_ml_trained['model'], d)
+    assert p.returncode == 0, p.stderr[-2000:]
+    v = violations_of(opt_ml_tree)
+    huge = int((np.abs(mass) > 8000).sum())
+    expected = {('body_mass_g', 'range_check')} | ({('body_mass_g', 'baseline_drift_check')} if huge > 1 else set())
+    assert kinds(v) == expected, v
+    rng = next(x for x in v if x['constraint_check_type'] == 'range_check')['description']
+    assert f'{huge} value(s) outside the plausible range [1500, 8000]' in rng, rng
+    text = (opt_ml_tree.output('monitoring')/'statistics.json').read_text()
+    assert 'Infinity' not in text and 'NaN' not in text
+    f = next(x for x in json.loads(text)['features'] if x['name'] == 'body_mass_g')['numerical_statistics']
+    assert f['common']['num_present'] == len(mass) and (f['min'], f['max']) == (mass.min(), mass.max())
+    assert sum(b['count'] for b in f['distribution']['kll']['buckets']) == len(mass)
+    ref = _reference_std(mass)
+    assert abs(f['std_dev'] - ref) <= ref * 1e-15, (f['std_dev'], ref)
+    from fractions import Fraction
+    assert f['mean'] == float(sum(Fraction(x) for x in mass) / len(mass))

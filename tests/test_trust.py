@@ -310,3 +310,115 @@ def test_a_full_disk_under_the_outputs_root_is_one_line(tmp_path, monkeypatch, c
     assert code == 2 and 'Traceback' not in err and err.count('mlproj: error') == 1, err[-2000:]
     assert last == f'mlproj: error: No space left on device writing to {tmp_path.resolve()}/jobs/full-disk', last
     assert not list((tmp_path/'jobs/full-disk').glob('.describe.json*')), 'a half-written record was left'
+
+
+def _crafted_model(dest: Path, train_csv: Path, field: str, value, tree: int = 17, boosted: bool = False) -> str:
+    """A model.tar.gz written by the real `write_model_artifact`, from a model fitted on `train_csv` whose tree `tree` has
+    `field` of its second inner node set to `value` (0 or the root's child for 'loop'); returns the message expected."""
+    import numpy as np
+    from mlproj.data import load_table
+    from mlproj.train import train_model, write_model_artifact
+    train = load_table(train_csv)
+    if boosted:                         # histogram gradient boosting: TreePredictor node arrays
+        from sklearn.ensemble import HistGradientBoostingClassifier
+        from sklearn.pipeline import Pipeline
+        from mlproj.data import SCHEMA
+        from mlproj.features import TableFeatures
+        model = Pipeline([('features', TableFeatures(SCHEMA)), ('classifier', HistGradientBoostingClassifier(max_iter=10, random_state=0))])
+        model.fit(train[list(SCHEMA.features)], train[SCHEMA.target].astype(str))
+        clf = model.named_steps['classifier']
+        pred = clf._predictors[tree // clf.n_trees_per_iteration_][tree % clf.n_trees_per_iteration_]
+        nodes = pred.nodes.copy()
+        inner = int(np.flatnonzero(nodes['is_leaf'] == 0)[1])
+        names = {'child': 'left', 'loop': 'left', 'feature': 'feature_idx'}
+        n = len(nodes)
+    else:
+        model = train_model(train, n_estimators=20)
+        t = model.named_steps['classifier'].estimators_[tree].tree_
+        st = t.__getstate__(); nodes = st['nodes'].copy()
+        inner = int(np.flatnonzero(nodes['left_child'] != -1)[1])
+        names = {'child': 'left_child', 'loop': 'left_child', 'feature': 'feature'}
+        n = len(nodes)
+    which = 'loop' if value == 'loop' else field
+    nodes[names[which]][inner] = 0 if value == 'loop' else value
+    if boosted: pred.nodes = nodes
+    else: st['nodes'] = nodes; t.__setstate__(st)
+    write_model_artifact(model, dest)
+    width = model.named_steps['classifier'].n_features_in_
+    return {'child': f'classifier tree {tree}: child {value} of node {inner} is out of range ({n:,} nodes)',
+            'loop': f'classifier tree {tree}: child 0 of node {inner} does not come after it (a loop)',
+            'feature': f'classifier tree {tree}: feature {value} of node {inner} is out of range ({width:,} input features)'}[which]
+
+
+_CRAFTS = [('child', 10**9), ('feature', 10**6), ('child', 'loop')]
+
+
+@pytest.mark.parametrize('step', ['evaluate', 'batch_inference'])
+@pytest.mark.parametrize('field,value', _CRAFTS, ids=['child-1e9', 'feature-1e6', 'child-to-root'])
+def test_crafted_trees_are_refused_before_they_predict(step, field, value, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "They segfaulted the step (exit 139) or looped in native code until MaxRuntime; now: one line naming the step's estimator and tree, exit 1."
+    t = opt_ml_tree
+    t.input('model').mkdir(parents=True)
+    expected = _crafted_model(t.input('model')/'model.tar.gz', opt_ml_trained['train_csv'], field, value)
+    if step == 'evaluate': t.stage('test', opt_ml_trained['test_csv'])
+    else: t.stage('data', opt_ml_penguins)
+    p = t.python('-m', f'mlproj.scripts.{step}', timeout=120)        # the hang guard: TimeoutExpired fails the test
+    line = opt_ml_assert_failed(p, t, step, [t.outputs])
+    assert p.returncode == 1, (p.returncode, p.stderr[-500:])
+    assert line == f'{step}: {t.input("model")}/model.tar.gz: model.skops: {expected}', line
+
+
+@pytest.mark.parametrize('field,value', _CRAFTS, ids=['child-1e9', 'feature-1e6', 'child-to-root'])
+def test_crafted_boosted_trees_are_refused_before_they_predict(field, value, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "The same for histogram gradient boosting's TreePredictor node arrays (its type trusted here, as the widened trust list does)."
+    t = opt_ml_tree
+    t.input('model').mkdir(parents=True)
+    expected = _crafted_model(t.input('model')/'model.tar.gz', opt_ml_trained['train_csv'], field, value, tree=7, boosted=True)
+    t.stage('data', opt_ml_penguins)
+    code = ("import runpy, sys\nimport mlproj.train as T\n"
+            "T.TRUSTED_TYPES.append('sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor')\n"
+            "sys.argv = ['batch_inference']\nrunpy.run_module('mlproj.scripts.batch_inference', run_name='__main__')")
+    p = t.python('-c', code, timeout=120)
+    line = opt_ml_assert_failed(p, t, 'batch_inference', [t.outputs])
+    assert p.returncode == 1, (p.returncode, p.stderr[-500:])
+    assert line == f'batch_inference: {t.input("model")}/model.tar.gz: model.skops: {expected}', line
+
+
+def _retarred(src: Path, dest: Path, edit) -> Path:
+    "`src`'s members written again into `dest`, the manifest passed through `edit(manifest) -> manifest` (JSON text, NaN allowed)."
+    with tarfile.open(src, 'r:gz') as tar: members = [(ti.name, tar.extractfile(ti).read()) for ti in tar]
+    members = [(n, json.dumps(edit(json.loads(b))).encode() if n == 'manifest.json' else b) for n, b in members]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return _artifact(dest, members)
+
+
+def _column_edit(name, **changes):
+    def edit(manifest):
+        manifest['schema']['columns'] = [dict(c, **changes) if c['name'] == name else c for c in manifest['schema']['columns']]
+        return manifest
+    return edit
+
+
+@pytest.mark.parametrize('case,edit,message', [
+    ('wider range', _column_edit('body_mass_g', hi=80000),
+     "manifest.json describes another schema than the model was trained with (column 'body_mass_g': hi 80000 instead of 8000)"),
+    ('new category', _column_edit('island', categories=['Biscoe', 'Dream', 'Torgersen', 'Atlantis']),
+     "manifest.json describes another schema than the model was trained with (column 'island': categories ('Biscoe', 'Dream', 'Torgersen', 'Atlantis') instead of ('Biscoe', 'Dream', 'Torgersen'))"),
+    ('NaN bound', _column_edit('body_mass_g', hi=float('nan')),
+     "manifest.json holds no valid schema (SpecError: column 'body_mass_g': bound hi nan is not a finite number)"),
+    ('infinite bound', _column_edit('bill_length_mm', lo=float('-inf')),
+     "manifest.json holds no valid schema (SpecError: column 'bill_length_mm': bound lo -inf is not a finite number)"),
+], ids=lambda x: x.replace(' ', '-') if isinstance(x, str) and len(x) < 20 else '')
+def test_a_re_tarred_manifest_cannot_loosen_validation(case, edit, message, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "The schema is the model's: a manifest widening a range, adding a category or switching a bound off with NaN is refused (Atlantis was scored)."
+    t = opt_ml_tree
+    art = _retarred(opt_ml_trained['model'], t.input('model')/'model.tar.gz', edit)
+    lines = opt_ml_penguins.read_text().splitlines()
+    header = lines[0].split(','); row = lines[1].split(','); row[header.index('island')] = 'Atlantis'
+    t.stage_text('data', 'rows.csv', '\n'.join(lines + [','.join(row)]) + '\n')
+    line = opt_ml_assert_failed(t.run('batch_inference'), t, 'batch_inference', [t.outputs])
+    assert line == f'batch_inference: {art}: {message}', line
+    # the same rows against the untouched model: Atlantis is refused as the schema says
+    t2 = opt_ml_tree.__class__(t.root.parent/'again', t.root.parent/'again-work')
+    t2.stage('model', opt_ml_trained['model']); t2.stage_text('data', 'rows.csv', '\n'.join(lines + [','.join(row)]) + '\n')
+    assert "unknown category 'Atlantis'" in opt_ml_assert_failed(t2.run('batch_inference'), t2, 'batch_inference', [t2.outputs])
