@@ -16,7 +16,8 @@ from .storage import check_links
 __all__ = ['TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES',
            'REGRESSION_BINS', 'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files',
            'check_header', 'csv_header', 'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'quote',
-           'check_columns', 'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table']
+           'check_columns', 'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table',
+           'describe_target']
 
 # %% ../nbs/10_data.ipynb #10-data-005
 @dataclass(frozen=True)
@@ -444,3 +445,11 @@ def split_table(df:pd.DataFrame, test_size:float=0.2, seed:int=42,
         test_idx.extend(rng.choice(g.index.to_numpy(), size=k, replace=False))
     is_test = df.index.isin(test_idx)
     return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+
+# %% ../nbs/10_data.ipynb #10-data-030b
+def describe_target(y:pd.Series, # the target column of a validated table
+                    schema:Schema=SCHEMA, # its schema (the task decides what is described)
+                   )->dict:
+    "What a table holds of its target, for reports: rows per class (classification), or its range (regression)."
+    if schema.task != 'regression': return {'class_counts': {str(k): int(v) for k, v in y.value_counts().sort_index().items()}}
+    return {'target_range': {'min': float(y.min()), 'max': float(y.max()), 'mean': float(y.mean()), 'median': float(y.median())}}
