@@ -14,9 +14,10 @@ from .storage import check_links
 
 # %% auto #0
 __all__ = ['TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES',
-           'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files', 'check_header', 'csv_header',
-           'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'quote', 'check_columns', 'validate', 'Chunk',
-           'iter_tables', 'load_table', 'split_table']
+           'REGRESSION_BINS', 'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files',
+           'check_header', 'csv_header', 'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'quote',
+           'check_columns', 'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table',
+           'describe_target']
 
 # %% ../nbs/10_data.ipynb #10-data-005
 @dataclass(frozen=True)
@@ -421,13 +422,41 @@ def load_table(path, require_target:bool=True, notes:list|None=None, schema:Sche
     return pd.concat(parts, ignore_index=True)
 
 # %% ../nbs/10_data.ipynb #10-data-029
-def split_table(df:pd.DataFrame, test_size:float=0.2, seed:int=42)->tuple[pd.DataFrame, pd.DataFrame]:
-    "Stratified (train, test) split of `df`; rows keep their order within each part."
+REGRESSION_BINS = 10   # quantile bins of a regression target that a split is stratified on (fewer for tiny tables)
+
+def split_strata(df:pd.DataFrame, # validated table with the target
+                 schema:Schema=SCHEMA, # its schema: the target, and the task that decides the strata
+                 test_size:float=0.2, # share of rows held out
+                )->pd.Series:
+    "The stratum of each row: its class (classification), or its quantile bin of the target (regression)."
+    y = df[schema.target]
+    if schema.task != 'regression': return y
+    n = len(df); k = max(1, min(REGRESSION_BINS, int(n * min(test_size, 1 - test_size))))
+    rank = y.rank(method='first').to_numpy() - 1                 # 0 .. n-1, ties in row order
+    return pd.Series((rank * k // n).astype(int), index=df.index, name=f'{schema.target} bin')
+
+# %% ../nbs/10_data.ipynb #10-data-029a
+def split_table(df:pd.DataFrame, test_size:float=0.2, seed:int=42,
+                schema:Schema=SCHEMA, # the table's schema: its target, and its task (how rows are stratified)
+               )->tuple[pd.DataFrame, pd.DataFrame]:
+    "Stratified (train, test) split of `df` (see `split_strata`); rows keep their order within each part."
     if not 0 < test_size < 1: raise InputError(f'test_size must be between 0 and 1, got {test_size}')
     rng = np.random.default_rng(seed)
     test_idx = []
-    for _, g in df.groupby(TARGET, sort=True):
+    for key, g in df.groupby(split_strata(df, schema, test_size), sort=True):
         k = int(round(len(g) * test_size))
+        if not 0 < k < len(g):
+            what = f'bin {key} of {schema.target!r}' if schema.task == 'regression' else f'class {quote(str(key))} of {schema.target!r}'
+            raise InputError(f"test_size={test_size:g} leaves {what} ({len(g)} rows) with {'no held-out' if k == 0 else 'no training'} row; "
+                             + (f'use a test_size between {0.5 / len(g):.3g} and {1 - 0.5 / len(g):.3g}' if len(g) > 1 else 'it needs at least 2 rows'))
         test_idx.extend(rng.choice(g.index.to_numpy(), size=k, replace=False))
     is_test = df.index.isin(test_idx)
     return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+
+# %% ../nbs/10_data.ipynb #10-data-030b
+def describe_target(y:pd.Series, # the target column of a validated table
+                    schema:Schema=SCHEMA, # its schema (the task decides what is described)
+                   )->dict:
+    "What a table holds of its target, for reports: rows per class (classification), or its range (regression)."
+    if schema.task != 'regression': return {'class_counts': {str(k): int(v) for k, v in y.value_counts().sort_index().items()}}
+    return {'target_range': {'min': float(y.min()), 'max': float(y.max()), 'mean': float(y.mean()), 'median': float(y.median())}}

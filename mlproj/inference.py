@@ -13,28 +13,33 @@ from .data import SCHEMA, Schema, iter_tables
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['PROBA_DECIMALS', 'SOURCE_FILE', 'SOURCE_ROW', 'prediction_column', 'predict_proba_rows', 'predict_frame',
-           'resolve_keep', 'predict_files']
+__all__ = ['PROBA_DECIMALS', 'THRESHOLD', 'SOURCE_FILE', 'SOURCE_ROW', 'prediction_column', 'predict_rows', 'predict_proba_rows',
+           'predict_task', 'predict_frame', 'resolve_keep', 'predict_files']
 
 # %% ../nbs/50_inference.ipynb #50-inference-005
 PROBA_DECIMALS = 6   # probabilities are written rounded: enough to rank, and stable text
+THRESHOLD = 0.5      # binary models: the positive class is predicted when its probability is at least this (default)
 SOURCE_FILE, SOURCE_ROW = 'source_file', 'source_row'   # the row reference of input without an id column
 
 def prediction_column(schema:Schema)->str:
-    "Name of the predicted-class column: `predicted_<target>`."
+    "Name of the prediction column (the predicted class, or number): `predicted_<target>`."
     return f'predicted_{schema.target}'
 
 # %% ../nbs/50_inference.ipynb #50-inference-008
-def predict_proba_rows(model, # fitted pipeline (or any model with `predict_proba`)
-                       X:pd.DataFrame, # the rows to predict
-                       cpus:int=1, # worker threads; rows are split into this many consecutive blocks
-                       min_rows:int=1000, # a block holds at least this many rows (below that a thread costs more than it saves)
-                      )->np.ndarray:
-    "`model.predict_proba(X)` with `X`'s rows split over `cpus` threads: the same values, bit for bit, whatever `cpus`."
+def predict_rows(fn, # a model's prediction method: `predict_proba`, `predict`
+                 X:pd.DataFrame, # the rows to predict
+                 cpus:int=1, # worker threads; rows are split into this many consecutive blocks
+                 min_rows:int=1000, # a block holds at least this many rows (below that a thread costs more than it saves)
+                )->np.ndarray:
+    "`fn(X)` with `X`'s rows split over `cpus` threads: the same values, bit for bit, whatever `cpus`."
     k = max(1, min(int(cpus), len(X) // max(1, min_rows)))
-    if k == 1: return model.predict_proba(X)
+    if k == 1: return fn(X)
     cut = np.linspace(0, len(X), k + 1).astype(int)
-    return np.concatenate(list(_pool(k).map(lambda i: model.predict_proba(X.iloc[cut[i]:cut[i + 1]]), range(k))))
+    return np.concatenate(list(_pool(k).map(lambda i: fn(X.iloc[cut[i]:cut[i + 1]]), range(k))))
+
+def predict_proba_rows(model, X:pd.DataFrame, cpus:int=1, min_rows:int=1000)->np.ndarray:
+    "`model.predict_proba(X)` with the rows split over `cpus` threads (see `predict_rows`)."
+    return predict_rows(model.predict_proba, X, cpus, min_rows)
 
 @functools.lru_cache(maxsize=None)
 def _pool(k:int)->ThreadPoolExecutor:
@@ -42,15 +47,30 @@ def _pool(k:int)->ThreadPoolExecutor:
     return ThreadPoolExecutor(k, thread_name_prefix='predict')
 
 # %% ../nbs/50_inference.ipynb #50-inference-009
+def predict_task(model, # fitted pipeline
+                 X:pd.DataFrame, # the rows to predict (at least the schema's features)
+                 schema:Schema=SCHEMA, # the model's schema: its task decides what is predicted
+                 threshold:float=THRESHOLD, # binary models: predict the positive class when its probability is at least this
+                 cpus:int=1, # cores to predict on (see `predict_rows`)
+                )->pd.DataFrame:
+    "The model's predictions of `X` by task: the prediction column, then `proba_<class>` per class (classification)."
+    col, X = prediction_column(schema), X[list(schema.features)]
+    if schema.task == 'regression': return pd.DataFrame({col: predict_rows(model.predict, X, cpus).astype('float64')})
+    proba, classes = predict_proba_rows(model, X, cpus), [str(c) for c in model.classes_]
+    if schema.task == 'binary':
+        if schema.positive_class not in classes: raise InputError(f'the model has no class {schema.positive_class!r} (its classes: {", ".join(classes)}) to score')
+        pos = classes.index(schema.positive_class)
+        label = np.where(proba[:, pos] >= threshold, pos, 1 - pos)
+    else: label = proba.argmax(axis=1)
+    return pd.DataFrame({col: np.asarray(classes, dtype=object)[label], **{f'proba_{c}': proba[:, i] for i, c in enumerate(classes)}})
+
 def predict_frame(model, df:pd.DataFrame, schema:Schema=SCHEMA, lead:pd.DataFrame|None=None,
-                  cpus:int=1, # cores to predict on (see `predict_proba_rows`)
+                  cpus:int=1, # cores to predict on (see `predict_rows`)
+                  threshold:float=THRESHOLD, # binary models: the positive-class probability from which it is predicted
                  )->pd.DataFrame:
-    "Predictions for a validated table: `lead` columns (default: the id), the predicted class, one probability column per class."
-    proba = predict_proba_rows(model, df[list(schema.features)], cpus)
-    classes = [str(c) for c in model.classes_]
+    "Predictions for a validated table: `lead` columns (default: the id), then `predict_task`'s columns."
     out = lead.reset_index(drop=True).copy() if lead is not None else pd.DataFrame({schema.id: df[schema.id].to_numpy()})
-    out[prediction_column(schema)] = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
-    for i, c in enumerate(classes): out[f'proba_{c}'] = proba[:, i]
+    for c, v in predict_task(model, df, schema, threshold, cpus).items(): out[c] = v.to_numpy()
     return out
 
 # %% ../nbs/50_inference.ipynb #50-inference-012
@@ -67,15 +87,25 @@ def resolve_keep(keep_columns:str, raw_columns:list, reserved:list, source)->lis
 
 # %% ../nbs/50_inference.ipynb #50-inference-015
 class _Writer:
-    "Appends prediction frames to one CSV through Arrow, header first; counts what it wrote."
+    "Appends prediction frames to one CSV through Arrow, header first; counts what it wrote (per class, or the range of numbers)."
     def __init__(self, f, schema:Schema):
         self.f, self.col, self.rows, self.counts = f, prediction_column(schema), 0, {}
+        self.numbers = schema.task == 'regression'
+        self.lo, self.hi, self.sum = np.inf, -np.inf, 0.0
     def write(self, out:pd.DataFrame):
         import pyarrow as pa, pyarrow.csv as pcsv
-        table = pa.Table.from_pandas(out.round(PROBA_DECIMALS), preserve_index=False)
+        table = pa.Table.from_pandas(out.round({c: PROBA_DECIMALS for c in out.columns if c.startswith('proba_')}), preserve_index=False)
         pcsv.write_csv(table, self.f, pcsv.WriteOptions(include_header=self.rows == 0, quoting_style='needed'))
         self.rows += len(out)
-        for k, v in out[self.col].value_counts().items(): self.counts[k] = self.counts.get(k, 0) + int(v)
+        if self.numbers:
+            v = out[self.col].to_numpy()
+            if len(v): self.lo, self.hi, self.sum = min(self.lo, float(v.min())), max(self.hi, float(v.max())), self.sum + float(v.sum())
+        else:
+            for k, v in out[self.col].value_counts().items(): self.counts[k] = self.counts.get(k, 0) + int(v)
+    def summary(self)->dict:
+        "{'predicted_counts': ...} of a classifier's rows; {'predicted_range': {min, max, mean}} of a regressor's."
+        if not self.numbers: return {'predicted_counts': dict(sorted(self.counts.items()))}
+        return {'predicted_range': {'min': self.lo, 'max': self.hi, 'mean': self.sum / self.rows} if self.rows else {}}
 
 # %% ../nbs/50_inference.ipynb #50-inference-017
 _END = object()
@@ -131,11 +161,12 @@ def predict_files(model, # fitted pipeline
                   schema:Schema=SCHEMA, # the model's schema (see mlproj.train.model_schema)
                   keep_columns:str='', # input columns copied into the predictions: names, comma-separated, or 'all'
                   notes:list|None=None, # collects non-fatal findings (columns not in the schema), once per file
-                  cpus:int=1, # cores to predict on (see `predict_proba_rows`); the output is the same bytes whatever the number
+                  cpus:int=1, # cores to predict on (see `predict_rows`); the output is the same bytes whatever the number
+                  threshold:float=THRESHOLD, # binary models: predict the positive class when its probability is at least this
                  )->dict:
     "Predict every row at `source` into the CSV `dest`, `chunksize` rows at a time; returns counts and files read."
     root = Path(source)
-    reserved = [prediction_column(schema)] + [f'proba_{c}' for c in model.classes_]
+    reserved = [prediction_column(schema)] + [f'proba_{c}' for c in getattr(model, 'classes_', [])]
     files, use_id, keep, done = [], None, None, 0
     with open(dest, 'wb') as f:
         w = _Writer(f, schema)
@@ -154,10 +185,11 @@ def predict_files(model, # fitted pipeline
                 missing = [k for k in keep if k not in chunk.raw.columns]
                 if missing: raise InputError(f"{chunk.source}: no column {missing[0]!r}, which keep_columns asks for")
                 for k in keep: lead[k] = chunk.raw[k].to_numpy()
-                writer.put(predict_frame(model, chunk.df, schema, lead, cpus))
+                writer.put(predict_frame(model, chunk.df, schema, lead, cpus, threshold))
                 for p, _, _ in chunk.parts:
                     if not files or files[-1] != str(p): files.append(str(p))
                 done += len(chunk.df)
                 if progress: progress(done, chunk.source)
-    return {'rows': w.rows, 'files': len(files), 'first_files': files[:5], 'predicted_counts': dict(sorted(w.counts.items())),
+    return {'rows': w.rows, 'files': len(files), 'first_files': files[:5], 'task': schema.task, **w.summary(),
+            **({'positive_class': schema.positive_class, 'threshold': threshold} if schema.task == 'binary' else {}),
             'row_reference': ([schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]) if use_id is not None else [], 'kept_columns': keep or []}

@@ -8,6 +8,7 @@ import datetime as dt, json, os, secrets, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 from .contract import atomic_path, process_alive, process_started
+from .data import SCHEMA
 from .errors import InputError, SpecError
 from .params import check_params, did_you_mean
 from .storage import to_uri, uri_path, digests
@@ -17,9 +18,9 @@ from .local import run_local
 from .cache import package_digest, environment, source_checkout, key_material, step_key, explain_miss, step_records, reuse_outputs, StaleOutputs
 
 # %% auto #0
-__all__ = ['GATE_OPS', 'RESOURCE_PARAMS', 'INTERNAL_PARAMS', 'PIPELINE', 'MODEL_DIGEST_PARAM', 'Gate', 'metric_value', 'Pipeline',
-           'pipeline_mermaid', 'wiring', 'check_run_params', 'new_run_id', 'provenance', 'reconcile_runs', 'check_gate',
-           'run_pipeline']
+__all__ = ['GATE_OPS', 'RESOURCE_PARAMS', 'INTERNAL_PARAMS', 'TASK_GATES', 'PIPELINE', 'MODEL_DIGEST_PARAM', 'Gate',
+           'metric_value', 'Pipeline', 'task_gate', 'pipeline_mermaid', 'wiring', 'check_run_params', 'new_run_id',
+           'provenance', 'reconcile_runs', 'check_gate', 'run_pipeline']
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-005
 GATE_OPS = {'>=': 'at least', '>': 'above', '<=': 'at most', '<': 'below'}   # comparison -> words of the message
@@ -84,8 +85,19 @@ class Pipeline:
         return out
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-013
-PIPELINE = Pipeline('mlproj', tuple(step_order()),
-                    Gate('evaluate', 'evaluation', 'evaluation.json', 'multiclass_classification_metrics.accuracy.value', 0.9))
+TASK_GATES = {   # the default gate of each task: (metric in evaluation.json, comparison, default gate.threshold)
+    'multiclass': ('multiclass_classification_metrics.accuracy.value', '>=', 0.9),
+    'binary': ('binary_classification_metrics.auc.value', '>=', 0.8),
+    'regression': ('regression_metrics.r2.value', '>=', 0.5),
+}
+
+def task_gate(task:str, # a task, `Schema.task`
+             )->Gate:
+    "The quality gate after `evaluate` for a model of `task`."
+    metric, op, threshold = TASK_GATES[task]
+    return Gate('evaluate', 'evaluation', 'evaluation.json', metric, threshold, op)
+
+PIPELINE = Pipeline('mlproj', tuple(step_order()), task_gate(SCHEMA.task))
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-016
 def pipeline_mermaid(p:Pipeline=PIPELINE)->str:

@@ -135,45 +135,49 @@ def preprocess(raw=input_dir('raw'), # raw data: a CSV/Parquet file or a folder 
                seed:int=42, # random seed of the split
               )->dict:
     "Validate the raw table and split it into train/test."
-    from mlproj.data import load_table, split_table, TARGET, FEATURES
+    from mlproj.data import load_table, split_table, describe_target, SCHEMA
     raw = existing_dir(raw, 'raw input')
     notes = []
     df = load_table(raw, notes=notes)
     for n in notes: log('preprocess', f'note: {n}')
-    tr, te = split_table(df, test_size, seed)
+    tr, te = split_table(df, test_size, seed, SCHEMA)
     host = current_host()
     with OutputSet() as outs:
         tr.to_csv(outs.path(container_path(train)/f'train-{host}.csv'), index=False, lineterminator='\n')
         te.to_csv(outs.path(container_path(test)/f'test-{host}.csv'), index=False, lineterminator='\n')
     log('preprocess', f'{len(df)} rows from {raw} -> train {len(tr)}, test {len(te)}')
     return {'rows': len(df), 'train_rows': len(tr), 'test_rows': len(te), 'notes': notes,
-            'missing_values': {k: int(v) for k, v in df[list(FEATURES)].isna().sum().items()},
-            'class_counts': {k: int(v) for k, v in df[TARGET].value_counts().sort_index().items()}}
+            'missing_values': {k: int(v) for k, v in df[list(SCHEMA.features)].isna().sum().items()},
+            'task': SCHEMA.task, **describe_target(df[SCHEMA.target], SCHEMA)}
 
 # %% ../nbs/60_steps.ipynb #60-steps-021
 @step(inputs=('train',), outputs=('model',), max_instances=1,
       limits={'seed': '[0, 4294967295]', 'n_estimators': '[1, 10000]', 'max_depth': '[0, 1000]'})
 def train(train=input_dir('train'), # folder (or file) with the training split
           model=output_dir('model'), # output folder for model.tar.gz
-          seed:int=42, # random seed of the forest
+          seed:int=42, # random seed of the estimator
           n_estimators:int=200, # number of trees
           max_depth:int=0, # depth limit of each tree; 0 grows fully
          )->dict:
-    "Train the classifier and write model.tar.gz."
-    from mlproj.data import load_table
-    from mlproj.train import train_model, write_model_artifact, ARTIFACT
+    "Train the model the schema's task calls for (mlproj.train.make_estimator) and write model.tar.gz, checked loadable."
+    from mlproj.data import load_table, describe_target, SCHEMA
+    from mlproj.train import train_model, write_model_artifact, check_artifact, ARTIFACT
     from mlproj.monitor import suggest_baseline
     from mlproj.contract import usable_cpus
     t0 = time.perf_counter()
     df = load_table(existing_dir(train, 'training input'))
     params = {'seed': seed, 'n_estimators': n_estimators, 'max_depth': max_depth or None}
     cpus = usable_cpus()
-    log('train', f'fitting on {len(df)} rows with {params} on {cpus} core(s)')
+    log('train', f'fitting a {SCHEMA.task} model on {len(df)} rows with {params} on {cpus} core(s)')
     m = train_model(df, **params, cpus=cpus)
     with OutputSet() as outs:
-        manifest = write_model_artifact(m, outs.path(container_path(model)/ARTIFACT), params, suggest_baseline(df))   # with the data-quality baseline
-    log('train', f'model written to {container_path(model)/ARTIFACT} in {time.perf_counter()-t0:.1f}s')
-    return {'rows': len(df), 'classes': manifest['classes'], 'params': params, 'model_sha256': manifest['model_sha256']}
+        dest = outs.path(container_path(model)/ARTIFACT)
+        manifest = write_model_artifact(m, dest, params, suggest_baseline(df))   # with the data-quality baseline
+        check_artifact(dest)                     # every step can load it, or nothing is written
+    log('train', f'{SCHEMA.task} model ({type(m[-1]).__name__}) written to {container_path(model)/ARTIFACT} in {time.perf_counter()-t0:.1f}s')
+    return {'rows': len(df), 'task': SCHEMA.task, 'estimator': type(m[-1]).__name__, 'classes': manifest['classes'],
+            **({'positive_class': SCHEMA.positive_class} if SCHEMA.task == 'binary' else {}),
+            **describe_target(df[SCHEMA.target], SCHEMA), 'params': params, 'model_sha256': manifest['model_sha256']}
 
 # %% ../nbs/60_steps.ipynb #60-steps-024
 @step(inputs=('model', 'test'), outputs=('evaluation',), max_instances=1)
@@ -202,12 +206,13 @@ def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
 
 # %% ../nbs/60_steps.ipynb #60-steps-027
 @step(inputs=('model', 'data'), outputs=('predictions',), shardable=('data',), sources={'data': BUNDLED},
-      limits={'chunksize': '[1, 10000000]'})
+      limits={'chunksize': '[1, 10000000]', 'threshold': '[0, 1]'})
 def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.gz
                     data=input_dir('data'), # rows to score: a CSV/Parquet file or a folder of shards
                     predictions=output_dir('predictions'), # output folder for predictions-<host>.csv
                     chunksize:int=50_000, # rows read, validated and predicted at a time (bounds memory)
                     keep_columns:str='', # input columns copied into the predictions: comma-separated names, or all
+                    threshold:float=0.5, # binary models: predict the positive class when its probability is at least this (other tasks: unused)
                     expected_model_sha256:str='', # sha256 of model.tar.gz the step must be given (its provenance); empty: any valid artifact
                    )->dict:
     "Predict the target for every row of the input, chunk by chunk, into predictions-<host>.csv."
@@ -220,7 +225,7 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
     host, (_, n_hosts) = current_host(), host_rank()
     if n_hosts > 1 and src.is_dir() and not has_data(src):
         log('batch_inference', f'{host}: no input objects in this shard ({src}); nothing to do')
-        return {'rows': 0, 'files': 0, 'first_files': [], 'predicted_counts': {}, 'notes': [], 'host': host}
+        return {'rows': 0, 'files': 0, 'first_files': [], 'notes': [], 'host': host}
     src = existing_dir(data, 'data input')
     last = [time.perf_counter()]
     def progress(rows, f):
@@ -228,11 +233,12 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
     t0, notes, cpus = time.perf_counter(), [], usable_cpus()
     with OutputSet() as outs:
         s = predict_files(m, src, outs.path(container_path(predictions)/f'predictions-{host}.csv'), chunksize, progress,
-                          model_schema(manifest), keep_columns, notes, cpus)
+                          model_schema(manifest), keep_columns, notes, cpus, threshold)
     for n in notes[:20]: log('batch_inference', f'note: {n}')
     if len(notes) > 20: log('batch_inference', f'note: ... and {len(notes) - 20:,} more files with columns not in the schema')
     dt = time.perf_counter() - t0
-    log('batch_inference', f'{s["rows"]:,} rows from {s["files"]:,} file(s) in {dt:.1f}s ({s["rows"]/max(dt,1e-9):,.0f} rows/s on {cpus} core(s))')
+    log('batch_inference', f'{s["rows"]:,} rows from {s["files"]:,} file(s) in {dt:.1f}s ({s["rows"]/max(dt,1e-9):,.0f} rows/s on {cpus} core(s))'
+                           + (f', {s["positive_class"]!r} predicted when its probability is at least {threshold:g}' if 'threshold' in s else ''))
     return {**s, 'notes': notes[:20] + ([f'... and {len(notes) - 20:,} more'] if len(notes) > 20 else []), 'host': host}
 
 # %% ../nbs/60_steps.ipynb #60-steps-030

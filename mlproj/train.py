@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import sklearn
-from sklearn.ensemble import ExtraTreesClassifier
 from sklearn.pipeline import Pipeline
 from .data import SCHEMA, Schema, quote
 from .errors import InputError
@@ -17,37 +16,60 @@ from .features import TableFeatures
 from .storage import sha256_file, sha256_stream
 
 # %% auto #0
-__all__ = ['MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'BASELINE_FILES',
-           'MAX_BASELINE_BYTES', 'TRUSTED_TYPES', 'train_model', 'library_versions', 'build_manifest', 'model_schema',
-           'model_bytes', 'write_model_artifact', 'tree_shape_problem', 'tree_depth', 'sklearn_tree_problem',
-           'predictor_problem', 'check_trees', 'schema_difference', 'check_manifest', 'load_model', 'load_baseline']
+__all__ = ['ESTIMATOR_TRUSTED_TYPES', 'MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES',
+           'MAX_MANIFEST_BYTES', 'BASELINE_FILES', 'MAX_BASELINE_BYTES', 'TRUSTED_TYPES', 'ESTIMATOR_CELL',
+           'make_estimator', 'train_model', 'library_versions', 'build_manifest', 'model_schema', 'model_bytes',
+           'write_model_artifact', 'tree_shape_problem', 'tree_depth', 'sklearn_tree_problem', 'predictor_problem',
+           'check_trees', 'schema_difference', 'check_manifest', 'load_model', 'untrusted_types', 'check_artifact',
+           'load_baseline']
+
+# %% ../nbs/30_train.ipynb #30-train-003b
+from sklearn.ensemble import ExtraTreesClassifier, ExtraTreesRegressor
+
+def make_estimator(task:str, # the schema's task (`Schema.task`): 'binary', 'multiclass' or 'regression'
+                   seed:int=42, # random seed
+                   n_estimators:int=200, # number of trees
+                   max_depth:int|None=None, # depth limit of each tree (None: grow fully)
+                  ):
+    "The unfitted estimator for `task`, from the train step's parameters."
+    forest = {'binary': ExtraTreesClassifier, 'multiclass': ExtraTreesClassifier, 'regression': ExtraTreesRegressor}[task]
+    return forest(n_estimators=n_estimators, max_depth=max_depth, random_state=seed)
+
+ESTIMATOR_TRUSTED_TYPES = []   # exact type names this estimator's artifact needs beyond TRUSTED_TYPES (another library's), reviewed
 
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with the target column
-                seed:int=42, # random seed of the forest
+                seed:int=42, # random seed of the estimator
                 n_estimators:int=200, # number of trees
                 max_depth:int|None=None, # depth limit of each tree (None: grow fully)
-                schema:Schema=SCHEMA, # the table's schema: its features and target
-                cpus:int=1, # cores to grow the trees on; the model is the same bytes whatever the number
+                schema:Schema=SCHEMA, # the table's schema: its features, target and task
+                cpus:int=1, # cores to fit on (estimators with `n_jobs`); the model is the same bytes whatever the number
                )->Pipeline:
-    "Fit the feature transform and a seeded extra-trees forest on `train`."
+    "Fit the feature transform and the estimator `make_estimator` declares for the schema's task on `train`."
     target = schema.target
     if target not in train.columns: raise InputError(f"training data has no '{target}' column")
-    if train[target].nunique() < 2: raise InputError(f'training data holds {train[target].nunique()} class; need at least 2')
-    if n_estimators < 1: raise InputError(f'n_estimators must be at least 1, got {n_estimators}')
-    model = Pipeline([('features', TableFeatures(schema)),
-                      ('classifier', ExtraTreesClassifier(n_estimators=n_estimators, max_depth=max_depth, random_state=seed, n_jobs=max(1, cpus)))])
-    model.fit(train[list(schema.features)], train[target].astype(str))
-    model.named_steps['classifier'].set_params(n_jobs=1)     # stored as 1: the artifact does not depend on the machine that trained it
+    y = train[target]
+    if y.isna().any(): raise InputError(f"training data: {int(y.isna().sum())} row(s) have no '{target}' value")
+    if y.nunique() < 2: raise InputError(f"training data holds {y.nunique()} distinct '{target}' value; need at least 2")
+    est = make_estimator(schema.task, seed, n_estimators, max_depth)
+    jobs = 'n_jobs' in est.get_params(deep=False)
+    if jobs: est.set_params(n_jobs=max(1, cpus))
+    model = Pipeline([('features', TableFeatures(schema)), ('estimator', est)])
+    model.fit(train[list(schema.features)], y.astype(float) if schema.task == 'regression' else y.astype(str))
+    if jobs: est.set_params(n_jobs=1)     # stored as 1: the artifact does not depend on the machine that trained it
     return model
 
 # %% ../nbs/30_train.ipynb #30-train-007
 MODEL_FILE, MANIFEST_FILE, ARTIFACT = 'model.skops', 'manifest.json', 'model.tar.gz'
-FORMAT = 'mlproj-model/3'   # /3: the pipeline in skops' format (/2 and before: a pickle); the manifest carries the whole schema
+FORMAT = 'mlproj-model/4'   # /4: the task and positive class recorded; /3: the pipeline in skops' format (/2 and before: a pickle)
 MAX_MODEL_BYTES, MAX_MANIFEST_BYTES = 2 * 2**30, 2**20
 BASELINE_FILES = ('statistics.json', 'constraints.json')   # the data-quality baseline (see mlproj.monitor), optional members
 MAX_BASELINE_BYTES = 64 * 2**20
-TRUSTED_TYPES = ['mlproj.data.Column', 'mlproj.data.Schema', 'mlproj.features.TableFeatures', 'sklearn.tree._tree.Tree']
+# Types skops does not trust by itself, reviewed: each holds arrays and numbers, and loading it runs no code of the artifact.
+TRUSTED_TYPES = ['mlproj.data.Column', 'mlproj.data.Schema', 'mlproj.features.TableFeatures',   # the feature transform and its schema
+                 'sklearn.tree._tree.Tree',          # the trees of forests, extra trees and gradient boosting
+                 'sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor',   # the trees of histogram gradient boosting
+                ] + ESTIMATOR_TRUSTED_TYPES          # linear and logistic models need none; another library's: beside `make_estimator`
 
 def library_versions()->dict:
     "Versions that decide whether a stored model loads and predicts the same."
@@ -56,10 +78,10 @@ def library_versions()->dict:
             'pandas': pd.__version__, 'skops': skops.__version__}
 
 def build_manifest(model:Pipeline, model_sha256:str, params:dict|None=None, baseline_sha256:dict|None=None)->dict:
-    "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), classes, params, versions, baseline files."
+    "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), task, classes, params, versions, baseline files."
     schema = model.named_steps['features'].schema
-    return {'format': FORMAT, 'target': schema.target, 'id_column': schema.id, 'features': list(schema.features),
-            'classes': [str(c) for c in model.classes_], 'schema': schema.to_dict(),
+    return {'format': FORMAT, 'task': schema.task, 'positive_class': schema.positive_class, 'target': schema.target, 'id_column': schema.id,
+            'features': list(schema.features), 'classes': [str(c) for c in getattr(model, 'classes_', [])], 'schema': schema.to_dict(),
             'params': params or {}, 'libraries': library_versions(), 'model_file': MODEL_FILE, 'model_sha256': model_sha256,
             **({'baseline': dict(baseline_sha256)} if baseline_sha256 else {})}
 
@@ -286,11 +308,12 @@ def schema_difference(claimed:Schema, # the schema an artifact's manifest descri
 
 # %% ../nbs/30_train.ipynb #30-train-012
 def check_manifest(model, manifest:dict, p)->Schema:
-    "Refuse a manifest whose features, classes, target or schema are not the model's; returns the schema."
+    "Refuse a manifest whose task, features, classes, target or schema are not its schema's and the model's; returns the schema."
     try: schema = model_schema(manifest)
     except (KeyError, TypeError, ValueError) as e: raise InputError(f'{p}: {MANIFEST_FILE} holds no valid schema ({type(e).__name__}: {str(e)[:80]})') from None
     feats = getattr(model, 'named_steps', {}).get('features')
-    checks = [('classes', manifest.get('classes'), [str(c) for c in getattr(model, 'classes_', [])]),
+    checks = [('task', manifest.get('task'), schema.task), ('positive class', manifest.get('positive_class'), schema.positive_class),
+              ('classes', manifest.get('classes'), [str(c) for c in getattr(model, 'classes_', [])]),
               ('features', manifest.get('features'), list(getattr(getattr(feats, 'schema', None), 'features', None) or [])),
               ('features', list(schema.features), list(getattr(getattr(feats, 'schema', None), 'features', None) or [])),
               ('target', manifest.get('target'), getattr(getattr(feats, 'schema', None), 'target', None))]
@@ -330,6 +353,24 @@ def load_model(path, # model.tar.gz, or a folder holding one
     check_trees(model, p)                                     # before anything predicts: crafted trees crash or hang native code
     check_manifest(model, manifest, p)
     return model, manifest
+
+# %% ../nbs/30_train.ipynb #30-train-015b
+ESTIMATOR_CELL = 'ESTIMATOR_TRUSTED_TYPES, beside make_estimator in nbs/30_train.ipynb'   # where a user allows reviewed types
+
+def untrusted_types(blob:bytes)->list:
+    "The types the skops file `blob` asks for that are not in `TRUSTED_TYPES`."
+    import skops.io as sio
+    return [t for t in sio.get_untrusted_types(data=blob) if t not in TRUSTED_TYPES]
+
+def check_artifact(path, # the model.tar.gz just written
+                  )->tuple[Pipeline, dict]:
+    "Load the artifact at `path` as every step will; refuse one asking for untrusted types, naming them and where to allow them."
+    with tarfile.open(path, 'r:gz') as tar: bad = untrusted_types(tar.extractfile(MODEL_FILE).read())
+    if bad:
+        names = ', '.join(bad[:8]) + (f' and {len(bad) - 8} more' if len(bad) > 8 else '')
+        raise InputError(f'the trained model needs types this mlproj does not trust, so no step could load it: {names}; '
+                         f'after reviewing that they hold data and run no code, add their exact names to {ESTIMATOR_CELL}')
+    return load_model(path)
 
 # %% ../nbs/30_train.ipynb #30-train-016
 def load_baseline(path, # model.tar.gz, or a folder holding one

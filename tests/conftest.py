@@ -242,6 +242,53 @@ def fresh_venv():
     return make
 
 
+class ProjectCopy:
+    """A copy of the checkout under `base` whose notebooks a test edits as a user would (`edits`: [(notebook, text of
+    the code cell's source, its new source)], `assets`: {path in the copy: writer(path)}), rebuilt with `nbdev_export`
+    and installed from its wheel in a fresh venv (`fresh_venv`). `run(*argv)` runs the copy's `mlproj` in `work`."""
+    def __init__(self, base, fresh_venv, edits=(), assets=None):
+        self.base = Path(base); self.src = self.base/'src'
+        shutil.copytree(REPO, self.src, symlinks=True, ignore=shutil.ignore_patterns('.git', '.venv', 'outputs', 'build', 'dist', '*.egg-info', '__pycache__', 'node_modules'))
+        for nb, starts, source in edits: self.edit(nb, starts, source)
+        for rel, write in (assets or {}).items(): write(self.src/rel)
+        self.venv, jupyter = fresh_venv(self._wheel(), self.base)
+        self.work = self.base/'work'; self.work.mkdir()
+        self.env = {k: v for k, v in os.environ.items() if k not in ('MLPROJ_JOB_NOTEBOOKS', 'PYTHONPATH', 'MLPROJ_OPT_ML')}
+        self.env.update(MLPROJ_OUTPUTS=str(self.work/'outputs'), MPLBACKEND='Agg', JUPYTER_PATH=str(jupyter))
+
+    def edit(self, notebook: str, starts: str, source: str):
+        "Replace the one code cell of nbs/`notebook` whose source holds `starts` (refused unless exactly one does)."
+        import nbformat
+        path = self.src/'nbs'/notebook
+        nb = nbformat.read(path, as_version=4)
+        cells = [c for c in nb.cells if c.cell_type == "code" and starts in c.source]
+        assert len(cells) == 1, f'{notebook}: {len(cells)} code cells start with {starts!r}'
+        cells[0].source = source
+        nbformat.write(nb, path)
+
+    def _wheel(self) -> Path:
+        "Export the package from the copy's notebooks and build its wheel."
+        r = subprocess.run([str(Path(sys.executable).parent/'nbdev_export')], cwd=self.src, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        wheels = self.base/'wheels'; shutil.rmtree(wheels, ignore_errors=True)
+        r = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '--no-build-isolation', '-w', str(wheels), str(self.src)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return next(wheels.glob('mlproj-*.whl'))
+
+    def rebuild(self):
+        "After more edits: export, build and reinstall the package in the copy's venv."
+        subprocess.run([str(self.venv/'bin/python'), '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-index', '--force-reinstall', str(self._wheel())], check=True)
+
+    def run(self, *argv, timeout=900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.venv/'bin/mlproj'), *argv], cwd=self.work, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def project_copy(fresh_venv):
+    "`make(base, edits, assets) -> ProjectCopy`: a rebuilt, installed copy of the checkout with some cells edited (see `ProjectCopy`)."
+    return lambda base, edits=(), assets=None: ProjectCopy(base, fresh_venv, edits, assets)
+
 # AWS: only moto's server on loopback, never AWS. Test files use `pytestmark = pytest.mark.usefixtures('loopback_only')`.
 MOTO_BUCKET = 'mlproj-test-bucket'
 LOOPBACK = {'127.0.0.1', 'localhost', '::1'}

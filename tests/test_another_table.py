@@ -6,12 +6,10 @@ added, no id column) in place of the penguins one, and the wine table as its bun
 the package from the edited notebook; the wheel of that copy, installed in a fresh venv, runs `mlproj run` with
 the notebook engine: preprocess, train, evaluate and batch inference as processing jobs, each executing its job
 notebook."""
-import json, os, shutil, subprocess, sys
+import json, subprocess
 from pathlib import Path
-import nbformat
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
 WINE_DECLARATION = '''#| export
 SCHEMA = Schema(
@@ -52,31 +50,13 @@ def wine_csv(dest: Path):
 
 
 @pytest.fixture(scope='module')
-def wine_project(tmp_path_factory, fresh_venv):
-    base = tmp_path_factory.mktemp('wine')
-    src = base/'src'
-    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns('.git', '.venv', 'outputs', 'build', 'dist', '*.egg-info', '__pycache__'))
-    # the one cell a user edits ...
-    nb_path = src/'nbs/10_data.ipynb'
-    nb = nbformat.read(nb_path, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == 'code' and c.source.startswith('#| export\nSCHEMA = Schema(')]
-    assert len(cells) == 1, 'the schema declaration is no longer one cell'
-    cells[0].source = WINE_DECLARATION
-    nbformat.write(nb, nb_path)
-    # ... the data file they replace ...
-    table = wine_csv(src/'mlproj/assets/wine.csv')
-    # ... and the package rebuilt from the notebooks
-    r = subprocess.run([str(Path(sys.executable).parent/'nbdev_export')], cwd=src, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "name='wine'" in (src/'mlproj/data.py').read_text()
-    r = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '--no-build-isolation', '-w', str(base/'wheels'), str(src)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    venv, jupyter = fresh_venv(next((base/'wheels').glob('mlproj-*.whl')), base)
-    work = base/'work'; work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ('MLPROJ_JOB_NOTEBOOKS', 'PYTHONPATH', 'MLPROJ_OPT_ML')}
-    env.update(MLPROJ_OUTPUTS=str(work/'outputs'), MPLBACKEND='Agg', JUPYTER_PATH=str(jupyter))
-    return venv, work, env, table
+def wine_project(tmp_path_factory, project_copy):
+    # the one cell a user edits, and the data file they add; the package is rebuilt from the notebooks (conftest.ProjectCopy)
+    tables = []
+    p = project_copy(tmp_path_factory.mktemp('wine'), edits=[('10_data.ipynb', '#| export\nSCHEMA = Schema(', WINE_DECLARATION)],
+                     assets={'mlproj/assets/wine.csv': lambda dest: tables.append(wine_csv(dest))})
+    assert "name='wine'" in (p.src/'mlproj/data.py').read_text()
+    return p.venv, p.work, p.env, tables[0]
 
 
 def test_a_wine_table_runs_through_every_step_with_the_notebook_engine(wine_project):

@@ -324,9 +324,9 @@ def _crafted_model(dest: Path, train_csv: Path, field: str, value, tree: int = 1
         from sklearn.pipeline import Pipeline
         from mlproj.data import SCHEMA
         from mlproj.features import TableFeatures
-        model = Pipeline([('features', TableFeatures(SCHEMA)), ('classifier', HistGradientBoostingClassifier(max_iter=10, random_state=0))])
+        model = Pipeline([('features', TableFeatures(SCHEMA)), ('estimator', HistGradientBoostingClassifier(max_iter=10, random_state=0))])
         model.fit(train[list(SCHEMA.features)], train[SCHEMA.target].astype(str))
-        clf = model.named_steps['classifier']
+        clf = model.named_steps['estimator']
         pred = clf._predictors[tree // clf.n_trees_per_iteration_][tree % clf.n_trees_per_iteration_]
         nodes = pred.nodes.copy()
         inner = int(np.flatnonzero(nodes['is_leaf'] == 0)[1])
@@ -334,7 +334,7 @@ def _crafted_model(dest: Path, train_csv: Path, field: str, value, tree: int = 1
         n = len(nodes)
     else:
         model = train_model(train, n_estimators=20)
-        t = model.named_steps['classifier'].estimators_[tree].tree_
+        t = model.named_steps['estimator'].estimators_[tree].tree_
         st = t.__getstate__(); nodes = st['nodes'].copy()
         inner = int(np.flatnonzero(nodes['left_child'] != -1)[1])
         names = {'child': 'left_child', 'loop': 'left_child', 'feature': 'feature'}
@@ -344,10 +344,10 @@ def _crafted_model(dest: Path, train_csv: Path, field: str, value, tree: int = 1
     if boosted: pred.nodes = nodes
     else: st['nodes'] = nodes; t.__setstate__(st)
     write_model_artifact(model, dest)
-    width = model.named_steps['classifier'].n_features_in_
-    return {'child': f'classifier tree {tree}: child {value} of node {inner} is out of range ({n:,} nodes)',
-            'loop': f'classifier tree {tree}: child 0 of node {inner} does not come after it (a loop)',
-            'feature': f'classifier tree {tree}: feature {value} of node {inner} is out of range ({width:,} input features)'}[which]
+    width = model.named_steps['estimator'].n_features_in_
+    return {'child': f'estimator tree {tree}: child {value} of node {inner} is out of range ({n:,} nodes)',
+            'loop': f'estimator tree {tree}: child 0 of node {inner} does not come after it (a loop)',
+            'feature': f'estimator tree {tree}: feature {value} of node {inner} is out of range ({width:,} input features)'}[which]
 
 
 _CRAFTS = [('child', 10**9), ('feature', 10**6), ('child', 'loop')]
