@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt, fcntl, getpass, json, os, re, secrets, shutil
 from contextlib import contextmanager
 from pathlib import Path
+from fastcore.basics import patch
 from .contract import atomic_path
 from .errors import BackendError, InputError, SpecError, StorageError
 from .storage import digests, download, sha256_file, to_uri, upload, uri_path
@@ -17,8 +18,8 @@ __all__ = ['STATUSES', 'PENDING', 'APPROVED', 'REJECTED', 'TRANSITIONS', 'GROUP_
            'EVALUATION', 'STATISTICS', 'CONSTRAINTS', 'SERVING', 'CONTENT_TYPES', 'SERVING_ENVIRONMENT', 'SHA256_KEY',
            'PACKAGE_KEY', 'check_transition', 'check_group', 'parse_ref', 'package_request', 'api_shape',
            'validate_package_request', 'LocalRegistry', 'recorded_sha256', 'check_files', 'resolve',
-           'approved_champion', 'package_evaluation', 'metric_values', 'compare_with_champion', 'read_run',
-           'register_run', 'package_key', 'lineage', 'SageMakerRegistry', 'review_table']
+           'approved_champion', 'package_evaluation', 'metric_values', 'deployable', 'compare_with_champion',
+           'read_run', 'register_run', 'package_key', 'lineage', 'SageMakerRegistry', 'review_table']
 
 # %% ../nbs/94_registry.ipynb #94-registry-006
 STATUSES = ('PendingManualApproval', 'Approved', 'Rejected')
@@ -150,8 +151,6 @@ class LocalRegistry:
             finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/94_registry.ipynb #94-registry-022
-from fastcore.basics import patch
-
 @patch
 def create_group(self:LocalRegistry, group:str, description:str='')->dict:
     "The group's description, creating the group if it does not exist (DescribeModelPackageGroup's fields)."
@@ -312,6 +311,18 @@ def metric_values(doc:dict, prefix:str='')->dict:
     return out
 
 # %% ../nbs/94_registry.ipynb #94-registry-044
+def deployable(reg, # a LocalRegistry or SageMakerRegistry
+               ref:str, # GROUP/VERSION, GROUP/latest or GROUP/latest-approved
+              )->tuple:
+    "(description, local path of its model data file) of an Approved package; any other status is refused, naming it."
+    group, v = resolve(reg, ref)
+    desc = reg.describe(group, v, verify=False)
+    if desc['ModelApprovalStatus'] != APPROVED:
+        raise SpecError(f"model package {group}/{v} is {desc['ModelApprovalStatus']}, not Approved: it cannot be deployed"
+                        + (f" (approve it with: mlproj model approve {group}/{v} -m WHY)" if desc['ModelApprovalStatus'] == PENDING else ''))
+    return desc, reg.fetch(desc, SERVING if SERVING in recorded_sha256(desc) else MODEL)
+
+# %% ../nbs/94_registry.ipynb #94-registry-047
 def compare_with_champion(value:float, # the challenger's metric
                           champion_value:float, # the approved champion's metric
                           op:str='>=', # the gate's comparison: >= or > (higher is better), <= or < (lower is better)
@@ -333,7 +344,7 @@ def compare_with_champion(value:float, # the challenger's metric
     return {'passed': passed, 'value': value, 'champion_value': champion_value, 'difference': diff, 'tolerance': tolerance,
             'required': required, 'message': msg}
 
-# %% ../nbs/94_registry.ipynb #94-registry-048
+# %% ../nbs/94_registry.ipynb #94-registry-051
 def _run_file(record:dict, channel:str, name:str, run_dir:Path)->tuple:
     "(local path, step record) of file `name` of output `channel` in a run, checked against the sha256 the run recorded."
     s = next((s for s in record.get('steps', []) if channel in s.get('outputs', {})), None)
@@ -358,7 +369,7 @@ def read_run(run_dir)->dict:
     if not isinstance(rec, dict) or 'steps' not in rec: raise SpecError(f'{f}: not a run record')
     return rec
 
-# %% ../nbs/94_registry.ipynb #94-registry-049
+# %% ../nbs/94_registry.ipynb #94-registry-052
 def register_run(run_dir, # the run's folder (holds run.json)
                  group:str|None=None, # the model package group (default: the run's pipeline name)
                  approval_status:str=PENDING, # ModelApprovalStatus of the new version
@@ -390,7 +401,7 @@ def register_run(run_dir, # the run's folder (holds run.json)
         desc, created = reg.register(group, files, lambda uris, sha: package_request(group, uris, sha, image, approval_status, text, meta, commit), key)
     return {**desc, 'Created': created}
 
-# %% ../nbs/94_registry.ipynb #94-registry-050
+# %% ../nbs/94_registry.ipynb #94-registry-053
 @contextmanager
 def _staged(baseline:dict):
     "A temporary folder holding the baseline's files (as the monitor step writes them)."
@@ -413,7 +424,7 @@ def lineage(rec:dict, run_dir:Path, steps:list)->dict:
         if s.get('cache_key'): out[f"mlproj:cache-key:{s['step']}"] = s['cache_key']
     return {k: v for k, v in out.items() if v}
 
-# %% ../nbs/94_registry.ipynb #94-registry-055
+# %% ../nbs/94_registry.ipynb #94-registry-058
 def _iso(v): return v.isoformat() if isinstance(v, dt.datetime) else v
 
 def _plain(d):
@@ -438,7 +449,7 @@ class SageMakerRegistry:
         self.cache = Path(cache) if cache is not None else outputs_root()/'registry-cache'
     def __repr__(self): return f'SageMakerRegistry(bucket={self.bucket!r}, prefix={self.prefix!r})'
 
-# %% ../nbs/94_registry.ipynb #94-registry-056
+# %% ../nbs/94_registry.ipynb #94-registry-059
 def _missing(e)->bool:
     "Is a botocore ClientError SageMaker's answer for an entity that does not exist?"
     err = getattr(e, 'response', {}).get('Error', {})
@@ -472,7 +483,7 @@ def versions(self:SageMakerRegistry, group:str)->list:
     "The group's version numbers, ascending."
     return [s['ModelPackageVersion'] for s in self._summaries(group)]
 
-# %% ../nbs/94_registry.ipynb #94-registry-057
+# %% ../nbs/94_registry.ipynb #94-registry-060
 @patch
 def describe(self:SageMakerRegistry, group:str, version:int, verify:bool=True)->dict:
     "DescribeModelPackage of `group`/`version`; `verify` checks its files in S3 against the registered sha256."
@@ -510,7 +521,7 @@ def fetch(self:SageMakerRegistry, desc:dict, name:str|None)->Path|None:
     if name not in recorded_sha256(desc): raise SpecError(f'model package {group}/{v} has no file {_q(name)}')
     return dest/name
 
-# %% ../nbs/94_registry.ipynb #94-registry-058
+# %% ../nbs/94_registry.ipynb #94-registry-061
 @patch
 def register(self:SageMakerRegistry, group:str, files:dict, make_request, key:str)->tuple:
     "(description, created): upload the files, then CreateModelPackage — or the existing version with the same package key."
@@ -537,7 +548,7 @@ def update_status(self:SageMakerRegistry, group:str, version:int, status:str, de
                                  CustomerMetadataProperties=desc['CustomerMetadataProperties'])   # moto drops them otherwise (see above)
     return self.describe(group, version, verify=False)
 
-# %% ../nbs/94_registry.ipynb #94-registry-060
+# %% ../nbs/94_registry.ipynb #94-registry-063
 def review_table(reg, # a LocalRegistry or SageMakerRegistry
                  group:str, # the model package group
                  metrics:list|None=None, # dotted metric paths to show (default: every top-level metric, per-class ones left out)
