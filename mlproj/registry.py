@@ -22,6 +22,10 @@ __all__ = ['STATUSES', 'PENDING', 'APPROVED', 'REJECTED', 'TRANSITIONS', 'GROUP_
            'read_run', 'register_run', 'package_key', 'lineage', 'SageMakerRegistry', 'review_table']
 
 # %% ../nbs/94_registry.ipynb #94-registry-006
+def _q(v)->str:
+    from mlproj.data import quote                       # lazily: mlproj.data brings pandas
+    return quote(v)
+
 STATUSES = ('PendingManualApproval', 'Approved', 'Rejected')
 PENDING, APPROVED, REJECTED = STATUSES
 TRANSITIONS = {PENDING: (APPROVED, REJECTED), APPROVED: (REJECTED,), REJECTED: (APPROVED,)}
@@ -31,7 +35,7 @@ def check_transition(ref:str, # the package, GROUP/VERSION, for the message
                      new:str, # the status asked for
                     )->str:
     "`new` if a package in status `now` may be set to it; else one line naming both."
-    if new not in STATUSES: raise SpecError(f"{ref}: unknown approval status {new!r}; one of {', '.join(STATUSES)}")
+    if new not in STATUSES: raise SpecError(f"{ref}: unknown approval status {_q(new)}; one of {', '.join(STATUSES)}")
     if new == now: raise SpecError(f'{ref} is already {now}')
     if new not in TRANSITIONS[now]: raise SpecError(f'{ref} is {now}: it cannot be set to {new} (allowed: {", ".join(TRANSITIONS[now])})')
     return new
@@ -40,13 +44,9 @@ def check_transition(ref:str, # the package, GROUP/VERSION, for the message
 GROUP_NAME = re.compile(r'[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}')    # SageMaker's EntityName
 LATEST, LATEST_APPROVED = 'latest', 'latest-approved'
 
-def _q(v)->str:
-    from mlproj.data import quote                       # lazily: mlproj.data brings pandas
-    return quote(v)
-
 def check_group(name:str)->str:
     "`name` if it is a valid model package group name; else one line saying the rule."
-    if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
+    if not isinstance(name, str) or len(name) > 63 or not GROUP_NAME.fullmatch(name):
         raise SpecError(f'model package group {_q(name)}: expected 1 to 63 letters, digits and inner hyphens')
     return name
 
@@ -77,7 +77,7 @@ def package_request(group:str, # the model package group
                     generated_by:str='mlproj', # MetadataProperties.GeneratedBy
                    )->dict:
     "The `CreateModelPackage` request of one version (not yet validated)."
-    if status not in STATUSES: raise SpecError(f"unknown approval status {status!r}; one of {', '.join(STATUSES)}")
+    if status not in STATUSES: raise SpecError(f"unknown approval status {_q(status)}; one of {', '.join(STATUSES)}")
     container = {'Image': image, 'ModelDataUrl': uris[SERVING if SERVING in uris else MODEL]}
     if SERVING in uris: container['Environment'] = dict(SERVING_ENVIRONMENT)
     baseline = {'Statistics': _source(uris[STATISTICS], sha256[STATISTICS]), 'Constraints': _source(uris[CONSTRAINTS], sha256[CONSTRAINTS])}
@@ -331,7 +331,7 @@ def compare_with_champion(value:float, # the challenger's metric
                           champion:str='the approved champion', # the champion's reference, for the message
                          )->dict:
     "{'passed', 'value', 'champion_value', 'difference', 'tolerance', 'required', 'message'}: is `value` at least as good as `champion_value` within `tolerance`?"
-    if op not in ('>=', '>', '<=', '<'): raise SpecError(f'unknown comparison {op!r}: one of >=, >, <=, <')
+    if op not in ('>=', '>', '<=', '<'): raise SpecError(f'unknown comparison {_q(op)}: one of >=, >, <=, <')
     if tolerance < 0: raise SpecError(f'gate.tolerance must be at least 0, got {tolerance:g}')
     higher = op in ('>=', '>')
     required = champion_value - tolerance if higher else champion_value + tolerance
@@ -384,7 +384,7 @@ def register_run(run_dir, # the run's folder (holds run.json)
     run_dir = Path(run_dir); rec = read_run(run_dir)
     if (g := rec.get('gate')) and not g.get('passed'): raise SpecError(f"run {rec.get('run_id', run_dir.name)} failed its quality gate ({g.get('message', '')}); not registered")
     group = check_group(group or rec.get('pipeline') or 'mlproj')
-    if approval_status not in STATUSES: raise SpecError(f"unknown approval status {approval_status!r}; one of {', '.join(STATUSES)}")
+    if approval_status not in STATUSES: raise SpecError(f"unknown approval status {_q(approval_status)}; one of {', '.join(STATUSES)}")
     model, train = _run_file(rec, model_channel, ARTIFACT, run_dir)
     evaluation, evaluate = _run_file(rec, metrics_channel, EVALUATION, run_dir)
     baseline = load_baseline(model)
