@@ -193,6 +193,7 @@ def register(self:LocalRegistry,
             )->tuple:
     "(description, created): the new version, or the existing one with the same `key` (created False)."
     self.create_group(group)
+    if (v := self.find_key(group, key)) is not None: return self.describe(group, v), False     # fast path, no copy (checked again under the lock)
     stage = self.root/group/f'.staging-{secrets.token_hex(6)}'
     try:
         (stage/'files').mkdir(parents=True)
