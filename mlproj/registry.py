@@ -346,13 +346,14 @@ def compare_with_champion(value:float, # the challenger's metric
             'required': required, 'message': msg}
 
 # %% ../nbs/94_registry.ipynb #94-registry-051
-def _run_file(record:dict, channel:str, name:str, run_dir:Path)->tuple:
-    "(local path, step record) of file `name` of output `channel` in a run, checked against the sha256 the run recorded."
+def _run_file(record:dict, channel:str, name:str|None, run_dir:Path)->tuple:
+    "(local path, step record) of file `name` (None: the one file) of output `channel` in a run, checked against the sha256 the run recorded."
     s = next((s for s in record.get('steps', []) if channel in s.get('outputs', {})), None)
     if s is None: raise SpecError(f'run {run_dir.name}: no step with an output {channel!r} recorded in run.json; nothing to register')
     if s.get('status') != 'Completed': raise SpecError(f"run {run_dir.name}: step {s['step']} is {s.get('status')}, not Completed; nothing to register")
     out = s['outputs'][channel]
-    if name not in out.get('sha256', {}): raise SpecError(f"run {run_dir.name}: output {channel} of step {s['step']} has no {name}")
+    if name is None and len(out.get('sha256', {})) == 1: name = next(iter(out['sha256']))
+    if name not in out.get('sha256', {}): raise SpecError(f"run {run_dir.name}: output {channel} of step {s['step']} has no {name or 'single file'}")
     path = uri_path(out['uri'])
     if path is None: raise SpecError(f"run {run_dir.name}: output {channel} is at {out['uri']}, not on this machine")
     p = path/name
@@ -381,20 +382,22 @@ def register_run(run_dir, # the run's folder (holds run.json)
                  description:str|None=None, # ModelPackageDescription (default: names the run)
                 )->dict:
     "Register the run's model as a version of `group`; returns its description with 'Created' (False: this model was registered before)."
-    from mlproj.train import ARTIFACT, load_baseline
     run_dir = Path(run_dir); rec = read_run(run_dir)
     if (g := rec.get('gate')) and not g.get('passed'): raise SpecError(f"run {rec.get('run_id', run_dir.name)} failed its quality gate ({g.get('message', '')}); not registered")
     group = check_group(group or rec.get('pipeline') or 'mlproj')
     if approval_status not in STATUSES: raise SpecError(f"unknown approval status {_q(approval_status)}; one of {', '.join(STATUSES)}")
-    model, train = _run_file(rec, model_channel, ARTIFACT, run_dir)
+    model, train = _run_file(rec, model_channel, None, run_dir)     # the model artifact: the channel's one file
     evaluation, evaluate = _run_file(rec, metrics_channel, EVALUATION, run_dir)
+    content = {MODEL: model, EVALUATION: evaluation, **({SERVING: Path(serving)} if serving is not None else {})}
+    key = package_key({n: sha256_file(p) for n, p in content.items()})
+    reg = registry or LocalRegistry()
+    if group in reg.groups() and (v := reg.find_key(group, key)) is not None:     # registered before: nothing to read or copy
+        return {**reg.describe(group, v), 'Created': False}
+    from mlproj.train import load_baseline                          # scikit-learn's import: only for a new registration
     baseline = load_baseline(model)
     if baseline is None: raise InputError(f'run {run_dir.name}: {model} carries no data-quality baseline; retrain it')
-    reg = registry or LocalRegistry()
     with _staged(baseline) as base:
-        files = {MODEL: model, EVALUATION: evaluation, STATISTICS: base/STATISTICS, CONSTRAINTS: base/CONSTRAINTS}
-        if serving is not None: files[SERVING] = Path(serving)
-        key = package_key({n: sha256_file(p) for n, p in files.items() if n in (MODEL, EVALUATION, SERVING)})
+        files = {**content, STATISTICS: base/STATISTICS, CONSTRAINTS: base/CONSTRAINTS}
         meta = lineage(rec, run_dir, [train, evaluate]) | {PACKAGE_KEY: key}
         image = (train.get('request') or {}).get('AppSpecification', {}).get('ImageUri', 'mlproj-local')
         commit = (rec.get('source') or {}).get('commit')
@@ -524,12 +527,18 @@ def fetch(self:SageMakerRegistry, desc:dict, name:str|None)->Path|None:
 
 # %% ../nbs/94_registry.ipynb #94-registry-061
 @patch
+def find_key(self:SageMakerRegistry, group:str, key:str)->int|None:
+    "The version registered with package key `key`, if any (ListModelPackages' summaries carry no properties: each is described)."
+    for s in self._summaries(group):
+        d = _plain(self.sm.describe_model_package(ModelPackageName=s['ModelPackageArn']))
+        if d.get('CustomerMetadataProperties', {}).get(PACKAGE_KEY) == key: return s['ModelPackageVersion']
+    return None
+
+@patch
 def register(self:SageMakerRegistry, group:str, files:dict, make_request, key:str)->tuple:
     "(description, created): upload the files, then CreateModelPackage — or the existing version with the same package key."
     self.create_group(group)
-    for s in self._summaries(group):
-        d = self.describe(group, s['ModelPackageVersion'], verify=False)
-        if d.get('CustomerMetadataProperties', {}).get(PACKAGE_KEY) == key: return d, False
+    if (v := self.find_key(group, key)) is not None: return self.describe(group, v, verify=False), False
     uri = self.files_uri(group, key)
     sha = {n: sha256_file(p) for n, p in files.items()}
     req = make_request({n: f'{uri}/{n}' for n in files}, sha)
