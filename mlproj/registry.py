@@ -513,17 +513,24 @@ def files_uri(self:SageMakerRegistry, group:str, key:str)->str:
 
 @patch
 def fetch(self:SageMakerRegistry, desc:dict, name:str|None)->Path|None:
-    "Download the package's files, check each by sha256; the local path of file `name` (None: only check)."
+    "Download the package's files and check each by sha256; the local path of file `name` (None: only check, keep nothing)."
     group, v = desc['ModelPackageGroupName'], desc['ModelPackageVersion']
     uri = desc.get('CustomerMetadataProperties', {}).get('mlproj:files')
     if not uri: raise SpecError(f'model package {group}/{v} was not registered by mlproj (no mlproj:files property)')
-    dest = self.cache/group/str(v)/secrets.token_hex(4)
-    try: download(uri, dest, self.s3)
-    except StorageError: pass                    # nothing there: every file is missing, which check_files says
-    check_files(f'{group}/{v}', recorded_sha256(desc), digests(dest) if dest.exists() else {})
-    if name is None: return None
-    if name not in recorded_sha256(desc): raise SpecError(f'model package {group}/{v} has no file {_q(name)}')
-    return dest/name
+    tmp = self.cache/group/f'.download-{v}-{secrets.token_hex(4)}'
+    try:
+        try: download(uri, tmp, self.s3)
+        except StorageError: pass                # nothing there: every file is missing, which check_files says
+        check_files(f'{group}/{v}', recorded_sha256(desc), digests(tmp) if tmp.exists() else {})
+        if name is None: return None
+        if name not in recorded_sha256(desc): raise SpecError(f'model package {group}/{v} has no file {_q(name)}')
+        final = self.cache/group/str(v)          # the checked copy replaces the previous one
+        shutil.rmtree(final, ignore_errors=True)
+        try: os.rename(tmp, final)
+        except OSError: final, tmp = tmp, None   # another process just put its copy there: keep ours
+        return final/name
+    finally:
+        if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/94_registry.ipynb #94-registry-061
 @patch

@@ -195,6 +195,7 @@ def test_sagemaker_registry_on_moto(runs, moto_server, cli, tmp_path):
     assert code == 0 and [l.split()[:2] for l in out.splitlines()] == [['mlproj/1', 'Approved'], ['mlproj/2', 'PendingManualApproval']]
     champ = approved_champion(reg, 'mlproj')
     assert champ['ModelPackageVersion'] == 1 and package_evaluation(reg, champ) == evaluation(runs['first'])
+    assert [p.name for p in (tmp_path/'cache/mlproj').iterdir()] == ['1']      # one checked copy per version used; checks alone keep nothing
     code, out, _ = cli('model', 'show', 'mlproj/latest-approved', '--backend', 'sagemaker')
     assert code == 0 and json.loads(out)['ModelPackageVersion'] == 1
     # an object changed in S3 after registration: refused wherever it is used
@@ -203,3 +204,4 @@ def test_sagemaker_registry_on_moto(runs, moto_server, cli, tmp_path):
         package_evaluation(reg, reg.describe('mlproj', 1, verify=False))
     code, _, err = cli('model', 'reject', 'mlproj/1', '-m', 'x', '--backend', 'sagemaker')
     assert code == 2 and f'file {EVALUATION} was altered' in err and err.count('\n') == 1, err
+    assert [p.name for p in (tmp_path/'cache/mlproj').iterdir()] == ['1']      # a refused download is not kept
