@@ -11,8 +11,8 @@ from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
-__all__ = ['default_inputs', 'build_spec', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params', 'cmd_job',
-           'main']
+__all__ = ['default_inputs', 'build_spec', 'model_parser', 'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run',
+           'cmd_sagemaker', 'cmd_params', 'cmd_job', 'main']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -78,6 +78,61 @@ def _backend_args(p):
     p.add_argument('--profile', help='sagemaker: AWS profile (default: the standard AWS configuration)')
     p.add_argument('--image-uri', help='sagemaker: a prebuilt image with mlproj (default: the stock scikit-learn processing image + wheels)')
 
+# %% ../nbs/95_cli.ipynb #95-cli-102
+def model_parser(sub):
+    "The `mlproj model list|show|approve|reject|register` commands."
+    m = sub.add_parser('model', help='model packages: list, show, approve, reject, register').add_subparsers(dest='modelcmd', required=True)
+    def backend(p):
+        p.add_argument('--backend', choices=('local', 'sagemaker'), default='local', help="the registry: local (outputs/registry, default) or SageMaker's Model Registry")
+        p.add_argument('--region', help='sagemaker: AWS region'); p.add_argument('--profile', help='sagemaker: AWS profile')
+        p.add_argument('--bucket', help="sagemaker: S3 bucket for the packages' files (register)")
+        p.add_argument('--prefix', default='mlproj', help='sagemaker: key prefix in the bucket (default: mlproj)')
+        return p
+    backend(m.add_parser('list', help="list the versions of a group (default: every group)")).add_argument('--group', help='only this model package group')
+    backend(m.add_parser('show', help='print a package: status, metrics, lineage (its files checked)')).add_argument('ref', metavar='GROUP/VERSION')
+    for verb in ('approve', 'reject'):
+        p = backend(m.add_parser(verb, help=f'{verb} a package, saying why'))
+        p.add_argument('ref', metavar='GROUP/VERSION'); p.add_argument('-m', '--message', required=True, help='why (the ApprovalDescription)')
+    r = backend(m.add_parser('register', help='register the model of a completed pipeline run'))
+    r.add_argument('run', metavar='RUN', help='run id under outputs/, or a run folder')
+    r.add_argument('--group', help="model package group (default: the run's pipeline name)")
+    r.add_argument('--approval-status', default='PendingManualApproval', help='PendingManualApproval (default), Approved or Rejected')
+
+# %% ../nbs/95_cli.ipynb #95-cli-103
+def model_registry(a):
+    "The registry a `mlproj model` command line names."
+    from mlproj.registry import LocalRegistry, SageMakerRegistry
+    if a.backend == 'local': return LocalRegistry(outputs_root()/'registry')
+    from mlproj.sagemaker_backend import aws_session
+    return SageMakerRegistry(aws_session(a.region, a.profile), a.bucket, a.prefix)
+
+# %% ../nbs/95_cli.ipynb #95-cli-104
+def cmd_model(a)->int:
+    "`mlproj model ...`: the registry's packages."
+    from pathlib import Path
+    from mlproj import registry as r
+    reg = model_registry(a)
+    if a.modelcmd == 'list':
+        for g in ([r.check_group(a.group)] if a.group else reg.groups()):
+            for d in reg.list_packages(g):
+                meta = d.get('CustomerMetadataProperties', {})
+                print(f"{g}/{d['ModelPackageVersion']:<6} {d['ModelApprovalStatus']:<22} {str(d.get('CreationTime', ''))[:19]:<20} run {meta.get('mlproj:run-id', '-')}")
+        return 0
+    if a.modelcmd == 'register':
+        run = Path(a.run) if Path(a.run).is_dir() else outputs_root()/a.run
+        d = r.register_run(run, a.group, a.approval_status, reg)
+        print(f"{d['ModelPackageGroupName']}/{d['ModelPackageVersion']} {d['ModelApprovalStatus']}: "
+              + ('registered' if d['Created'] else 'this model was already registered'), flush=True)
+        return 0
+    group, version = r.resolve(reg, a.ref)
+    if a.modelcmd == 'show':
+        d = reg.describe(group, version)
+        _print_json({**d, 'Metrics': r.metric_values(r.package_evaluation(reg, d))}); return 0
+    before = reg.describe(group, version)['ModelApprovalStatus']
+    d = reg.update_status(group, version, r.APPROVED if a.modelcmd == 'approve' else r.REJECTED, a.message)
+    print(f"{group}/{version}: {before} -> {d['ModelApprovalStatus']} ({a.message})", flush=True)
+    return 0
+
 # %% ../nbs/95_cli.ipynb #95-cli-011
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
@@ -102,6 +157,7 @@ def make_parser()->argparse.ArgumentParser:
     job.add_parser('list', help='list local jobs, newest first')
     job.add_parser('params', help="list the steps' parameters, or one step's").add_argument('step', nargs='?')
     from mlproj.export import pipeline_parser; pipeline_parser(sub)   # mlproj pipeline export|upsert|start|show
+    model_parser(sub)                                                 # mlproj model list|show|approve|reject|register
     return ap
 
 # %% ../nbs/95_cli.ipynb #95-cli-015
@@ -196,6 +252,7 @@ def main(argv=None)->int:
     signal.signal(signal.SIGTERM, _sigterm)   # a terminated CLI stops its job's instances like Ctrl-C
     try:
         if a.cmd == 'pipeline': from mlproj.export import cmd_pipeline; code = cmd_pipeline(a)
+        elif a.cmd == 'model': code = cmd_model(a)
         else: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2

@@ -23,6 +23,7 @@ LAYERS = [
     ['jobs'],
     ['local', 'sagemaker_backend'],
     ['cache'],
+    ['registry'],
     ['pipeline'],
     ['export', 'lab'],
     ['cli'],
