@@ -102,7 +102,7 @@ def usable_cpus(cgroup_root='/sys/fs/cgroup', # where the cgroup hierarchy is mo
         if q is not None: n = min(n, max(1, math.ceil(q)))
     cap = os.environ.get(CPUS_ENV, '').strip()
     if cap:
-        if not cap.isdigit(): raise MlprojError(f'{CPUS_ENV}={cap!r}: expected a whole number of cores (0: all)')
+        if not cap.isdigit(): raise MlprojError(f'{CPUS_ENV}={quote(cap)}: expected a whole number of cores (0: all)')
         if int(cap) > 0: n = min(n, int(cap))
     return n
 

@@ -103,9 +103,9 @@ def build_sandbox(sandbox, # the folder that plays `/opt/ml` (replaced)
         for ch, src in sources.items():
             dest = rel(f'{PROCESSING_INPUT}/{ch}')
             try: download(src['uri'], dest)
-            except (OSError, StorageError) as e: raise StorageError(f"run {record.get('run_id')}: input {ch!r} from {src['uri']}: {e}") from None
+            except (OSError, StorageError) as e: raise StorageError(f"run {rid}: input {ch!r} from {quote(src['uri'], 200)}: {e}") from None
             if src.get('sha256') and digests(to_uri(dest)) != src['sha256']:
-                raise StorageError(f"run {record.get('run_id')}: input {ch!r} at {src['uri']} has changed since the run (sha256 differs)")
+                raise StorageError(f"run {rid}: input {ch!r} at {quote(src['uri'], 200)} has changed since the run (sha256 differs)")
         for ch in outs: rel(f'{PROCESSING_OUTPUT}/{ch}').mkdir(parents=True, exist_ok=True)
         (tmp/SANDBOX_MARK).write_text(json.dumps({'made_by': 'mlproj.lab', 'sandbox': str(sandbox), 'run_id': rid,
                                                   'inputs': {ch: src['uri'] for ch, src in sources.items()}}, indent=2))
@@ -127,7 +127,7 @@ def lab_record(outputs_dir, # where runs are
         if not os.path.lexists(p): raise SpecError(f'no run {run_id!r} in {outputs_dir} (no {p})')
         try: rec = read_run_record(p.parent)
         except BadRecord as e: raise SpecError(f'run {run_id!r} in {outputs_dir} cannot be used: {e}') from None
-        if rec.get('status') != 'Completed': raise SpecError(f"run {run_id!r} did not complete (status {rec.get('status')}); pick a completed run")
+        if rec.get('status') != 'Completed': raise SpecError(f"run {run_id!r} did not complete (status {quote(rec.get('status'), 40, False)}); pick a completed run")
         return rec
     runs = [] if raw or data else completed_runs(outputs_dir)
     if runs: return runs[0]

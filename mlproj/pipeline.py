@@ -53,7 +53,7 @@ def metric_value(doc:dict, # the parsed JSON file
     for part in path.split('.'):
         if not isinstance(cur, dict) or part not in cur: raise SpecError(f'{where or "metrics"}: no {path!r} (missing {part!r})')
         cur = cur[part]
-    if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {cur!r}, not a number')
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {quote(cur, quoted=isinstance(cur, str))}, not a number')
     return float(cur)
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-011
@@ -204,6 +204,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
     "Run the pipeline's steps as local processing jobs, in graph order, with caching and the gate; returns the run record (also written to run.json)."
     from mlproj import __version__
     from mlproj.data import bundled_path
+    t_run = time.perf_counter()                           # the run's seconds include finding earlier runs
     params = check_run_params(params or {}, p)            # refuse a bad parameter before any step runs
     threshold = params.get('gate', {}).get('threshold', p.gate.threshold) if p.gate else None
     run_id = new_run_id() if run_id is None else check_run_id(run_id)   # a plain name: the run stays inside outputs/
@@ -230,7 +231,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
               'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}, 'steps': []}
     def save():
         with atomic_path(run_dir/'run.json') as t: t.write_text(json.dumps(record, indent=2))
-    t_run, n = time.perf_counter(), len(p.steps)
+    n = len(p.steps)
     for i, (step, (ins, outs)) in enumerate(wiring(run_dir, external, p).items(), 1):
         if engine == 'notebook': outs = {**outs, REPORT_CHANNEL: str(run_dir/step/REPORT_CHANNEL)}
         given = params.get(step, {})

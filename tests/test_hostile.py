@@ -135,9 +135,8 @@ def test_special_files_in_records_and_cached_outputs_neither_hang_nor_exhaust(pr
 
 def test_a_yaml_alias_bomb_is_refused_in_little_memory(tmp_path):
     "A 5 KB file of nested aliases (9^9 values once expanded): one short line, under a 2 GB address-space limit."
-    lines = ['a: &a ["' + 'x' * 50 + '"' + ', "x"' * 8 + ']']
-    lines += [f'{c}: &{c} [' + ', '.join([f'*{p}'] * 9) + ']' for p, c in zip('abcdefgh', 'bcdefghi')]
-    lines += ['train: {seed: *i}']
+    lines = ['train:', '  seed:', '  - &a ["' + 'x' * 50 + '"' + ', "x"' * 8 + ']']        # one value: every level in one list
+    lines += [f'  - &{c} [' + ', '.join([f'*{p}'] * 9) + ']' for p, c in zip('abcdefgh', 'bcdefghi')]
     bomb = tmp_path/'bomb.yaml'; bomb.write_text('\n'.join(lines) + '\n')
     assert bomb.stat().st_size < 5000
     r = mlproj(tmp_path/'outputs', 'run', '-f', bomb, timeout=120, limits=dict(address_space=2 << 30))
