@@ -61,9 +61,9 @@ def main():
         (out/'.cache-index.json').unlink(missing_ok=True)
         build = rerun(out, 'build', d/'raw.csv', d/'data.csv')
         many = [rerun(out, f'many{i}', d/'raw.csv', d/'data.csv') for i in range(a.repeat)]
-        index = (out/'.cache-index.json').stat().st_size
+        index = (out/'.cache-index.json').stat().st_size if (out/'.cache-index.json').exists() else None   # None: a build without the index
 
-    print(f'earlier runs: {a.runs:,} records, {size/1e6:.0f} MB (written in {made:.1f} s); cache index {index/1e6:.1f} MB')
+    print(f'earlier runs: {a.runs:,} records, {size/1e6:.0f} MB (written in {made:.1f} s); ' + (f'cache index {index/1e6:.1f} MB' if index else 'no cache index'))
     print(f'{"unchanged rerun (5/5 steps from cache)":<52} {"run seconds":>12} {"wall s":>8}')
     print(f'{"reference: 1 earlier run":<52} {med([x for x, _ in ref]):>12.2f} {med([w for _, w in ref]):>8.2f}')
     print(f'{f"{a.runs:,} earlier runs, index built from the records":<52} {build[0]:>12.2f} {build[1]:>8.2f}')

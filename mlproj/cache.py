@@ -251,7 +251,7 @@ def _checked_channel(ch:str, out, run_dir:Path)->tuple[Path, dict, dict]:
     files, sizes, rel = out['sha256'], out['bytes'], out['path']
     if not _plain_relative(rel): raise StaleOutputs(f'output {ch}: recorded place {quote(rel, 60)} is not inside its run folder')
     bad = next((n for n in files if not _plain_relative(n)), None)
-    if bad is not None or (not files and files != {}): raise StaleOutputs(f'output {ch}: recorded name {quote(bad, 60)} is not a plain relative file name')
+    if bad is not None: raise StaleOutputs(f'output {ch}: recorded name {quote(bad, 60)} is not a plain relative file name')
     if set(sizes) != set(files) or not all(type(v) is int and v >= 0 for v in sizes.values()) or not all(isinstance(v, str) and _SHA.fullmatch(v) for v in files.values()):
         raise StaleOutputs(f'output {ch}: recorded digests or sizes are malformed')
     src = run_dir/rel

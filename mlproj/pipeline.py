@@ -258,7 +258,8 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
             msg = old.get('exit_message')
             srec.update(cache='hit', from_run=rid, job_name=old.get('job_name'), request=old.get('request'), status='Completed',
                         **({'exit_message': quote(msg, 1024, False)} if msg and isinstance(msg, str) else {}), seconds=round(time.perf_counter() - t0, 3),
-                        outputs={k: {**output_record(outs[k], run_dir), 'sha256': v['sha256'], 'bytes': v['bytes']} for k, v in old['outputs'].items()})
+                        outputs={k: {'uri': to_uri(outs[k]), 'path': Path(outs[k]).relative_to(run_dir).as_posix(), 'sha256': v['sha256'], 'bytes': v['bytes']}
+                                 for k, v in old['outputs'].items()})   # checked while copied: not hashed again
             record['steps'].append(srec); save()
             say(f"{i}/{n} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else ''))
         else:
