@@ -4,14 +4,18 @@
 
 # %% ../nbs/88_cache.ipynb #88-cache-003
 from __future__ import annotations
-import hashlib, json, os, shutil, subprocess, sys
+import hashlib, json, os, re, shutil, stat, subprocess, sys
 from functools import lru_cache
-from pathlib import Path
-from .storage import uri_path, sha256_stream
+from pathlib import Path, PurePosixPath
+from .errors import SpecError, StorageError, quote
+from .contract import atomic_path, open_regular, read_regular
+from .storage import list_objects, to_uri, uri_path, sha256_stream
 
 # %% auto #0
-__all__ = ['tree_digest', 'package_digest', 'environment', 'source_checkout', 'key_material', 'step_key', 'explain_miss',
-           'step_records', 'StaleOutputs', 'reuse_outputs']
+__all__ = ['RUN_RECORD', 'RUN_RECORD_MAX', 'RUN_ID_MAX', 'CACHE_INDEX', 'tree_digest', 'package_digest', 'environment',
+           'source_checkout', 'key_material', 'step_key', 'explain_miss', 'is_run_id', 'check_run_id', 'BadRecord',
+           'read_run_record', 'scan_runs', 'completed_in', 'step_record', 'StaleOutputs', 'output_record',
+           'reuse_outputs']
 
 # %% ../nbs/88_cache.ipynb #88-cache-006
 def tree_digest(root:Path, # a folder
@@ -97,48 +101,184 @@ def explain_miss(now:dict, # key material of the step about to run
     return '; '.join(why) or 'earlier outputs missing or changed'
 
 # %% ../nbs/88_cache.ipynb #88-cache-021
-def step_records(outputs_dir, # where runs live (outputs/)
+RUN_RECORD = 'run.json'           # in each run folder
+RUN_RECORD_MAX = 16 << 20         # bytes: a record of a few steps is a few hundred KB
+RUN_ID_MAX = 100                  # characters
+_RUN_ID = re.compile(r'[A-Za-z0-9_-][A-Za-z0-9._-]*')
+
+def is_run_id(name)->bool:
+    "Is `name` a plain run folder name (letters, digits, `._-`, not starting with a dot, at most 100 characters)?"
+    return isinstance(name, str) and len(name) <= RUN_ID_MAX and _RUN_ID.fullmatch(name) is not None
+
+def check_run_id(name)->str:
+    "`name`, or a one-line refusal saying what a run id may be."
+    if not is_run_id(name):
+        raise SpecError(f'run id {quote(name)}: use letters, digits and ._- only, not starting with a dot, at most {RUN_ID_MAX} characters')
+    return name
+
+class BadRecord(Exception):
+    "A run record the cache and the lab do not use; the message says why."
+
+def _bad_fields(rec, run_id:str)->str|None:
+    "What is wrong with the shape of record `rec` of folder `run_id`, or None."
+    if not isinstance(rec, dict): return f'not a JSON object ({type(rec).__name__})'
+    if rec.get('run_id') != run_id: return f"its run_id {quote(rec.get('run_id'), 40)} is not its folder's name"
+    for k in ('status', 'started'):
+        if not isinstance(rec.get(k), (str, type(None))): return f'{k} is not text'
+    d = rec.get('driver')
+    if d is not None and not (isinstance(d, dict) and type(d.get('pid')) is int and isinstance(d.get('started'), (str, type(None)))):
+        return 'driver is not {pid: number, started: text}'
+    steps = rec.get('steps')
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps): return 'steps is not a list of step records'
+    for s in steps:
+        for k in ('step', 'status', 'cache_key', 'started', 'ended'):
+            if not isinstance(s.get(k), (str, type(None))): return f'a step record\'s {k} is not text'
+    return None
+
+def read_run_record(folder, # a run folder, outputs/<run id>
+                   )->dict:
+    "The record of run folder `folder`, checked (folder, file, size, JSON, run id, field types); `BadRecord` says why not."
+    folder = Path(folder)
+    if not is_run_id(folder.name): raise BadRecord(f'{quote(folder.name, 40)} is not a run id')
+    try: st = os.lstat(folder)
+    except OSError as e: raise BadRecord(e.strerror or type(e).__name__) from None
+    if not stat.S_ISDIR(st.st_mode): raise BadRecord(f'the run folder is {"a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"}')
+    try: raw = read_regular(folder/RUN_RECORD, RUN_RECORD_MAX, RUN_RECORD, follow=False)
+    except StorageError as e: raise BadRecord(str(e).replace(f"{RUN_RECORD} {quote(str(folder/RUN_RECORD), 200)} ", '')) from None
+    try: rec = json.loads(raw)
+    except (ValueError, RecursionError): raise BadRecord('not valid JSON') from None
+    bad = _bad_fields(rec, folder.name)
+    if bad: raise BadRecord(bad)
+    return rec
+
+# %% ../nbs/88_cache.ipynb #88-cache-021c
+CACHE_INDEX = '.cache-index.json'   # under outputs/: {run id: {stamp, summary}} of the run records
+_INDEX_VERSION, _INDEX_MAX = 1, 256 << 20
+
+def _summary(rec:dict)->dict:
+    steps = [[s.get('step'), s.get('status'), s.get('cache_key'), s.get('ended') or rec.get('started') or ''] for s in rec['steps']]
+    return {'status': rec.get('status'), 'started': rec.get('started') or '', 'driver': rec.get('driver'), 'steps': steps}
+
+def _read_index(root:Path)->dict:
+    try: doc = json.loads(read_regular(root/CACHE_INDEX, _INDEX_MAX, 'cache index', follow=False))
+    except (StorageError, ValueError, RecursionError): return {}
+    ok = isinstance(doc, dict) and doc.get('version') == _INDEX_VERSION and isinstance(doc.get('runs'), dict)
+    return {k: v for k, v in doc['runs'].items() if isinstance(v, dict)} if ok else {}
+
+def _write_index(root:Path, runs:dict):
+    try:
+        with atomic_path(root/CACHE_INDEX) as t: t.write_text(json.dumps({'version': _INDEX_VERSION, 'runs': runs}, separators=(',', ':')))
+    except OSError: pass                                             # a read-only outputs folder: no index, same answers
+
+def scan_runs(outputs_dir, # where runs live (outputs/)
+             )->tuple[dict, list]:
+    "({run id: summary} of every usable run record under `outputs_dir`, [one note per record skipped and why])."
+    root = Path(outputs_dir)
+    try: entries = list(os.scandir(root))
+    except FileNotFoundError: return {}, []
+    except NotADirectoryError: raise SpecError(f'outputs {quote(str(root), 200)} is not a folder') from None
+    old, new, runs, notes = _read_index(root), {}, {}, []
+    for ent in sorted(entries, key=lambda x: x.name):
+        if ent.name.startswith('.'): continue                       # the index, temporary folders
+        try: st = os.stat(os.path.join(ent.path, RUN_RECORD), follow_symlinks=False)
+        except OSError: continue                                    # jobs/, code/, lab/, a run not recorded yet
+        stamp, prev = [st.st_mtime_ns, st.st_size, st.st_ino], old.get(ent.name)
+        if prev and prev.get('stamp') == stamp and (prev.get('linked') == ent.is_symlink()): entry = prev
+        else:
+            try: entry = {'stamp': stamp, **_summary(read_run_record(ent.path))}
+            except BadRecord as e: entry = {'stamp': stamp, 'problem': str(e)}
+            entry['linked'] = ent.is_symlink()
+        new[ent.name] = entry
+        if 'problem' in entry: notes.append(f"{quote(ent.name, 40, False)}/{RUN_RECORD} skipped: {entry['problem']}")
+        else: runs[ent.name] = entry
+    if new != old: _write_index(root, new)
+    return runs, notes
+
+def completed_in(runs:dict, # from `scan_runs`
                  step:str, # the step
-                 exclude:str|None=None, # a run id to leave out (the current run)
-                )->list[tuple[str, dict]]:
-    "[(run id, step record)] of every completed record of `step` under `outputs_dir`, newest first."
-    out = []
-    for p in Path(outputs_dir).glob('*/run.json'):
-        try: rec = json.loads(p.read_text())
-        except (OSError, ValueError): continue
-        if not isinstance(rec, dict) or rec.get('run_id', p.parent.name) == exclude: continue
-        for s in rec.get('steps', []):
-            if isinstance(s, dict) and s.get('step') == step and s.get('status') == 'Completed' and 'cache_key' in s:
-                out.append((s.get('ended') or rec.get('started') or '', rec.get('run_id', p.parent.name), s))
-    return [(r, s) for _, r, s in sorted(out, key=lambda t: t[0], reverse=True)]
+                 key:str|None=None, # only records of this cache key
+                )->list[str]:
+    "Ids of the runs that completed `step` (with cache key `key`), newest first."
+    c = [(s[3] if isinstance(s[3], str) else '', rid) for rid, r in runs.items() for s in r['steps']
+         if s[0] == step and s[1] == 'Completed' and s[2] and (key is None or s[2] == key)]
+    return list(dict.fromkeys(rid for _, rid in sorted(c, reverse=True)))
+
+def step_record(outputs_dir, run_id:str, step:str, key:str|None=None)->dict:
+    "The completed record of `step` (with cache key `key`) in run `run_id`, read from its record; `BadRecord` if there is none."
+    rec = read_run_record(Path(outputs_dir)/run_id)
+    for s in reversed(rec['steps']):
+        if s.get('step') == step and s.get('status') == 'Completed' and s.get('cache_key') and (key is None or s['cache_key'] == key): return s
+    raise BadRecord(f'no completed {step} step' + (' with this key' if key else ''))
 
 # %% ../nbs/88_cache.ipynb #88-cache-023
 class StaleOutputs(Exception):
-    "An earlier run's outputs are gone or changed since they were recorded."
+    "An earlier run's outputs cannot be reused: gone, changed, or recorded in a way that cannot be checked."
 
-def reuse_outputs(recorded:dict, # {channel: {'uri', 'sha256': {relative name: sha256}}} of the earlier run
+_SHA = re.compile(r'[0-9a-f]{64}')
+
+def output_record(folder, # an output folder of this run
+                  run_dir, # this run's folder
+                 )->dict:
+    "{'uri', 'path' (relative to the run folder), 'sha256': {name: digest}, 'bytes': {name: size}} of an output folder."
+    try: objs = list_objects(to_uri(folder))
+    except StorageError: objs = []
+    rel = Path(os.path.abspath(folder)).relative_to(os.path.abspath(run_dir)).as_posix()
+    return {'uri': to_uri(folder), 'path': rel, 'sha256': {n: sha256_stream(open(f, 'rb')) for n, f in objs},
+            'bytes': {n: os.path.getsize(f) for n, f in objs}}
+
+def _plain_relative(name)->bool:
+    "Is `name` a relative file name without '', '.', '..' parts, NUL or oddities, of sane length?"
+    if not isinstance(name, str) or not 0 < len(name) <= 1024 or '\0' in name or '\\' in name: return False
+    parts = name.split('/')
+    return all(p not in ('', '.', '..') and len(p.encode()) <= 255 for p in parts)
+
+def _copy_checked(src_fd:int, dest:Path, size:int, want:str, shown:str):
+    "Copy at most `size` bytes of `src_fd` to `dest`, checking the size and the sha256."
+    h, left = hashlib.sha256(), size
+    with os.fdopen(src_fd, 'rb') as fi, open(dest, 'wb') as fo:
+        while left > 0:
+            b = fi.read(min(left, 1 << 20))
+            if not b: raise StaleOutputs(f'{shown} is shorter than recorded')
+            h.update(b); fo.write(b); left -= len(b)
+        if fi.read(1): raise StaleOutputs(f'{shown} is longer than recorded')
+    if h.hexdigest() != want: raise StaleOutputs(f'{shown} changed since it was recorded')
+
+def _checked_channel(ch:str, out, run_dir:Path)->tuple[Path, dict, dict]:
+    "(source folder, {name: sha256}, {name: size}) of a recorded output, or StaleOutputs saying what cannot be checked."
+    if not isinstance(out, dict) or not isinstance(out.get('sha256'), dict): raise StaleOutputs(f'output {ch}: the record is malformed')
+    if 'path' not in out or not isinstance(out.get('bytes'), dict):
+        raise StaleOutputs(f'output {ch}: recorded without its place in the run folder or its sizes (an older mlproj)')
+    files, sizes, rel = out['sha256'], out['bytes'], out['path']
+    if not _plain_relative(rel): raise StaleOutputs(f'output {ch}: recorded place {quote(rel, 60)} is not inside its run folder')
+    bad = next((n for n in files if not _plain_relative(n)), None)
+    if bad is not None: raise StaleOutputs(f'output {ch}: recorded name {quote(bad, 60)} is not a plain relative file name')
+    if set(sizes) != set(files) or not all(type(v) is int and v >= 0 for v in sizes.values()) or not all(isinstance(v, str) and _SHA.fullmatch(v) for v in files.values()):
+        raise StaleOutputs(f'output {ch}: recorded digests or sizes are malformed')
+    src = run_dir/rel
+    if os.path.realpath(src) != os.path.join(os.path.realpath(run_dir), rel): raise StaleOutputs(f'output {ch}: {quote(rel, 60)} leads outside its run folder')
+    return src, files, sizes
+
+def reuse_outputs(recorded:dict, # {channel: {'path', 'sha256', 'bytes'}} of the earlier run's step
+                  run_dir, # the earlier run's folder, outputs/<run id>
                   dest:dict, # {channel: local folder} of this run
                  ):
-    "Copy the recorded outputs into `dest`, checking every byte against the record; all channels or none."
-    staged = []
+    "Copy the recorded outputs into `dest`, checking place, kind, size and sha256 of every file; all channels or none."
+    run_dir, staged = Path(run_dir), []
+    if not isinstance(recorded, dict): raise StaleOutputs('outputs: the record is malformed')
     try:
         for ch, out in recorded.items():
-            try: src, files = uri_path(out['uri']), dict(out['sha256'])
-            except (KeyError, TypeError, ValueError): raise StaleOutputs(f'output {ch}: the record is malformed') from None
-            if src is None or ch not in dest: raise StaleOutputs(f'output {ch} is not a local folder of this run')
-            bad = [r for r in files if not isinstance(r, str) or Path(r).is_absolute() or '..' in Path(r).parts]
-            if bad: raise StaleOutputs(f'output {ch}: recorded name {bad[0]!r} leaves its folder')
+            if ch not in dest: raise StaleOutputs(f'output {quote(ch, 40)} is not an output of this step')
+            src, files, sizes = _checked_channel(ch, out, run_dir)
             tmp = Path(dest[ch]).parent/f'.{Path(dest[ch]).name}.reuse'
             shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True); staged.append((tmp, Path(dest[ch])))
             for rel, want in files.items():
-                f = src/rel if src.is_dir() else src
+                f, shown = src/rel, f'{run_dir.name}/{out["path"]}/{rel}'
+                if os.path.realpath(f.parent) != os.path.normpath(os.path.join(os.path.realpath(src), os.path.dirname(rel))):
+                    raise StaleOutputs(f'{quote(shown, 120, False)} leads outside its run folder')
+                try: fd = open_regular(f, 'cached output', follow=False)
+                except StorageError as e: raise StaleOutputs(str(e) if os.path.lexists(f) else f'{quote(shown, 120, False)} is gone') from None
                 (tmp/rel).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    with open(f, 'rb') as fi, open(tmp/rel, 'wb') as fo:
-                        h = hashlib.sha256()
-                        while b := fi.read(1 << 20): h.update(b); fo.write(b)
-                except FileNotFoundError: raise StaleOutputs(f'{f} is gone') from None
-                if h.hexdigest() != want: raise StaleOutputs(f'{f} changed since it was recorded')
+                _copy_checked(fd, tmp/rel, sizes[rel], want, quote(shown, 120, False))
         for tmp, d in staged:
             if d.exists(): shutil.rmtree(d)
             os.replace(tmp, d)

@@ -5,7 +5,7 @@
 # %% ../nbs/95_cli.ipynb #95-cli-002
 from __future__ import annotations
 import argparse, json, signal, sys
-from .errors import MlprojError, SpecError
+from .errors import MlprojError, SpecError, quote
 from .params import parse_pairs, read_param_files
 from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
@@ -175,7 +175,7 @@ def run_params(pairs:list[str]|None, # `-p STEP.NAME=VALUE` pairs
         else: flat[k] = v
     for k, v in {**flat, **parse_pairs(pairs, '-p')}.items():
         step, dot, name = str(k).partition('.')
-        if not dot: raise SpecError(f"parameter {k}={v}: expected STEP.NAME=VALUE, e.g. train.seed=7")
+        if not dot: raise SpecError(f"parameter {quote(k, quoted=False)}={quote(v, quoted=False)}: expected STEP.NAME=VALUE, e.g. train.seed=7")
         params.setdefault(step, {})[name] = v
     return params
 
@@ -256,6 +256,9 @@ def main(argv=None)->int:
         else: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
+    except OSError as e:                      # the environment refused (a read-only checkout, a full disk): one line, no traceback
+        from mlproj.contract import describe_error
+        print(f'mlproj: error: {describe_error(e)}', file=sys.stderr); code = 2
     except Exception as e:
         if not type(e).__module__.startswith(('botocore', 'boto3')): raise
         print(f"mlproj: error: AWS: {' '.join(str(e).split())}", file=sys.stderr); code = 2   # e.g. no credentials, endpoint unreachable

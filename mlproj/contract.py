@@ -4,17 +4,18 @@
 
 # %% ../nbs/01_contract.ipynb #01-contract-002
 from __future__ import annotations
-import errno, json, os, signal, subprocess, sys, tempfile, threading
+import errno, json, os, signal, stat, subprocess, sys, tempfile, threading
 from contextlib import contextmanager
 from pathlib import Path
-from .errors import MlprojError, OutputLocationError
+from .errors import MlprojError, OutputLocationError, StorageError, quote
 
 # %% auto #0
 __all__ = ['OPT_ML', 'ROOT_ENV', 'PROCESSING_INPUT', 'PROCESSING_OUTPUT', 'PROCESSING_PREFIX', 'MESSAGE_FILE', 'JOB_CONFIG_FILE',
            'RESOURCE_CONFIG_FILE', 'MAX_MESSAGE_BYTES', 'CPUS_ENV', 'input_dir', 'output_dir', 'opt_ml_root',
            'container_path', 'read_json_config', 'resource_config', 'current_host', 'host_rank', 'usable_cpus',
            'clip_utf8', 'write_exit_message', 'atomic_path', 'OutputSet', 'describe_error', 'run_step',
-           'stop_process_group', 'die_with_parent', 'process_started', 'process_alive']
+           'stop_process_group', 'die_with_parent', 'process_started', 'process_alive', 'file_kind', 'open_regular',
+           'read_regular', 'user_output_path']
 
 # %% ../nbs/01_contract.ipynb #01-contract-005
 OPT_ML = '/opt/ml'                       # the container's root, as SageMaker mounts it
@@ -101,7 +102,7 @@ def usable_cpus(cgroup_root='/sys/fs/cgroup', # where the cgroup hierarchy is mo
         if q is not None: n = min(n, max(1, math.ceil(q)))
     cap = os.environ.get(CPUS_ENV, '').strip()
     if cap:
-        if not cap.isdigit(): raise MlprojError(f'{CPUS_ENV}={cap!r}: expected a whole number of cores (0: all)')
+        if not cap.isdigit(): raise MlprojError(f'{CPUS_ENV}={quote(cap)}: expected a whole number of cores (0: all)')
         if int(cap) > 0: n = min(n, int(cap))
     return n
 
@@ -240,3 +241,55 @@ def process_alive(pid:int, started:str|None)->bool:
     "Is the process `pid` that started at `started` (see `process_started`) still running?"
     now = process_started(pid)
     return now is not None and (started is None or now == started or now == 'unknown')
+
+# %% ../nbs/01_contract.ipynb #01-contract-038
+def file_kind(mode:int)->str:
+    "What a `st_mode` is, for a message: 'a folder', 'a FIFO', 'a character device' ..."
+    for test, name in ((stat.S_ISREG, 'a regular file'), (stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO'), (stat.S_ISCHR, 'a character device'),
+                       (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISLNK, 'a symbolic link')):
+        if test(mode): return name
+    return 'a special file'
+
+def open_regular(path, # the file
+                 what:str='file', # how messages name it
+                 follow:bool=True, # follow a final symbolic link (False for files mlproj wrote itself)
+                )->int:
+    "A read-only descriptor of `path`, refused with one line unless it is a regular file; never blocks on a FIFO."
+    try:
+        st = os.stat(path, follow_symlinks=follow)
+        if not stat.S_ISREG(st.st_mode): raise StorageError(f'{what} {quote(str(path), 200)} is {file_kind(st.st_mode)}, not a regular file')
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    except FileNotFoundError: raise StorageError(f'{what} not found: {quote(str(path), 200)}') from None
+    except OSError as e: raise StorageError(f'{what} {quote(str(path), 200)}: {e.strerror or type(e).__name__}') from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):                                     # swapped between the look and the open
+        os.close(fd); raise StorageError(f'{what} {quote(str(path), 200)} is {file_kind(mode)}, not a regular file')
+    return fd
+
+def read_regular(path, # the file
+                 limit:int, # the most bytes accepted
+                 what:str='file', # how messages name it
+                 follow:bool=True, # follow a final symbolic link
+                )->bytes:
+    "The bytes of the regular file `path`; a special file, or one larger than `limit` bytes, is refused with one line."
+    fd = open_regular(path, what, follow)
+    with os.fdopen(fd, 'rb') as f:
+        big = os.fstat(fd).st_size > limit                          # a file known to be too large is not read
+        data = b'' if big else f.read(limit + 1)
+    if big or len(data) > limit: raise StorageError(f'{what} {quote(str(path), 200)} is larger than {limit:,} bytes')
+    return data
+
+# %% ../nbs/01_contract.ipynb #01-contract-041
+@contextmanager
+def user_output_path(dest, # the path the user named
+                     what:str='output file', # how messages name it, e.g. '-o'
+                    ):
+    "Yield a temporary path that replaces `dest` on success, when `dest` is a regular file or new; anything else is refused."
+    dest = Path(dest)
+    target = Path(os.path.realpath(dest)) if dest.is_symlink() else dest
+    try: st = os.stat(target)
+    except FileNotFoundError: st = None
+    except OSError as e: raise OutputLocationError(f'{what} {quote(str(dest), 200)}: {e.strerror or type(e).__name__}') from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OutputLocationError(f'{what} {quote(str(dest), 200)} is {file_kind(st.st_mode)}: name a regular file or a new path')
+    with atomic_path(target) as tmp: yield tmp

@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Iterator
 import numpy as np
 import pandas as pd
-from .errors import InputError, SpecError, StorageError
+from .errors import InputError, SpecError, StorageError, quote
 from .storage import check_links
 
 # %% auto #0
 __all__ = ['TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES',
            'REGRESSION_BINS', 'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files',
-           'check_header', 'csv_header', 'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'quote',
-           'check_columns', 'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table',
-           'describe_target']
+           'check_header', 'csv_header', 'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'check_columns',
+           'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table', 'describe_target']
 
 # %% ../nbs/10_data.ipynb #10-data-005
 @dataclass(frozen=True)
@@ -276,11 +275,6 @@ def _parse_numbers(text:pd.Series, isna:pd.Series)->pd.Series:
     except (ValueError, TypeError): return pd.to_numeric(text.where(~isna), errors='coerce').astype('float64')
 
 def _bound(v, none:str)->str: return none if v is None else f'{v:g}'
-
-def quote(value, most:int=80, quoted:bool=True)->str:
-    "`value` for a message (quoted, or as it is), cut to `most` characters with its length said, so no message grows with the data."
-    s = str(value); show = repr if quoted else str
-    return show(s) if len(s) <= most else show(s[:most]) + f'… ({len(s):,} characters)'
 
 def _list_names(names:list, most:int=10)->str:
     shown = ', '.join(map(str, names[:most]))

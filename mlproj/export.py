@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools, json, re, sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from .errors import SpecError, BackendError
+from .errors import SpecError, BackendError, quote
 from .storage import s3_join, split_s3
 from .steps import BUNDLED, STEPS, step_sources
 from .jobs import CODE_CHANNEL, ENGINES, code_files, code_dir, step_job, render_request, validate_request, job_name
@@ -18,11 +18,12 @@ from .pipeline import PIPELINE, Pipeline, RESOURCE_PARAMS, check_run_params
 # %% auto #0
 __all__ = ['PARAM_TYPES', 'SOURCE_RECORD', 'SM_VERSION', 'GATE_STEP', 'FAIL_STEP', 'PROPERTY_FILE', 'SM_CONDITIONS', 'SFN_SYNC',
            'SFN_GET_OBJECT', 'SFN_CHOICES', 'READ_METRIC', 'GATE_STATE', 'ROLE_TOKEN', 'FORMATS', 'param_name',
-           'Target', 'export_parameters', 'pipeline_code', 'code_digest', 's3_layout', 'output_uri', 'step_request',
-           'Ref', 'step_template', 'message_parts', 'sagemaker_definition', 'resolve_sagemaker', 'processing_steps',
-           'check_sagemaker_definition', 'sfn_job_prefix', 'stepfunctions_definition', 'resolve_stepfunctions',
-           'stepfunctions_state', 'check_stepfunctions_definition', 'cloudformation_template', 'export_definition',
-           'execution_values', 'upload_code', 'upsert', 'start', 'show', 'pipeline_parser', 'cmd_pipeline']
+           'Target', 'partition_of', 'in_partition', 'check_partition', 'export_parameters', 'pipeline_code',
+           'code_digest', 's3_layout', 'output_uri', 'step_request', 'Ref', 'step_template', 'message_parts',
+           'sagemaker_definition', 'resolve_sagemaker', 'processing_steps', 'check_sagemaker_definition',
+           'sfn_job_prefix', 'stepfunctions_definition', 'resolve_stepfunctions', 'stepfunctions_state',
+           'check_stepfunctions_definition', 'cloudformation_template', 'export_definition', 'execution_values',
+           'upload_code', 'upsert', 'start', 'show', 'pipeline_parser', 'cmd_pipeline']
 
 # %% ../nbs/92_export.ipynb #92-export-005
 def param_name(key:str)->str:
@@ -40,6 +41,28 @@ class Target:
     engine: str = 'notebook'        # job notebooks under papermill (with reports) or runtime scripts
     inputs: dict = field(default_factory=dict)   # {input channel: s3:// URI} defaults of the input parameters
     max_runtime: int = 3600         # MaxRuntimeInSeconds of every step
+    partition: str = 'aws'          # the AWS partition of the region (aws, aws-cn, aws-us-gov ...): the prefix of every ARN
+
+# %% ../nbs/92_export.ipynb #92-export-008b
+_PARTITIONS = (('us-isob-', 'aws-iso-b'), ('us-isof-', 'aws-iso-f'), ('eu-isoe-', 'aws-iso-e'), ('us-iso-', 'aws-iso'),
+               ('us-gov-', 'aws-us-gov'), ('cn-', 'aws-cn'))
+
+def partition_of(region:str|None)->str:
+    "The AWS partition of `region` ('aws' when no region is known)."
+    return next((p for pre, p in _PARTITIONS if (region or '').startswith(pre)), 'aws')
+
+def in_partition(defn, partition:str):
+    "`defn` with every Step Functions service ARN (a `Resource` of `arn:aws:states:::...`) in `partition`."
+    if isinstance(defn, list): return [in_partition(v, partition) for v in defn]
+    if not isinstance(defn, dict): return defn
+    arn = lambda v: f'arn:{partition}:states:::' + v[len('arn:aws:states:::'):]
+    return {k: arn(v) if k == 'Resource' and isinstance(v, str) and v.startswith('arn:aws:states:::') else in_partition(v, partition) for k, v in defn.items()}
+
+def check_partition(t:Target):
+    "Refuse a role ARN of another partition than the target's."
+    part = t.role.split(':')[1] if t.role.count(':') >= 5 else None
+    if part is not None and part != t.partition:
+        raise SpecError(f"--role {quote(t.role)} is in partition {quote(part)}, the region's partition is {t.partition!r}")
 
 # %% ../nbs/92_export.ipynb #92-export-009
 PARAM_TYPES = {int: 'Integer', float: 'Float', str: 'String', bool: 'String'}   # a bool travels as its text, True or False
@@ -377,7 +400,7 @@ _ROLE_STANDIN = 'arn:aws:iam::000000000000:role/mlproj-processing-role-from-temp
 def cloudformation_template(t:Target, p:Pipeline=PIPELINE)->dict:
     "A CloudFormation template with the SageMaker pipeline and the state machine of `p`; the roles are template parameters."
     t2 = Target(**{**t.__dict__, 'role': _ROLE_STANDIN})
-    sm = json.dumps(sagemaker_definition(t2, p), separators=(',', ':')).replace(_ROLE_STANDIN, ROLE_TOKEN)
+    sm = json.dumps(sagemaker_definition(t2, p), separators=(',', ':')).replace('${', '${!').replace(_ROLE_STANDIN, ROLE_TOKEN)   # ${x} stays literal in Fn::Sub
     sfn = json.loads(json.dumps(stepfunctions_definition(t2, p)).replace(_ROLE_STANDIN, ROLE_TOKEN))
     role = {'Type': 'String', 'AllowedPattern': r'^arn:aws[a-z\-]*:iam::\d{12}:role/.+$'}
     return {
@@ -407,10 +430,11 @@ def export_definition(fmt:str, # sagemaker, stepfunctions or cloudformation
     if fmt not in FORMATS: raise SpecError(f'unknown export format {fmt!r}; formats: {", ".join(FORMATS)}')
     check_target(t.bucket, t.role)
     if t.engine not in ENGINES: raise SpecError(f'unknown engine {t.engine!r}; engines: {", ".join(ENGINES)}')
+    check_partition(t)
     if fmt == 'sagemaker': return check_sagemaker_definition(sagemaker_definition(t, p))
-    if fmt == 'stepfunctions': return check_stepfunctions_definition(stepfunctions_definition(t, p))
+    if fmt == 'stepfunctions': return in_partition(check_stepfunctions_definition(stepfunctions_definition(t, p)), t.partition)
     check_sagemaker_definition(sagemaker_definition(t, p)); check_stepfunctions_definition(stepfunctions_definition(t, p))
-    return cloudformation_template(t, p)
+    return in_partition(cloudformation_template(t, p), t.partition)
 
 # %% ../nbs/92_export.ipynb #92-export-061
 def execution_values(pairs:dict, # {'group.name': text} from -p
@@ -560,24 +584,23 @@ def _target(a)->Target:
     "The Target of a `pipeline export|upsert` command line."
     from mlproj.params import parse_pairs
     check_target(a.bucket, a.role)
-    image = a.image_uri
+    import boto3
+    image, region = a.image_uri, a.region or boto3.Session(profile_name=getattr(a, 'profile', None)).region_name
     if not image:
-        import boto3
         from mlproj.sagemaker_backend import stock_image_uri
-        region = a.region or boto3.Session(profile_name=getattr(a, 'profile', None)).region_name
         if not region: raise SpecError('no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION (or pass --image-uri)')
         image = stock_image_uri(region)
-    return Target(a.bucket, a.role, image, a.prefix, a.engine, parse_pairs(a.input, '--input'), a.max_runtime)
+    return Target(a.bucket, a.role, image, a.prefix, a.engine, parse_pairs(a.input, '--input'), a.max_runtime, partition_of(region))
 
 def cmd_pipeline(a)->int:
     "`mlproj pipeline export|upsert|start|show`."
-    from mlproj.contract import atomic_path
+    from mlproj.contract import user_output_path
     from mlproj.params import parse_pairs
     say = lambda m: print(m, file=sys.stderr, flush=True)
     if a.plcmd == 'export':
         text = json.dumps(export_definition(a.format, _target(a)), indent=2) + '\n'
         if not a.output: sys.stdout.write(text); return 0
-        with atomic_path(Path(a.output)) as tmp: Path(tmp).write_text(text)
+        with user_output_path(a.output, '-o') as tmp: Path(tmp).write_text(text)
         say(f'wrote {a.format} definition to {a.output}'); return 0
     from mlproj.sagemaker_backend import aws_session
     session = aws_session(a.region, a.profile)

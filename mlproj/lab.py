@@ -7,15 +7,17 @@ from __future__ import annotations
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 from fastcore.script import call_parse
-from .contract import ROOT_ENV, PROCESSING_INPUT, PROCESSING_OUTPUT, stop_process_group, die_with_parent
-from .errors import MlprojError, SpecError, StorageError
-from .storage import download, digests, to_uri
+from .contract import ROOT_ENV, PROCESSING_INPUT, PROCESSING_OUTPUT, stop_process_group, die_with_parent, process_alive, process_started, read_regular
+from .errors import MlprojError, SpecError, StorageError, quote
+from .storage import download, digests, to_uri, uri_path
+from .cache import BadRecord, check_run_id, read_run_record, scan_runs
 from .steps import STEPS, step_order
 from .jobs import outputs_root
 
 # %% auto #0
-__all__ = ['SANDBOX_MARK', 'project_root', 'lab_channels', 'completed_runs', 'run_sources', 'build_sandbox', 'lab_record',
-           'lab_env', 'lab_argv', 'LabServer', 'wait_for_server', 'check_kernel', 'start_lab', 'main']
+__all__ = ['SANDBOX_MARK', 'project_root', 'lab_channels', 'completed_runs', 'run_sources', 'is_lab_sandbox', 'build_sandbox',
+           'lab_record', 'lab_lock', 'release_lab_lock', 'lab_env', 'lab_argv', 'LabServer', 'wait_for_server',
+           'check_kernel', 'start_lab', 'main']
 
 # %% ../nbs/93_lab.ipynb #93-lab-005
 def project_root(start=None, # where to start looking (default: the current folder)
@@ -37,13 +39,14 @@ def lab_channels()->tuple[list[str], list[str]]:
 # %% ../nbs/93_lab.ipynb #93-lab-011
 def completed_runs(outputs_dir, # where runs are (`outputs/` by default)
                   )->list[dict]:
-    "Records of the completed runs under `outputs_dir`, newest first."
+    "Records of the completed runs under `outputs_dir`, newest first: only records `scan_runs` accepts (a real run folder, its own run id)."
+    runs, _ = scan_runs(outputs_dir)
     recs = []
-    for p in Path(outputs_dir).glob('*/run.json'):
-        try: rec = json.loads(p.read_text())
-        except (OSError, ValueError): continue
-        if isinstance(rec, dict) and rec.get('status') == 'Completed': recs.append(rec)
-    return sorted(recs, key=lambda r: (r.get('started', ''), r.get('run_id', '')), reverse=True)
+    for rid, r in sorted(runs.items(), key=lambda kv: (kv[1].get('started') or '', kv[0]), reverse=True):
+        if r.get('status') != 'Completed': continue
+        try: recs.append(read_run_record(Path(outputs_dir)/rid))
+        except BadRecord: continue
+    return recs
 
 # %% ../nbs/93_lab.ipynb #93-lab-014
 def run_sources(record:dict, # a run record (`run.json`)
@@ -58,17 +61,40 @@ def run_sources(record:dict, # a run record (`run.json`)
 
 # %% ../nbs/93_lab.ipynb #93-lab-017
 SANDBOX_MARK = '.mlproj-lab.json'    # in a sandbox's root: the run that filled it
+_SANDBOX_TOP = {'processing', 'output', 'config', SANDBOX_MARK}     # what a sandbox's root may hold
+
+def is_lab_sandbox(sandbox)->bool:
+    "Is `sandbox` a folder the lab built: a marker naming this folder, made by the lab, and only the `/opt/ml` layout?"
+    sandbox = Path(sandbox)
+    try: mark = json.loads(read_regular(sandbox/SANDBOX_MARK, 1 << 20, 'lab marker', follow=False))
+    except (StorageError, ValueError): return False
+    return (isinstance(mark, dict) and mark.get('made_by') == 'mlproj.lab' and mark.get('sandbox') == str(sandbox.resolve())
+            and {p.name for p in sandbox.iterdir()} <= _SANDBOX_TOP)
 
 # %% ../nbs/93_lab.ipynb #93-lab-018
 def build_sandbox(sandbox, # the folder that plays `/opt/ml` (replaced)
                   record:dict, # the run record whose inputs fill it
+                  outputs_dir, # where runs are: the run's folder is <outputs_dir>/<run id>
                  )->Path:
     "Fill `sandbox` like `/opt/ml`: `processing/input/<ch>` from the run's inputs (sha256 checked), `processing/output/<ch>` empty."
     sandbox = Path(sandbox).resolve()
-    if sandbox.exists() and any(sandbox.iterdir()) and not (sandbox/SANDBOX_MARK).is_file():
-        raise SpecError(f'refusing to replace {sandbox}: not empty and not a lab sandbox (no {SANDBOX_MARK})')
+    if sandbox.exists() and not sandbox.is_dir(): raise SpecError(f'--sandbox {quote(str(sandbox), 200)} is a file, not a folder')
+    if sandbox.exists() and any(sandbox.iterdir()) and not is_lab_sandbox(sandbox):
+        raise SpecError(f'refusing to replace {sandbox}: not empty and not a sandbox this lab built (no valid {SANDBOX_MARK}); remove it yourself or pick another --sandbox')
     ins, outs = lab_channels()
     sources = run_sources(record)
+    rid = check_run_id(record.get('run_id'))
+    run_dir = os.path.realpath(Path(outputs_dir)/rid)
+    made = {ch for s in STEPS.values() for ch in s.outputs}
+    for ch, src in sources.items():
+        if not isinstance(src, dict) or not isinstance(src.get('uri'), str) or not src.get('sha256') or not isinstance(src['sha256'], dict):
+            raise StorageError(f'run {rid}: input {ch!r} has no sha256 of its files in the record; it cannot be checked')
+        p = uri_path(src['uri'])
+        if p is None: raise StorageError(f"run {rid}: input {ch!r} at {quote(src['uri'], 200)} is not a local path")
+        if ch in made and not os.path.realpath(p).startswith(run_dir + os.sep):
+            raise StorageError(f"run {rid}: input {ch!r} at {quote(src['uri'], 200)} is not inside the run's folder {run_dir}")
+        if digests(src['uri']) != src['sha256']:
+            raise StorageError(f"run {rid}: input {ch!r} at {quote(src['uri'], 200)} has changed since the run (sha256 differs)")
     sandbox.parent.mkdir(parents=True, exist_ok=True)
     tmp = sandbox.with_name(f'.{sandbox.name}.building-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,11 +103,12 @@ def build_sandbox(sandbox, # the folder that plays `/opt/ml` (replaced)
         for ch, src in sources.items():
             dest = rel(f'{PROCESSING_INPUT}/{ch}')
             try: download(src['uri'], dest)
-            except (OSError, StorageError) as e: raise StorageError(f"run {record.get('run_id')}: input {ch!r} from {src['uri']}: {e}") from None
+            except (OSError, StorageError) as e: raise StorageError(f"run {rid}: input {ch!r} from {quote(src['uri'], 200)}: {e}") from None
             if src.get('sha256') and digests(to_uri(dest)) != src['sha256']:
-                raise StorageError(f"run {record.get('run_id')}: input {ch!r} at {src['uri']} has changed since the run (sha256 differs)")
+                raise StorageError(f"run {rid}: input {ch!r} at {quote(src['uri'], 200)} has changed since the run (sha256 differs)")
         for ch in outs: rel(f'{PROCESSING_OUTPUT}/{ch}').mkdir(parents=True, exist_ok=True)
-        (tmp/SANDBOX_MARK).write_text(json.dumps({'run_id': record.get('run_id'), 'inputs': {ch: src['uri'] for ch, src in sources.items()}}, indent=2))
+        (tmp/SANDBOX_MARK).write_text(json.dumps({'made_by': 'mlproj.lab', 'sandbox': str(sandbox), 'run_id': rid,
+                                                  'inputs': {ch: src['uri'] for ch, src in sources.items()}}, indent=2))
         shutil.rmtree(sandbox, ignore_errors=True)
         tmp.rename(sandbox)
     finally: shutil.rmtree(tmp, ignore_errors=True)
@@ -96,10 +123,11 @@ def lab_record(outputs_dir, # where runs are
               )->dict:
     "The run record that fills the lab's sandbox, running the pipeline first when asked or when there is none."
     if run_id:
-        p = Path(outputs_dir)/run_id/'run.json'
-        if not p.is_file(): raise SpecError(f'no run {run_id!r} in {outputs_dir} (no {p})')
-        rec = json.loads(p.read_text())
-        if rec.get('status') != 'Completed': raise SpecError(f"run {run_id!r} did not complete (status {rec.get('status')}); pick a completed run")
+        p = Path(outputs_dir)/check_run_id(run_id)/'run.json'
+        if not os.path.lexists(p): raise SpecError(f'no run {run_id!r} in {outputs_dir} (no {p})')
+        try: rec = read_run_record(p.parent)
+        except BadRecord as e: raise SpecError(f'run {run_id!r} in {outputs_dir} cannot be used: {e}') from None
+        if rec.get('status') != 'Completed': raise SpecError(f"run {run_id!r} did not complete (status {quote(rec.get('status'), 40, False)}); pick a completed run")
         return rec
     runs = [] if raw or data else completed_runs(outputs_dir)
     if runs: return runs[0]
@@ -108,6 +136,31 @@ def lab_record(outputs_dir, # where runs are
     rec = run_pipeline(raw=raw, data=data, outputs_dir=outputs_dir, engine='script', stream=stream)
     if rec['status'] != 'Completed': raise MlprojError(f"run {rec['run_id']} {rec['status']} at step {rec.get('failed_step')}: {outputs_dir}/{rec['run_id']}/run.json")
     return rec
+
+# %% ../nbs/93_lab.ipynb #93-lab-022b
+def lab_lock(sandbox)->Path:
+    "Take the lock of `sandbox` (`<sandbox>.lock`, naming this process); refused while a live lab holds it."
+    sandbox = Path(sandbox).resolve()
+    lock = sandbox.with_name(sandbox.name + '.lock')
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = json.dumps({'pid': os.getpid(), 'started': process_started(os.getpid())})
+    for _ in range(3):
+        try: fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try: owner = json.loads(read_regular(lock, 4096, 'lab lock', follow=False))
+            except (StorageError, ValueError): owner = None
+            if isinstance(owner, dict) and type(owner.get('pid')) is int and process_alive(owner['pid'], owner.get('started')):
+                raise SpecError(f"the sandbox {sandbox} is in use by the lab of process {owner['pid']} (lock {lock}); stop that lab or pick another --sandbox") from None
+            lock.unlink(missing_ok=True); continue                  # its lab is gone
+        with os.fdopen(fd, 'w') as f: f.write(me)
+        return lock
+    raise SpecError(f'could not take the lab lock {lock}')
+
+def release_lab_lock(lock:Path):
+    "Remove `lock` if this process holds it."
+    try: owner = json.loads(read_regular(lock, 4096, 'lab lock', follow=False))
+    except (StorageError, ValueError): return
+    if isinstance(owner, dict) and owner.get('pid') == os.getpid(): lock.unlink(missing_ok=True)
 
 # %% ../nbs/93_lab.ipynb #93-lab-024
 def lab_env(sandbox, # the sandbox `/opt/ml`
@@ -210,14 +263,15 @@ def main(port:int=8888, # port on 127.0.0.1 (0: any free port)
     "Start JupyterLab over the project with a sandbox /opt/ml filled from a run; exit 2 on a refusal."
     def _stop(signum, frame): raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _stop)
-    server, code = None, 0
+    server, code, lock = None, 0, None
     try:
         here = lambda p: p and (p if '://' in p else str(Path(p).resolve()))     # paths given relative to where the command ran
         raw, data, sandbox = here(raw), here(data), here(sandbox)
         root = project_root(); os.chdir(root)
         outputs = outputs_root().resolve()
+        lock = lab_lock(sandbox or outputs/'lab'/'opt_ml')              # one lab per sandbox
         rec = lab_record(outputs, run_id=run, raw=raw, data=data)
-        sb = build_sandbox(sandbox or outputs/'lab'/'opt_ml', rec)
+        sb = build_sandbox(sandbox or outputs/'lab'/'opt_ml', rec, outputs)
         print(f"lab: sandbox /opt/ml = {sb} (inputs of run {rec['run_id']})", flush=True)
         server = start_lab(root, sb, port=port, outputs_dir=outputs)
         print(f'lab: JupyterLab at {server.url}', flush=True)
@@ -226,4 +280,5 @@ def main(port:int=8888, # port on 127.0.0.1 (0: any free port)
     except KeyboardInterrupt: pass
     finally:
         if server: server.stop()
+        if lock: release_lab_lock(lock)
     sys.exit(code)

@@ -4,12 +4,13 @@
 
 # %% ../nbs/02_params.ipynb #02-params-002
 from __future__ import annotations
-import difflib, json
+import difflib, json, math
 from pathlib import Path
-from .errors import ParameterError
+from .errors import ParameterError, StorageError, quote
+from .contract import read_regular
 
 # %% auto #0
-__all__ = ['did_you_mean', 'parse_pairs', 'convert_value', 'check_params', 'check_range', 'read_param_files']
+__all__ = ['PARAM_FILE_MAX', 'did_you_mean', 'parse_pairs', 'convert_value', 'check_params', 'check_range', 'read_param_files']
 
 # %% ../nbs/02_params.ipynb #02-params-005
 def did_you_mean(name:str, choices)->str:
@@ -25,7 +26,7 @@ def parse_pairs(pairs:list[str]|None, # NAME=VALUE strings
     out = {}
     for p in pairs or []:
         k, sep, v = str(p).partition('=')
-        if not sep or not k.strip(): raise ParameterError(f'{what} {p!r}: expected NAME=VALUE')
+        if not sep or not k.strip(): raise ParameterError(f'{what} {quote(p)}: expected NAME=VALUE')
         out[k.strip()] = v
     return out
 
@@ -39,22 +40,29 @@ def _from_text(value:str, typ):
         if v in _FALSE: return False
         raise ValueError
     if typ is int: return int(value.replace('_', ''))
-    if typ is float: return float(value)
+    if typ is float: return _finite(float(value))
     if typ in (list, dict):
         v = json.loads(value)
         if not isinstance(v, typ): raise ValueError
         return v
     return typ(value)
 
+def _finite(x:float)->float:
+    if not math.isfinite(x): raise ValueError('not finite')
+    return x
+
+def _shown(value)->str: return quote(value, quoted=isinstance(value, str))
+
 def convert_value(name:str, value, typ):
     "`value` (text, or already typed) as `typ`, or a `ParameterError` naming the parameter, the value and the type."
     try:
         if isinstance(value, str) and typ is not str: return _from_text(value, typ)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool): return _finite(float(value))
         if typ is Path and isinstance(value, str): return Path(value)
         if isinstance(value, typ) and not (typ is int and isinstance(value, bool)): return value
-    except (ValueError, TypeError): pass
-    raise ParameterError(f"parameter {name}={value!r}: expected {getattr(typ, '__name__', typ)}")
+    except (ValueError, TypeError, OverflowError): pass
+    finite = ' (a finite number)' if typ is float else ''
+    raise ParameterError(f"parameter {name}={_shown(value)}: expected {getattr(typ, '__name__', typ)}{finite}")
 
 # %% ../nbs/02_params.ipynb #02-params-014
 def check_params(given:dict, # {name: value}, values as text or typed
@@ -65,7 +73,7 @@ def check_params(given:dict, # {name: value}, values as text or typed
     out = {}
     for k, v in given.items():
         if k not in declared:
-            raise ParameterError(f"unknown parameter {k!r}" + (f' for {owner}' if owner else '') + did_you_mean(k, declared)
+            raise ParameterError(f"unknown parameter {quote(k)}" + (f' for {owner}' if owner else '') + did_you_mean(k, declared)
                                  + f"; parameters: {', '.join(declared) or 'none'}")
         out[k] = convert_value(k, v, declared[k])
     return out
@@ -78,18 +86,41 @@ def check_range(name:str, value, spec:str):
     if not m: raise ParameterError(f'range of {name}: {spec!r} is not written [lo, hi] or (lo, hi)')
     lo, hi = float(m.group(2).replace('_', '')), float(m.group(3).replace('_', ''))
     ok = (value >= lo if m.group(1) == '[' else value > lo) and (value <= hi if m.group(4) == ']' else value < hi)
-    if not ok: raise ParameterError(f'parameter {name}={value!r}: must be in {spec.strip()}')
+    if not ok: raise ParameterError(f'parameter {name}={_shown(value)}: must be in {spec.strip()}')
     return value
 
 # %% ../nbs/02_params.ipynb #02-params-020
+PARAM_FILE_MAX = 1 << 20        # bytes: a parameter file is a few lines
+
+def _yaml_without_aliases(text:str):
+    "The YAML document `text`, safely loaded; an alias (`*name`) is refused where it appears, before anything expands."
+    import yaml
+    class _Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                ev = self.peek_event()
+                raise yaml.YAMLError(f'line {ev.start_mark.line + 1}: YAML aliases (*{quote(ev.anchor, 40, False)}) are not accepted in parameter files')
+            return super().compose_node(parent, index)
+    loader = _Loader(text)
+    try: return loader.get_single_data()
+    finally: loader.dispose()
+
 def read_param_files(files:list|None)->dict:
-    "{name: value} merged from YAML/JSON files, in order; a missing or malformed file is refused."
+    "{name: value} merged from YAML/JSON files, in order; a missing, special, oversized, non-UTF-8 or malformed file is refused."
     import yaml
     out = {}
     for f in files or []:
-        try: data = yaml.safe_load(Path(f).read_text(encoding='utf-8')) or {}
-        except (FileNotFoundError, IsADirectoryError): raise ParameterError(f'parameters file not found: {f}') from None
-        except yaml.YAMLError as e: raise ParameterError(f'parameters file {f}: not valid YAML ({" ".join(str(e).split())[:200]})') from None
-        if not isinstance(data, dict): raise ParameterError(f'parameters file {f}: expected a mapping of name: value')
+        where = quote(str(f), 200, False)
+        try: raw = read_regular(f, PARAM_FILE_MAX, 'parameters file')
+        except StorageError as e: raise ParameterError(str(e)) from None
+        try: text = raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(10) + 1
+            raise ParameterError(f'parameters file {where}: not UTF-8 text (byte {e.start:,}, line {line})') from None
+        try: data = _yaml_without_aliases(text) or {}
+        except yaml.YAMLError as e: raise ParameterError(f'parameters file {where}: not valid YAML ({quote(" ".join(str(e).split()), 200, False)})') from None
+        except RecursionError: raise ParameterError(f'parameters file {where}: nested too deeply') from None
+        except ValueError as e: raise ParameterError(f'parameters file {where}: {quote(" ".join(str(e).split()), 200, False)}') from None
+        if not isinstance(data, dict): raise ParameterError(f'parameters file {where}: expected a mapping of name: value')
         out.update(data)
     return out

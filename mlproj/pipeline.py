@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from .contract import atomic_path, process_alive, process_started
 from .data import SCHEMA
-from .errors import InputError, SpecError
+from .errors import InputError, SpecError, OutputLocationError, quote
 from .params import check_params, did_you_mean
 from .storage import to_uri, uri_path, digests
 from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, step_outcome, mermaid
 from .jobs import step_job, render_request, write_code_bundle, mask_secrets, REPORT_CHANNEL
 from .local import run_local
-from .cache import package_digest, environment, source_checkout, key_material, step_key, explain_miss, step_records, reuse_outputs, StaleOutputs
+from .cache import (package_digest, environment, source_checkout, key_material, step_key, explain_miss, reuse_outputs, StaleOutputs,
+                    RUN_RECORD, check_run_id, read_run_record, BadRecord, scan_runs, completed_in, step_record, output_record)
 
 # %% auto #0
 __all__ = ['GATE_OPS', 'RESOURCE_PARAMS', 'INTERNAL_PARAMS', 'TASK_GATES', 'PIPELINE', 'MODEL_DIGEST_PARAM', 'Gate',
@@ -53,7 +54,7 @@ def metric_value(doc:dict, # the parsed JSON file
     for part in path.split('.'):
         if not isinstance(cur, dict) or part not in cur: raise SpecError(f'{where or "metrics"}: no {path!r} (missing {part!r})')
         cur = cur[part]
-    if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {cur!r}, not a number')
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {quote(cur, quoted=isinstance(cur, str))}, not a number')
     return float(cur)
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-011
@@ -131,8 +132,8 @@ def check_run_params(params:dict, # {group: {name: value}}: a step or 'gate', th
     groups = list(p.steps) + (['gate'] if p.gate else [])
     out = {}
     for group, given in params.items():
-        if group not in groups: raise SpecError(f"unknown step {group!r} in parameters" + did_you_mean(group, groups) + f"; pipeline parameters: {', '.join(groups)}")
-        if not isinstance(given, dict): raise SpecError(f"parameters of {group}: expected NAME: VALUE pairs, got {given!r}")
+        if group not in groups: raise SpecError(f"unknown step {quote(group)} in parameters" + did_you_mean(group, groups) + f"; pipeline parameters: {', '.join(groups)}")
+        if not isinstance(given, dict): raise SpecError(f"parameters of {group}: expected NAME: VALUE pairs, got {quote(given)}")
         if set(given) & set(INTERNAL_PARAMS): raise SpecError(f"{group}.{(set(given) & set(INTERNAL_PARAMS)).pop()} is set by the run from its own lineage, not a parameter")
         table = {k.partition('.')[2]: v for k, v in p.parameters().items() if k.startswith(f'{group}.')}
         res = {n: v for n, v in given.items() if n in RESOURCE_PARAMS and n in table}
@@ -162,17 +163,21 @@ def provenance(step:str, record:dict)->dict:
     return {MODEL_DIGEST_PARAM: next(iter(files.values()))} if len(files) == 1 else {}
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-030
-def reconcile_runs(outputs_dir)->list[str]:
+def reconcile_runs(outputs_dir, # where runs live
+                   runs:dict|None=None, # `scan_runs(outputs_dir)[0]`, if already read (updated in place)
+                  )->list[str]:
     "Mark `Failed` every run under `outputs_dir` recorded `InProgress` whose driver process is gone; returns their ids."
+    runs = scan_runs(outputs_dir)[0] if runs is None else runs
     fixed = []
-    for p in sorted(Path(outputs_dir).glob('*/run.json')):
-        try: rec = json.loads(p.read_text())
-        except (OSError, ValueError): continue
-        drv = rec.get('driver') if isinstance(rec, dict) else None
-        if rec.get('status') != 'InProgress' or not drv or process_alive(drv['pid'], drv.get('started')): continue
+    for rid, r in sorted(runs.items()):
+        drv = r.get('driver')
+        if r.get('status') != 'InProgress' or not drv or process_alive(drv['pid'], drv.get('started')): continue
+        try: rec = read_run_record(Path(outputs_dir)/rid)
+        except BadRecord: continue
+        if rec.get('status') != 'InProgress': continue
         rec.update(status='Failed', failure_reason=f"driver exited: the process that ran it (pid {drv['pid']}) is gone")
-        with atomic_path(p) as t: t.write_text(json.dumps(rec, indent=2))
-        fixed.append(rec.get('run_id', p.parent.name))
+        with atomic_path(Path(outputs_dir)/rid/RUN_RECORD) as t: t.write_text(json.dumps(rec, indent=2))
+        r['status'] = 'Failed'; fixed.append(rid)
     return fixed
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-033
@@ -211,27 +216,34 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
     "Run the pipeline's steps as local processing jobs, in graph order, with caching and the gate; returns the run record (also written to run.json)."
     from mlproj import __version__
     from mlproj.data import bundled_path
+    t_run = time.perf_counter()                           # the run's seconds include finding earlier runs
     params = check_run_params(params or {}, p)            # refuse a bad parameter before any step runs
     threshold = params.get('gate', {}).get('threshold', p.gate.threshold) if p.gate else None
-    run_id = run_id or new_run_id()
+    run_id = new_run_id() if run_id is None else check_run_id(run_id)   # a plain name: the run stays inside outputs/
     outputs_dir = Path(outputs_dir); run_dir = outputs_dir/run_id
-    if run_dir.exists(): raise SpecError(f'run folder already exists: {run_dir}')
+    if outputs_dir.exists() and not outputs_dir.is_dir(): raise OutputLocationError(f'outputs {quote(str(outputs_dir), 200)} is not a folder')
+    if os.path.lexists(run_dir): raise SpecError(f'run folder already exists: {run_dir}')
     given = {'raw': raw, 'data': data}
     external = {ch: str(given.get(ch) or bundled_path()) for ch in p.inputs}
     for ch, src in external.items():                     # a missing local input is refused before a run folder exists
         path = uri_path(to_uri(src))
         if path is not None and not path.exists(): raise InputError(f'{ch} input not found: {path}')
     bundles = {step: write_code_bundle(step, engine, outputs_dir/'code') for step in p.steps}   # also checks the job notebooks
-    run_dir.mkdir(parents=True)
-    reconcile_runs(outputs_dir)
+    try: run_dir.mkdir(parents=True)
+    except OSError as e: raise OutputLocationError(f'cannot create the run folder {run_dir}: {e.strerror or type(e).__name__}') from None
+    say = (lambda m: print(f'[run {run_id}] {m}', file=stream, flush=True)) if stream else (lambda m: None)
+    runs, notes = scan_runs(outputs_dir)                   # every earlier record read once (or not at all: the index)
+    runs.pop(run_id, None)
+    for note in notes[:5]: say(f'note: {note}')
+    if len(notes) > 5: say(f'note: and {len(notes) - 5:,} more run records skipped')
+    reconcile_runs(outputs_dir, runs)
     record = {'run_id': run_id, 'pipeline': p.name, 'status': 'InProgress', 'engine': engine, 'cache': cache,
               'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'run_dir': str(run_dir.resolve()),
               'mlproj_version': __version__, 'source': source_checkout(), 'parameters': params,
               'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}, 'steps': []}
     def save():
         with atomic_path(run_dir/'run.json') as t: t.write_text(json.dumps(record, indent=2))
-    say = (lambda m: print(f'[run {run_id}] {m}', file=stream, flush=True)) if stream else (lambda m: None)
-    t_run, n = time.perf_counter(), len(p.steps)
+    n = len(p.steps)
     for i, (step, (ins, outs)) in enumerate(wiring(run_dir, external, p).items(), 1):
         if engine == 'notebook': outs = {**outs, REPORT_CHANNEL: str(run_dir/step/REPORT_CHANNEL)}
         given = params.get(step, {})
@@ -245,20 +257,21 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
         srec['cache_key'] = key = step_key(material)
         t0, hit, reason = time.perf_counter(), None, 'cache disabled (--no-cache)'
         if cache:
-            earlier = step_records(outputs_dir, step, exclude=run_id)
             reason = None
-            for rid, old in earlier:
-                if old['cache_key'] != key: continue
-                try: reuse_outputs(old['outputs'], outs); hit = (rid, old); break
-                except StaleOutputs as e: reason = reason or f'outputs of run {rid} unusable ({e})'
+            for rid in completed_in(runs, step, key):          # the index points; the record and the bytes decide
+                try: old = step_record(outputs_dir, rid, step, key); reuse_outputs(old.get('outputs'), outputs_dir/rid, outs); hit = (rid, old); break
+                except (StaleOutputs, BadRecord) as e: reason = reason or f'outputs of run {rid} unusable ({e})'
             if not hit and not reason:
-                try: reason = explain_miss(material, key_material(earlier[0][1]) if earlier else None)
-                except KeyError: reason = 'no comparable earlier run of this step'
+                newest = completed_in(runs, step)
+                try: reason = explain_miss(material, key_material(step_record(outputs_dir, newest[0], step)) if newest else None)
+                except (KeyError, TypeError, AttributeError, BadRecord): reason = 'no comparable earlier run of this step'
         if hit:
             rid, old = hit
+            msg = old.get('exit_message')
             srec.update(cache='hit', from_run=rid, job_name=old.get('job_name'), request=old.get('request'), status='Completed',
-                        **({'exit_message': old['exit_message']} if old.get('exit_message') else {}), seconds=round(time.perf_counter() - t0, 3),
-                        outputs={k: {'uri': to_uri(outs[k]), 'sha256': old['outputs'][k]['sha256']} for k in old['outputs']})
+                        **({'exit_message': quote(msg, 1024, False)} if msg and isinstance(msg, str) else {}), seconds=round(time.perf_counter() - t0, 3),
+                        outputs={k: {'uri': to_uri(outs[k]), 'path': Path(outs[k]).relative_to(run_dir).as_posix(), 'sha256': v['sha256'], 'bytes': v['bytes']}
+                                 for k, v in old['outputs'].items()})   # checked while copied: not hashed again
             record['steps'].append(srec); save()
             say(f"{i}/{n} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else ''))
         else:
@@ -269,7 +282,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
             srec.update(cache='miss', cache_reason=reason, job_name=spec.name, request=mask_secrets(req), status=d['ProcessingJobStatus'],
                         **({'exit_message': d['ExitMessage']} if d.get('ExitMessage') else {}),
                         seconds=round(time.perf_counter() - t0, 3), started=d.get('ProcessingStartTime'), ended=d.get('ProcessingEndTime'),
-                        outputs={k: {'uri': to_uri(v), 'sha256': digests(to_uri(v))} for k, v in outs.items()},
+                        outputs={k: output_record(v, run_dir) for k, v in outs.items()},
                         **({'failure_reason': d['FailureReason']} if d.get('FailureReason') else {}))
             record['steps'].append(srec); save()
             say(f"{i}/{n} {step}: {srec['status']} in {srec['seconds']:.1f}s (cache miss)" + (f"; {srec['exit_message']}" if srec.get('exit_message') and srec['status'] == 'Completed' else ''))

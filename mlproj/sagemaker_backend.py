@@ -6,10 +6,10 @@
 from __future__ import annotations
 import copy, subprocess, sys, tempfile, time
 from pathlib import Path
-from .errors import BackendError
+from .errors import BackendError, quote
 from . import storage
 from .errors import StorageError
-from .storage import split_s3, s3_join, uri_path
+from .storage import split_s3, s3_join, uri_path, bucket_name_problem
 from .jobs import validate_request, outputs_root, CODE_CHANNEL
 
 # %% auto #0
@@ -37,10 +37,10 @@ def check_target(bucket:str|None, role:str|None):
     "Refuse a missing or malformed bucket/role before anything is uploaded."
     import re
     if not bucket: raise BackendError('--bucket is required with --backend sagemaker (an S3 bucket the role can read and write)')
-    if not re.fullmatch(r'[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]', bucket): raise BackendError(f'--bucket {bucket!r} is not a valid S3 bucket name')
+    if bucket_name_problem(bucket): raise BackendError(f'--bucket {quote(bucket)} is not a valid S3 bucket name: {bucket_name_problem(bucket)}')
     if not role: raise BackendError('--role is required with --backend sagemaker (the ARN of a SageMaker execution role)')
     if not re.fullmatch(r'arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+', role):
-        raise BackendError(f'--role {role!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)')
+        raise BackendError(f'--role {quote(role)} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)')
 
 # %% ../nbs/82_sagemaker.ipynb #82-sagemaker-008
 def stock_image_uri(region:str, version:str=DEFAULT_SKLEARN_VERSION)->str:

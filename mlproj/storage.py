@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib, re, shutil
 from pathlib import Path
 from .contract import atomic_path
-from .errors import StorageError
+from .errors import StorageError, quote
 
 # %% auto #0
-__all__ = ['to_uri', 'uri_path', 'split_s3', 's3_join', 'sha256_stream', 'sha256_file', 'check_links', 'LocalHandler',
-           'S3Handler', 'get_handler', 'list_objects', 'download', 'upload', 'digests']
+__all__ = ['to_uri', 'uri_path', 'split_s3', 's3_join', 'bucket_name_problem', 'sha256_stream', 'sha256_file', 'check_links',
+           'LocalHandler', 'S3Handler', 'get_handler', 'list_objects', 'download', 'upload', 'digests']
 
 # %% ../nbs/05_storage.ipynb #05-storage-005
 def to_uri(location)->str:
@@ -39,6 +39,21 @@ def split_s3(uri:str)->tuple[str,str]:
 def s3_join(*parts)->str:
     "An `s3://` prefix (ending in `/`) from bucket and key parts."
     return 's3://' + '/'.join(str(p).strip('/') for p in parts if str(p).strip('/')) + '/'
+
+# %% ../nbs/05_storage.ipynb #05-storage-010b
+_BUCKET_PREFIXES, _BUCKET_SUFFIXES = ('xn--', 'sthree-', 'amzn-s3-demo-'), ('-s3alias', '--ol-s3', '.mrap', '--x-s3', '--table-s3')
+
+def bucket_name_problem(name)->str|None:
+    "What makes `name` an invalid S3 bucket name, or None."
+    if not isinstance(name, str) or not 3 <= len(name) <= 63: return 'must be 3 to 63 characters long'
+    if not re.fullmatch(r'[a-z0-9][a-z0-9.-]*[a-z0-9]', name): return 'use lowercase letters, digits, dots and hyphens, beginning and ending with a letter or digit'
+    if '..' in name: return 'must not contain two adjacent dots'
+    if re.fullmatch(r'\d{1,3}(\.\d{1,3}){3}', name): return 'must not be formatted as an IP address'
+    pre = next((x for x in _BUCKET_PREFIXES if name.startswith(x)), None)
+    if pre: return f'must not start with {pre!r} (reserved by S3)'
+    suf = next((x for x in _BUCKET_SUFFIXES if name.endswith(x)), None)
+    if suf: return f'must not end with {suf!r} (reserved by S3)'
+    return None
 
 # %% ../nbs/05_storage.ipynb #05-storage-012
 def sha256_stream(f, bufsize:int=1<<20)->str:
