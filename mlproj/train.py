@@ -206,9 +206,9 @@ def sklearn_tree_problem(t, # a `sklearn.tree._tree.Tree`
                          owner, # the fitted estimator whose `tree_` it is
                         )->str|None:
     "What is wrong with one scikit-learn tree, or None."
+    if t.node_count != t.capacity: return f'node_count {t.node_count:,} is not the {t.capacity:,} nodes it holds'   # first: the arrays below are views of node_count nodes
     st = t.__getstate__()
-    nodes, values, n, depth = st['nodes'], st['values'], st['node_count'], st['max_depth']
-    if n != len(nodes): return f'node_count {n:,} is not the {len(nodes):,} nodes it holds'
+    nodes, values, depth = st['nodes'], st['values'], st['max_depth']
     width = getattr(owner, 'n_features_in_', None)
     if t.n_features != width: return f'reads {t.n_features:,} features, its estimator is given {width}'
     if t.n_outputs != getattr(owner, 'n_outputs_', None): return f'has {t.n_outputs:,} outputs, its estimator {getattr(owner, "n_outputs_", None)}'
