@@ -166,7 +166,7 @@ def _check_baseline(tar, found:dict, manifest:dict, p)->dict:
 
 # %% ../nbs/30_train.ipynb #30-train-012
 def check_manifest(model, manifest:dict, p)->Schema:
-    "Refuse a manifest whose task, features, classes or target are not its schema's and the model's; returns the schema."
+    "Refuse a manifest whose features, classes or target are not the model's; returns the schema."
     try: schema = model_schema(manifest)
     except (KeyError, TypeError, ValueError) as e: raise InputError(f'{p}: {MANIFEST_FILE} holds no valid schema ({type(e).__name__}: {str(e)[:80]})') from None
     feats = getattr(model, 'named_steps', {}).get('features')
