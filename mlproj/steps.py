@@ -52,6 +52,7 @@ class Step:
     max_instances: int = 100     # 1 for steps that must see all their data at once
     sources: dict = field(default_factory=dict)   # {input: BUNDLED} for inputs no step produces
     limits: dict = field(default_factory=dict)    # {parameter: '[lo, hi]' or '(lo, hi)'} ranges checked before a job starts
+    optional: tuple = ()         # inputs a job of the step may be given or not (a pipeline always wires them)
     @property
     def doc(self)->str: return inspect.getdoc(self.fn) or ''
     @cached_property
@@ -73,7 +74,7 @@ def _check_declaration(s:Step):
         for c in chans:
             if c not in args: raise SpecError(f'step {s.name}: {kind} channel {c!r} is not an argument of {s.fn.__name__}')
             if args[c].default != where(c): raise SpecError(f'step {s.name}: argument {c!r} must default to {where(c)}, not {args[c].default!r}')
-    for c in list(s.shardable) + list(s.sources):
+    for c in list(s.shardable) + list(s.sources) + list(s.optional):
         if c not in s.inputs: raise SpecError(f'step {s.name}: {c!r} is not one of its inputs')
     for n, r in s.limits.items():
         if n not in s.params: raise SpecError(f'step {s.name}: limit on {n!r}, which is not one of its parameters')
@@ -85,10 +86,11 @@ def step(inputs:tuple=(), # input channel names
          max_instances:int=100, # most instances the step can use
          sources:dict|None=None, # {input: BUNDLED} default sources of inputs no step produces
          limits:dict|None=None, # {parameter: '[lo, hi]' closed or '(lo, hi)' open} ranges, checked before any job starts
+         optional:tuple=(), # inputs a job may leave out (the entry function runs without them)
         ):
     "Declare the decorated entry function as a pipeline step and register it in `STEPS`."
     def register(fn):
-        s = Step(fn.__name__, fn, tuple(inputs), tuple(outputs), tuple(shardable), max_instances, dict(sources or {}), dict(limits or {}))
+        s = Step(fn.__name__, fn, tuple(inputs), tuple(outputs), tuple(shardable), max_instances, dict(sources or {}), dict(limits or {}), tuple(optional))
         _check_declaration(s)
         STEPS[s.name] = s
         return fn
@@ -246,11 +248,12 @@ def read_evaluation(p, # a folder holding evaluation.json, the file itself, or N
     except (UnicodeDecodeError, json.JSONDecodeError) as e: raise InputError(f'{f}: not a JSON evaluation ({type(e).__name__})') from None
 
 # %% ../nbs/60_steps.ipynb #60-steps-030
-@step(inputs=('model', 'data', 'predictions'), outputs=('monitoring',), shardable=('data',), sources={'data': BUNDLED},
-      limits={'chunksize': '[1, 10000000]', 'quality_tolerance': '[0, 100]'})
+@step(inputs=('model', 'data', 'predictions', 'evaluation'), outputs=('monitoring',), shardable=('data',), sources={'data': BUNDLED},
+      limits={'chunksize': '[1, 10000000]', 'quality_tolerance': '[0, 100]'}, optional=('evaluation',))
 def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, which carries the data-quality baseline
             data=input_dir('data'), # rows to check: a CSV/Parquet file or a folder of shards (batch inference's input)
             predictions=input_dir('predictions'), # batch inference's predictions of these rows (absent or of other rows: not checked)
+            evaluation=input_dir('evaluation'), # the evaluate step's output: the model-quality baseline labelled rows are compared with (absent: not compared)
             monitoring=output_dir('monitoring'), # output folder for statistics.json, constraint_violations.json and summary-<host>.json
             chunksize:int=50_000, # rows read at a time (bounds memory)
             fail_on_violation:bool=False, # fail the job, with the first violation as its exit message, when a constraint is violated
@@ -262,7 +265,6 @@ def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, whic
     from mlproj.train import load_model, load_baseline, model_schema
     from mlproj.evaluate import headline
     from mlproj import monitor as mon
-    evaluation_input = None                               # the model's evaluation (its model-quality baseline): see read_evaluation
     if chunksize < 1: raise InputError(f'chunksize must be at least 1, got {chunksize}')
     mpath = existing_dir(model, 'model input')
     _, manifest = load_model(mpath, expected_model_sha256 or None)
@@ -281,13 +283,13 @@ def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, whic
     if has_pred and summary['rows']:                       # labels arrived: this instance's labelled rows, joined to their predictions
         q = mon.quality_pairs(src, pred, schema, chunksize)
         if q is not None: summary['quality'] = q
-    res = mon.finish(summary, baseline, schema, read_evaluation(evaluation_input), quality_tolerance)
+    res = mon.finish(summary, baseline, schema, read_evaluation(evaluation), quality_tolerance)
     out, sfx = container_path(monitoring), '' if n_hosts == 1 else f'-{host}'
     docs = {f'summary-{host}.json': summary, f'statistics{sfx}.json': res['statistics'], f'constraint_violations{sfx}.json': {'violations': res['violations']}}
     qr = res['quality']
     if qr:
         docs |= {f'{mon.QUALITY_DIR}/statistics{sfx}.json': qr['statistics'], f'{mon.QUALITY_DIR}/constraint_violations{sfx}.json': {'violations': qr['violations']}}
-        if qr['constraints']: docs[f'{mon.QUALITY_DIR}/constraints.json'] = qr['constraints']
+        if qr['constraints']: docs[f'{mon.QUALITY_DIR}/constraints{sfx}.json'] = qr['constraints']
     with OutputSet() as outs:
         for name, doc in docs.items(): outs.path(out/name).write_text(json.dumps(doc, indent=2), encoding='utf-8')
     o = res['outcome']
