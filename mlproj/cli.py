@@ -26,6 +26,7 @@ def default_inputs(step:str, given:dict)->dict:
             ins[ch] = str(bundled_path())
         else:
             uri = latest_output(*src, jobs_dir=outputs_root()/'jobs')
+            if uri is None and ch in get_step(step).optional: continue          # e.g. the monitor without an evaluation
             if uri is None:
                 raise SpecError(f"step {step}: no input {ch!r} given and no completed {src[0]} job found in {outputs_root()/'jobs'}; "
                                 f"run `make run` (or `mlproj job run {src[0]}`) first, or pass --input {ch}=PATH")

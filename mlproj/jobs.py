@@ -271,10 +271,10 @@ def step_job(step:str, # pipeline step
     for kind, want, got in (('input', sd.inputs, inputs), ('output', want_out, outputs)):
         unknown = sorted(set(got) - set(want))
         if unknown: raise SpecError(f"step {step} has no {kind} {unknown[0]!r} with engine {engine}" + did_you_mean(unknown[0], want) + f"; its {kind}s: {', '.join(want)}")
-        missing = [c for c in want if c not in got]
+        missing = [c for c in want if c not in got and not (kind == 'input' and c in sd.optional)]
         if missing: raise SpecError(f"step {step}: no {kind} given for {', '.join(repr(m) for m in missing)}")
     params = check_step_params(step, params or {})
-    ins = [JobInput(c, inputs[c], distribution='ShardedByS3Key' if c in sd.shardable and instance_count > 1 else 'FullyReplicated') for c in sd.inputs]
+    ins = [JobInput(c, inputs[c], distribution='ShardedByS3Key' if c in sd.shardable and instance_count > 1 else 'FullyReplicated') for c in sd.inputs if c in inputs]
     ins.append(JobInput(CODE_CHANNEL, str(code or write_code_bundle(step, engine))))
     outs = [JobOutput(c, outputs[c]) for c in want_out]
     entry = ['python3', f'{input_dir(CODE_CHANNEL)}/{ENTRY_FILE}']

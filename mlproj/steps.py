@@ -15,8 +15,8 @@ from .params import check_params, check_range, did_you_mean
 
 # %% auto #0
 __all__ = ['BUNDLED', 'STEPS', 'STEP_OUTCOMES', 'Param', 'signature_params', 'Step', 'step', 'get_step', 'check_step_params',
-           'log', 'existing_dir', 'has_data', 'preprocess', 'train', 'evaluate', 'batch_inference', 'monitor',
-           'monitor_outcome', 'step_outcome', 'producers', 'step_sources', 'step_order', 'mermaid']
+           'log', 'existing_dir', 'has_data', 'preprocess', 'train', 'evaluate', 'batch_inference', 'read_evaluation',
+           'monitor', 'monitor_outcome', 'step_outcome', 'producers', 'step_sources', 'step_order', 'mermaid']
 
 # %% ../nbs/60_steps.ipynb #60-steps-006
 BUNDLED = 'bundled'   # an input's default source: the schema's table that ships with the package
@@ -52,6 +52,7 @@ class Step:
     max_instances: int = 100     # 1 for steps that must see all their data at once
     sources: dict = field(default_factory=dict)   # {input: BUNDLED} for inputs no step produces
     limits: dict = field(default_factory=dict)    # {parameter: '[lo, hi]' or '(lo, hi)'} ranges checked before a job starts
+    optional: tuple = ()         # inputs a job of the step may be given or not (a pipeline always wires them)
     @property
     def doc(self)->str: return inspect.getdoc(self.fn) or ''
     @cached_property
@@ -73,7 +74,7 @@ def _check_declaration(s:Step):
         for c in chans:
             if c not in args: raise SpecError(f'step {s.name}: {kind} channel {c!r} is not an argument of {s.fn.__name__}')
             if args[c].default != where(c): raise SpecError(f'step {s.name}: argument {c!r} must default to {where(c)}, not {args[c].default!r}')
-    for c in list(s.shardable) + list(s.sources):
+    for c in list(s.shardable) + list(s.sources) + list(s.optional):
         if c not in s.inputs: raise SpecError(f'step {s.name}: {c!r} is not one of its inputs')
     for n, r in s.limits.items():
         if n not in s.params: raise SpecError(f'step {s.name}: limit on {n!r}, which is not one of its parameters')
@@ -85,10 +86,11 @@ def step(inputs:tuple=(), # input channel names
          max_instances:int=100, # most instances the step can use
          sources:dict|None=None, # {input: BUNDLED} default sources of inputs no step produces
          limits:dict|None=None, # {parameter: '[lo, hi]' closed or '(lo, hi)' open} ranges, checked before any job starts
+         optional:tuple=(), # inputs a job may leave out (the entry function runs without them)
         ):
     "Declare the decorated entry function as a pipeline step and register it in `STEPS`."
     def register(fn):
-        s = Step(fn.__name__, fn, tuple(inputs), tuple(outputs), tuple(shardable), max_instances, dict(sources or {}), dict(limits or {}))
+        s = Step(fn.__name__, fn, tuple(inputs), tuple(outputs), tuple(shardable), max_instances, dict(sources or {}), dict(limits or {}), tuple(optional))
         _check_declaration(s)
         STEPS[s.name] = s
         return fn
@@ -183,26 +185,25 @@ def train(train=input_dir('train'), # folder (or file) with the training split
 @step(inputs=('model', 'test'), outputs=('evaluation',), max_instances=1)
 def evaluate(model=input_dir('model'), # folder (or file) with model.tar.gz
              test=input_dir('test'), # folder (or file) with the held-out split
-             evaluation=output_dir('evaluation'), # output folder for evaluation.json and plots
+             evaluation=output_dir('evaluation'), # output folder for evaluation.json and the task's pictures
              expected_model_sha256:str='', # sha256 of model.tar.gz the step must be given (its provenance); empty: any valid artifact
             )->dict:
-    "Score the model on the held-out split; write evaluation.json and plots."
+    "Score the model on the held-out split; write evaluation.json (Model Monitor's model-quality shape for the model's task) and its pictures."
     from mlproj.data import load_table
     from mlproj.train import load_model, model_schema
-    from mlproj.evaluate import evaluate_model, plot_confusion, plot_per_class
+    from mlproj.evaluate import score_table, metrics_of, write_plots, headline
     m, manifest = load_model(existing_dir(model, 'model input'), expected_model_sha256 or None)
-    schema = model_schema(manifest)                      # the rules the model was trained with
+    schema = model_schema(manifest)                      # the rules the model was trained with, its task among them
     df = load_table(existing_dir(test, 'test input'), schema=schema)
-    report = evaluate_model(m, df, schema)
+    scored = score_table(m, df, schema)
+    report = metrics_of(scored, schema)
     out = container_path(evaluation)
     with OutputSet() as outs:
-        outs.path(out/'evaluation.json').write_text(json.dumps(report, indent=2), encoding='utf-8')
-        plot_confusion(report, outs.path(out/'confusion_matrix.png'))
-        plot_per_class(report, outs.path(out/'per_class.png'))
-    mm = report['multiclass_classification_metrics']
-    log('evaluate', f"accuracy {mm['accuracy']['value']:.4f}, macro F1 {mm['macro_f1']['value']:.4f} on {len(df)} rows")
-    return {'rows': len(df), 'accuracy': mm['accuracy']['value'], 'macro_f1': mm['macro_f1']['value'],
-            'evaluation': str(out/'evaluation.json'), 'model_sha256': manifest['model_sha256']}
+        outs.path(out/'evaluation.json').write_text(json.dumps(report, indent=2, allow_nan=False), encoding='utf-8')
+        plots = write_plots(report, scored, schema.task, lambda name: outs.path(out/name))
+    head = headline(report)
+    log('evaluate', f"{schema.task}: " + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in head.items()) + f' on {len(df)} rows')
+    return {'rows': len(df), 'task': schema.task, **head, 'evaluation': str(out/'evaluation.json'), 'plots': plots, 'model_sha256': manifest['model_sha256']}
 
 # %% ../nbs/60_steps.ipynb #60-steps-027
 @step(inputs=('model', 'data'), outputs=('predictions',), shardable=('data',), sources={'data': BUNDLED},
@@ -241,21 +242,34 @@ def batch_inference(model=input_dir('model'), # folder (or file) with model.tar.
                            + (f', {s["positive_class"]!r} predicted when its probability is at least {threshold:g}' if 'threshold' in s else ''))
     return {**s, 'notes': notes[:20] + ([f'... and {len(notes) - 20:,} more'] if len(notes) > 20 else []), 'host': host}
 
+# %% ../nbs/60_steps.ipynb #60-steps-060
+def read_evaluation(p, # a folder holding evaluation.json, the file itself, or None
+                   )->dict|None:
+    "The evaluate step's evaluation.json at `p` (the model-quality baseline the monitor compares labelled rows with), or None where there is none."
+    if p is None: return None
+    p = container_path(p)
+    f = p/'evaluation.json' if p.is_dir() else p
+    if not f.is_file(): return None
+    try: return json.loads(f.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e: raise InputError(f'{f}: not a JSON evaluation ({type(e).__name__})') from None
+
 # %% ../nbs/60_steps.ipynb #60-steps-030
-@step(inputs=('model', 'data', 'predictions'), outputs=('monitoring',), shardable=('data',), sources={'data': BUNDLED},
-      limits={'chunksize': '[1, 10000000]'})
+@step(inputs=('model', 'data', 'predictions', 'evaluation'), outputs=('monitoring',), shardable=('data',), sources={'data': BUNDLED},
+      limits={'chunksize': '[1, 10000000]', 'quality_tolerance': '[0, 100]'}, optional=('evaluation',))
 def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, which carries the data-quality baseline
             data=input_dir('data'), # rows to check: a CSV/Parquet file or a folder of shards (batch inference's input)
             predictions=input_dir('predictions'), # batch inference's predictions of these rows (absent or of other rows: not checked)
+            evaluation=input_dir('evaluation'), # the evaluate step's output: the model-quality baseline labelled rows are compared with (absent: not compared)
             monitoring=output_dir('monitoring'), # output folder for statistics.json, constraint_violations.json and summary-<host>.json
             chunksize:int=50_000, # rows read at a time (bounds memory)
             fail_on_violation:bool=False, # fail the job, with the first violation as its exit message, when a constraint is violated
+            quality_tolerance:float=0.1, # labelled rows: a model-quality metric worse than the evaluation's by more than this share of it is a violation
             expected_model_sha256:str='', # sha256 of model.tar.gz the step must be given (its provenance); empty: any valid artifact
            )->dict:
-    "Check the rows against the model's data-quality baseline; write statistics.json and constraint_violations.json (Model Monitor's formats)."
+    "Check the rows against the model's data-quality baseline, and their labels (if any) against its evaluation; write Model Monitor's files."
     from mlproj.contract import write_exit_message
     from mlproj.train import load_model, load_baseline, model_schema
-    from mlproj.inference import prediction_column
+    from mlproj.evaluate import headline
     from mlproj import monitor as mon
     if chunksize < 1: raise InputError(f'chunksize must be at least 1, got {chunksize}')
     mpath = existing_dir(model, 'model input')
@@ -270,11 +284,18 @@ def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, whic
         summary = mon.empty_summary(plan)
     else: summary = mon.summarize_files(existing_dir(data, 'data input'), plan, chunksize, schema)
     pred = container_path(predictions)
-    if rank == 0 and pred.exists() and has_data(pred):
-        summary['predictions'] = mon.summarize_predictions(pred, prediction_column(schema), schema.id, chunksize)
-    res = mon.finish(summary, baseline, schema)
+    has_pred = pred.exists() and has_data(pred)
+    if rank == 0 and has_pred: summary['predictions'] = mon.summarize_predicted(pred, schema, baseline[mon.STATISTICS_FILE], chunksize)
+    if has_pred and summary['rows']:                       # labels arrived: this instance's labelled rows, joined to their predictions
+        q = mon.quality_pairs(src, pred, schema, chunksize)
+        if q is not None: summary['quality'] = q
+    res = mon.finish(summary, baseline, schema, read_evaluation(evaluation), quality_tolerance)
     out, sfx = container_path(monitoring), '' if n_hosts == 1 else f'-{host}'
     docs = {f'summary-{host}.json': summary, f'statistics{sfx}.json': res['statistics'], f'constraint_violations{sfx}.json': {'violations': res['violations']}}
+    qr = res['quality']
+    if qr:
+        docs |= {f'{mon.QUALITY_DIR}/statistics{sfx}.json': qr['statistics'], f'{mon.QUALITY_DIR}/constraint_violations{sfx}.json': {'violations': qr['violations']}}
+        if qr['constraints']: docs[f'{mon.QUALITY_DIR}/constraints{sfx}.json'] = qr['constraints']
     with OutputSet() as outs:
         for name, doc in docs.items(): outs.path(out/name).write_text(json.dumps(doc, indent=2), encoding='utf-8')
     o = res['outcome']
@@ -282,16 +303,22 @@ def monitor(model=input_dir('model'), # folder (or file) with model.tar.gz, whic
     kinds = ', '.join(f'{k} {v}' for k, v in o['by_kind'].items())
     log('monitor', f"{summary['rows']:,} rows from {summary['files']:,} file(s) in {time.perf_counter()-t0:.1f}s: {o['outcome']}, "
                    f"{o['violations']} violation(s)" + (f' ({kinds})' if kinds else ''))
+    if qr: log('monitor', f"model quality of {qr['rows']:,} labelled row(s): " + ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in headline(qr['statistics']).items())
+                          + f", {len(qr['violations'])} violation(s)")
     if o['violations'] and fail_on_violation:
-        raise InputError(f"{mon.first_violation(res['violations'])} ({o['violations']} violation(s) in all, see {out/f'constraint_violations{sfx}.json'})")
+        raise InputError(f"{mon.first_violation(res['violations'] + (qr['violations'] if qr else []))} ({o['violations']} violation(s) in all, see {out/f'constraint_violations{sfx}.json'}"
+                         + (f" and {out/mon.QUALITY_DIR/f'constraint_violations{sfx}.json'})" if qr and qr['violations'] else ')'))
     write_exit_message(o['message'])
     return {'outcome': o['outcome'], 'violations': o['violations'], 'by_kind': o['by_kind'], 'rows': summary['rows'], 'files': summary['files'],
             'host': host, 'notes': res['notes'], 'drift': [{k: r[k] for k in ('feature', 'method', 'distance', 'threshold', 'drift')} for r in res['drift']],
-            'constraint_violations': str(out/f'constraint_violations{sfx}.json'), 'statistics': str(out/f'statistics{sfx}.json')}
+            'constraint_violations': str(out/f'constraint_violations{sfx}.json'), 'statistics': str(out/f'statistics{sfx}.json'),
+            'quality': {'rows': qr['rows'], 'violations': len(qr['violations']), 'compared': qr['constraints'] is not None, **headline(qr['statistics']),
+                        'statistics': str(out/mon.QUALITY_DIR/f'statistics{sfx}.json'), 'constraint_violations': str(out/mon.QUALITY_DIR/f'constraint_violations{sfx}.json')} if qr else None}
 
 # %% ../nbs/60_steps.ipynb #60-steps-033
 def monitor_outcome(monitoring, # the monitor job's output folder
                     model, # the model it checked against (for the baseline, when instances are merged)
+                    evaluation=None, # the evaluation it compared model quality with (when instances are merged)
                    )->dict:
     "{'outcome', 'violations', 'by_kind'} of the whole input of a monitor job."
     from functools import reduce
@@ -301,12 +328,14 @@ def monitor_outcome(monitoring, # the monitor job's output folder
     if len(sums) > 1:
         from mlproj.train import load_model, load_baseline, model_schema
         summary = reduce(mon.merge_summaries, [json.loads(f.read_text(encoding='utf-8')) for f in sums])
-        o = mon.finish(summary, load_baseline(model), model_schema(load_model(model)[1]))['outcome']
-    else: o = mon.outcome(json.loads((out/'constraint_violations.json').read_text(encoding='utf-8'))['violations'])
+        o = mon.finish(summary, load_baseline(model), model_schema(load_model(model)[1]), read_evaluation(evaluation))['outcome']
+    else:
+        files = [out/'constraint_violations.json'] + [f for f in [out/mon.QUALITY_DIR/'constraint_violations.json'] if f.exists()]
+        o = mon.outcome([v for f in files for v in json.loads(f.read_text(encoding='utf-8'))['violations']])
     return {k: o[k] for k in ('outcome', 'violations', 'by_kind')}
 
 # %% ../nbs/60_steps.ipynb #60-steps-036
-STEP_OUTCOMES = {'monitor': lambda ins, outs: monitor_outcome(outs['monitoring'], ins['model'])}
+STEP_OUTCOMES = {'monitor': lambda ins, outs: monitor_outcome(outs['monitoring'], ins['model'], ins.get('evaluation'))}
 
 def step_outcome(step:str, # the step
                  inputs:dict, # {channel: local folder} it read
