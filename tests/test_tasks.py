@@ -12,13 +12,6 @@ import pytest
 
 from test_export import ROLE, SFN_ROLE, asl_validate, botocore_check, cfn_lint
 
-# LEAD: set to True when the evaluate-by-task branch (evalmon: evaluation.json in SageMaker's model-quality shape of
-# each task) is merged. Until then `evaluate` writes multiclass metrics only, so a binary run's gate finds no
-# `binary_classification_metrics.auc.value` and a regression run fails in `evaluate`: the end-to-end pipeline tests
-# below are strict xfails (they must fail), and become ordinary tests when this is True.
-EVALUATE_BY_TASK = False
-needs_evaluate_by_task = pytest.mark.xfail(not EVALUATE_BY_TASK, strict=True, reason='evaluate writes each task\'s metrics only after the evalmon merge')
-
 BINARY_DECLARATION = '''#| export
 SCHEMA = Schema(
     name='tumours',
@@ -184,7 +177,6 @@ def pipeline(p, run_id, *params):
     return r, json.loads(r.stdout)
 
 
-@needs_evaluate_by_task
 @pytest.mark.parametrize('task', ['binary', 'regression'])
 def test_a_table_of_each_task_runs_end_to_end_and_its_gate_fails_out_of_reach(task, request):
     p = request.getfixturevalue(f'{task}_project')
@@ -197,9 +189,10 @@ def test_a_table_of_each_task_runs_end_to_end_and_its_gate_fails_out_of_reach(ta
     pred = pd.read_csv(run/'batch_inference/predictions/predictions-algo-1.csv')
     assert len(pred) == len(p.table)
     evaluation = json.loads((run/'evaluate/evaluation/evaluation.json').read_text())
-    # LEAD: the evaluation.json shape of each task, enabled with EVALUATE_BY_TASK (evalmon pins the full SageMaker fixtures)
-    block = {'binary': 'binary_classification_metrics', 'regression': 'regression_metrics'}[task]
-    assert block in evaluation and all(set(v) >= {'value', 'standard_deviation'} for k, v in evaluation[block].items() if k in ('auc', 'accuracy', 'r2', 'rmse', 'mae', 'mse'))
+    # the evaluation.json of the task has the shape of SageMaker's pinned model-quality document (keys and value types)
+    from test_model_quality import FIXTURES, FIXTURE, BLOCK, shape
+    fixture = json.loads((FIXTURES/FIXTURE[task]).read_text())
+    assert shape(evaluation[BLOCK[task]]) == shape(fixture[BLOCK[task]])
     # an unreachable threshold: the gate fails, names metric, value, comparison and threshold, and the gated steps do not run
     r, rec = pipeline(p, f'{task}-strict', '-p', 'gate.threshold=1.01')
     assert r.returncode == 1 and rec['status'] == 'Failed' and rec['failed_step'] == 'gate'
