@@ -11,8 +11,8 @@ from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
-__all__ = ['default_inputs', 'build_spec', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params', 'cmd_job',
-           'main']
+__all__ = ['default_inputs', 'build_spec', 'serve_parser', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params',
+           'cmd_job', 'main', 'model_source', 'cmd_serve']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -78,6 +78,24 @@ def _backend_args(p):
     p.add_argument('--profile', help='sagemaker: AWS profile (default: the standard AWS configuration)')
     p.add_argument('--image-uri', help='sagemaker: a prebuilt image with mlproj (default: the stock scikit-learn processing image + wheels)')
 
+# %% ../nbs/95_cli.ipynb #95-cli-029
+def serve_parser(sub):
+    "The `mlproj serve [package]` command line."
+    s = sub.add_parser('serve', help='serve a model as a local SageMaker-style endpoint (gunicorn workers); or write its SageMaker model package')
+    s.add_argument('action', nargs='?', choices=('package',), help='package: write the model package (model.tar.gz) instead of serving')
+    src = s.add_mutually_exclusive_group()
+    src.add_argument('--model', help='model package or artifact: model.tar.gz, or a folder holding it')
+    src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
+    s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1)')
+    s.add_argument('--port', type=int, help='port (default $SAGEMAKER_BIND_TO_PORT, else 8080; 0: any free port)')
+    s.add_argument('--workers', type=int, help='worker processes (default $SAGEMAKER_MODEL_SERVER_WORKERS, else the usable cores)')
+    s.add_argument('--timeout', type=int, help='seconds a request may take (default $SAGEMAKER_MODEL_SERVER_TIMEOUT, else 60)')
+    s.add_argument('--capture', metavar='DIR', help="write SageMaker data-capture records under DIR/<endpoint>/AllTraffic/yyyy/mm/dd/hh/")
+    s.add_argument('--sampling', type=float, default=100, help='percentage of requests captured (default 100)')
+    s.add_argument('--endpoint-name', default='local', help='endpoint name in capture paths (default local)')
+    s.add_argument('--dest', help='package: the file to write (default outputs/packages/<model sha256>/model.tar.gz)')
+    s.add_argument('--no-wheel', action='store_true', help='package: leave the mlproj wheel out (requirements.txt then names its version)')
+
 # %% ../nbs/95_cli.ipynb #95-cli-011
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
@@ -102,6 +120,7 @@ def make_parser()->argparse.ArgumentParser:
     job.add_parser('list', help='list local jobs, newest first')
     job.add_parser('params', help="list the steps' parameters, or one step's").add_argument('step', nargs='?')
     from mlproj.export import pipeline_parser; pipeline_parser(sub)   # mlproj pipeline export|upsert|start|show
+    serve_parser(sub)                                                 # mlproj serve [package|request|deploy]
     return ap
 
 # %% ../nbs/95_cli.ipynb #95-cli-015
@@ -196,6 +215,7 @@ def main(argv=None)->int:
     signal.signal(signal.SIGTERM, _sigterm)   # a terminated CLI stops its job's instances like Ctrl-C
     try:
         if a.cmd == 'pipeline': from mlproj.export import cmd_pipeline; code = cmd_pipeline(a)
+        elif a.cmd == 'serve': code = cmd_serve(a)
         else: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
@@ -206,3 +226,25 @@ def main(argv=None)->int:
         print('mlproj: interrupted', file=sys.stderr); code = 130
     if argv is None: sys.exit(code)
     return code
+
+# %% ../nbs/95_cli.ipynb #95-cli-030
+def model_source(a)->"Path":
+    "The model a `serve` command line names: --model, else --run's, else the newest completed run's."
+    from mlproj.endpoint import run_model
+    from mlproj.lab import completed_runs
+    from pathlib import Path
+    if a.model: return Path(a.model)
+    if a.run: return run_model(a.run, outputs_root())
+    runs = completed_runs(outputs_root())
+    if not runs: raise SpecError(f'no model to serve: give --model or --run (no completed run under {outputs_root()})')
+    return run_model(runs[0]['run_id'], outputs_root())
+
+def cmd_serve(a)->int:
+    "`mlproj serve [package]`."
+    from mlproj import endpoint
+    src = model_source(a)
+    if a.action == 'package':
+        out = endpoint.build_package(src, a.dest, wheel=not a.no_wheel, say=lambda m: print(m, file=sys.stderr, flush=True))
+        _print_json(out); return 0
+    cap = {'root': a.capture, 'endpoint': a.endpoint_name, 'sampling': a.sampling} if a.capture else None
+    return endpoint.serve(src, a.host, a.port, a.workers, a.timeout, cap, say=lambda m: print(m, flush=True))
