@@ -95,7 +95,9 @@ def input_fn(request_body, # str or bytes, as the serving container passes it
         raise RequestError(f'content type {quote(content_type, 60)} is not supported; send one of {", ".join(CONTENT_TYPES)}', 415, 'unsupported_media_type')
     text = request_text(request_body, params)
     if kind == CSV:
-        rows = [r for r in csv.reader(io.StringIO(text)) if r]
+        reader = csv.reader(io.StringIO(text))
+        try: rows = [r for r in reader if r]
+        except csv.Error as e: raise RequestError(f'request line {reader.line_num}: not readable CSV ({quote(e, 80, False)})') from None
         return Request(rows, kind, rows[0] if rows else None)
     if kind == JSON: return Request(_json_records(_parse_json(text)), kind)
     return Request([_parse_json(l, f'request line {i}') for i, l in enumerate(text.splitlines(), 1) if l.strip()], kind)
