@@ -180,8 +180,9 @@ def prediction_csv(prediction:pd.DataFrame, # what predict_fn returned
                   )->bytes:
     "The CSV bytes batch inference writes for these predictions (its own writer), without the header line if `header` is false."
     from mlproj.inference import _Writer        # batch inference's writer: one home for the rounding and the bytes
-    buf = io.BytesIO()
-    _Writer(buf, schema).write(prediction)
+    buf, plain = io.BytesIO(), prediction.copy(deep=False)
+    plain.attrs = {}                                # predict_fn's notes are not table metadata
+    _Writer(buf, schema).write(plain)
     body = buf.getvalue()
     return body if header else body.split(b'\n', 1)[1]
 
