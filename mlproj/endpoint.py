@@ -7,9 +7,10 @@ from __future__ import annotations
 import base64, gzip, importlib.util, io, json, logging, os, random, re, shutil, sys, tarfile, tempfile, threading, time, uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from .data import quote
+
 from .errors import InputError, SpecError
-from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body, media_type
+from .data import media_type, quote
+from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body
 
 # %% auto #0
 __all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'package_model', 'build_package', 'is_package',

@@ -4,17 +4,17 @@
 
 # %% ../nbs/55_serve.ipynb #55-serve-003
 from __future__ import annotations
-import csv, io, json
+import io, json
 from dataclasses import dataclass, field
 import pandas as pd
-from .data import Schema, check_header, validate, quote
+from .data import BODY_TYPES, Schema, body_records, media_type, quote, records_table, validate
 from .errors import InputError
 from .inference import PROBA_DECIMALS, predict_frame
 
 # %% auto #0
-__all__ = ['MAX_PAYLOAD_BYTES', 'CSV', 'JSON', 'JSONL', 'CONTENT_TYPES', 'ACCEPTS', 'RequestError', 'error_body', 'media_type',
-           'request_text', 'Request', 'input_fn', 'request_frame', 'ServedModel', 'model_fn', 'predict_fn',
-           'choose_accept', 'prediction_csv', 'output_fn']
+__all__ = ['MAX_PAYLOAD_BYTES', 'CSV', 'JSON', 'JSONL', 'CONTENT_TYPES', 'ACCEPTS', 'RequestError', 'error_body', 'request_text',
+           'Request', 'input_fn', 'request_frame', 'ServedModel', 'model_fn', 'predict_fn', 'choose_accept',
+           'prediction_csv', 'output_fn']
 
 # %% ../nbs/55_serve.ipynb #55-serve-006
 MAX_PAYLOAD_BYTES = 6_291_456   # InvokeEndpoint's Body limit (6 MB), what SageMaker's runtime accepts
@@ -31,21 +31,10 @@ def error_body(e:BaseException)->tuple[int, dict]:
     return 500, {'error': 'server_error', 'message': 'the server failed to answer this request; its log holds the details'}
 
 # %% ../nbs/55_serve.ipynb #55-serve-009
-CSV, JSON, JSONL = 'text/csv', 'application/json', 'application/jsonlines'
-CONTENT_TYPES = (CSV, JSON, JSONL)
-_ALIASES = {'application/x-jsonlines': JSONL, 'application/jsonl': JSONL, 'application/x-ndjson': JSONL, 'application/ndjson': JSONL}
+CSV, JSON, JSONL = BODY_TYPES
+CONTENT_TYPES = BODY_TYPES      # what input_fn reads: mlproj.data.body_records decodes each
 
-def media_type(header:str|None)->tuple[str, dict]:
-    "('type/subtype' lower-cased, {param: value}) of a Content-Type or one Accept entry; aliases of JSON Lines folded in."
-    kind, *params = (header or '').split(';')
-    kind = kind.strip().lower()
-    ps = {}
-    for p in params:
-        k, _, v = p.partition('=')
-        if k.strip(): ps[k.strip().lower()] = v.strip().strip('"')
-    return _ALIASES.get(kind, kind), ps
-
-# %% ../nbs/55_serve.ipynb #55-serve-011
+# %% ../nbs/55_serve.ipynb #55-serve-010
 def request_text(body, # the request body: str (the container decodes JSON and CSV) or bytes
                  params:dict, # the Content-Type's parameters
                 )->str:
@@ -58,33 +47,13 @@ def request_text(body, # the request body: str (the container decodes JSON and C
     except UnicodeDecodeError as e:
         raise RequestError(f'request body byte {e.start:,} (0x{bytes(body)[e.start]:02x}) is not UTF-8 text') from None
 
-# %% ../nbs/55_serve.ipynb #55-serve-014
+# %% ../nbs/55_serve.ipynb #55-serve-013
 @dataclass
 class Request:
     "A decoded request: `rows` as sent (dicts by name, lists by position), whether it was CSV, and its first row when it may be a header."
     rows: list
     content_type: str
     header: list|None = None     # CSV only: the first row, a header if it names every feature (decided with the schema)
-
-def _parse_json(text:str, what:str='request body'):
-    try: return json.loads(text)
-    except json.JSONDecodeError as e: raise RequestError(f'{what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
-
-def _json_records(doc)->list:
-    "The records of a JSON body in one of its accepted shapes."
-    if isinstance(doc, list): return doc
-    if isinstance(doc, dict) and 'instances' in doc:
-        if not isinstance(doc['instances'], list): raise RequestError('"instances" must be a list of records')
-        return doc['instances']
-    if isinstance(doc, dict) and 'columns' in doc and 'data' in doc:
-        cols, data = doc['columns'], doc['data']
-        if not isinstance(cols, list) or not isinstance(data, list): raise RequestError('"columns" and "data" must be lists')
-        for i, r in enumerate(data, 1):
-            if not isinstance(r, list) or len(r) != len(cols):
-                raise RequestError(f'request row {i}: "data" rows must be lists of {len(cols)} values, one per entry of "columns"')
-        return [dict(zip(cols, r)) for r in data]
-    if isinstance(doc, dict): return [doc]
-    raise RequestError('a JSON request is a list of records, {"instances": [...]}, {"columns": [...], "data": [...]} or one record')
 
 def input_fn(request_body, # str or bytes, as the serving container passes it
              content_type:str, # the request's Content-Type, parameters included
@@ -93,41 +62,15 @@ def input_fn(request_body, # str or bytes, as the serving container passes it
     kind, params = media_type(content_type or JSON)
     if kind not in CONTENT_TYPES:
         raise RequestError(f'content type {quote(content_type, 60)} is not supported; send one of {", ".join(CONTENT_TYPES)}', 415, 'unsupported_media_type')
-    text = request_text(request_body, params)
-    if kind == CSV:
-        reader = csv.reader(io.StringIO(text))
-        try: rows = [r for r in reader if r]
-        except csv.Error as e: raise RequestError(f'request line {reader.line_num}: not readable CSV ({quote(e, 80, False)})') from None
-        return Request(rows, kind, rows[0] if rows else None)
-    if kind == JSON: return Request(_json_records(_parse_json(text)), kind)
-    return Request([_parse_json(l, f'request line {i}') for i, l in enumerate(text.splitlines(), 1) if l.strip()], kind)
+    rows, header = body_records(request_text(request_body, params), kind)
+    return Request(rows, kind, header)
 
-# %% ../nbs/55_serve.ipynb #55-serve-017
-def _positional(row:list, i:int, features:tuple)->dict:
-    if len(row) != len(features):
-        raise RequestError(f'request row {i}: {len(row)} values; a row without column names holds the model\'s {len(features)} features in order '
-                           f'({", ".join(features)}), or send a header row / named fields')
-    return dict(zip(features, row))
-
+# %% ../nbs/55_serve.ipynb #55-serve-016
 def request_frame(req:Request, schema:Schema)->pd.DataFrame:
-    "The request's rows as a raw table (columns by name, cells unconverted), ready for `validate`."
-    rows, features = req.rows, tuple(schema.features)
-    if req.header is not None and set(features) <= set(req.header):
-        names = check_header(req.header, 'request header')
-        for i, r in enumerate(rows[1:], 1):
-            if len(r) != len(names): raise RequestError(f'request row {i}: {len(r)} values, the header names {len(names)} columns')
-        rows = [dict(zip(names, r)) for r in rows[1:]]
-    if not rows: raise RequestError('request holds no rows')
-    recs = []
-    for i, r in enumerate(rows, 1):
-        if isinstance(r, list): r = _positional(r, i, features)
-        elif not isinstance(r, dict): raise RequestError(f'request row {i}: a record is an object or an array, not {type(r).__name__}')
-        for k, v in r.items():
-            if isinstance(v, (dict, list)): raise RequestError(f'request row {i}, column {quote(k, 60)}: a nested JSON value is not a cell')
-        recs.append(r)
-    return pd.DataFrame.from_records(recs)
+    "The request's rows as a raw table (columns by name, cells unconverted), ready for `validate` (`mlproj.data.records_table`)."
+    return records_table(req.rows, req.header, schema.features, 'request')
 
-# %% ../nbs/55_serve.ipynb #55-serve-020
+# %% ../nbs/55_serve.ipynb #55-serve-019
 @dataclass
 class ServedModel:
     "What `model_fn` returns: the fitted pipeline, its manifest and its schema."
@@ -141,7 +84,7 @@ def model_fn(model_dir:str)->ServedModel:
     pipeline, manifest = load_model(model_dir)
     return ServedModel(pipeline, manifest, model_schema(manifest))
 
-# %% ../nbs/55_serve.ipynb #55-serve-023
+# %% ../nbs/55_serve.ipynb #55-serve-022
 def predict_fn(data:Request, # what input_fn decoded
                model:ServedModel, # what model_fn loaded
               )->pd.DataFrame:
@@ -155,7 +98,7 @@ def predict_fn(data:Request, # what input_fn decoded
     out.attrs['header'] = not (data.content_type == CSV and data.header is not None and not set(schema.features) <= set(data.header))
     return out
 
-# %% ../nbs/55_serve.ipynb #55-serve-026
+# %% ../nbs/55_serve.ipynb #55-serve-025
 ACCEPTS = (CSV, JSON, JSONL)
 
 def choose_accept(accept:str|None)->str:
@@ -173,7 +116,7 @@ def choose_accept(accept:str|None)->str:
         if kind == 'text/*': return CSV
     raise RequestError(f'accept {quote(accept, 60)} names no type this endpoint writes; accept one of {", ".join(ACCEPTS)}', 406, 'not_acceptable')
 
-# %% ../nbs/55_serve.ipynb #55-serve-028
+# %% ../nbs/55_serve.ipynb #55-serve-027
 def prediction_csv(prediction:pd.DataFrame, # what predict_fn returned
                    schema:Schema, # the model's schema
                    header:bool=True, # write the header line?
@@ -186,7 +129,7 @@ def prediction_csv(prediction:pd.DataFrame, # what predict_fn returned
     body = buf.getvalue()
     return body if header else body.split(b'\n', 1)[1]
 
-# %% ../nbs/55_serve.ipynb #55-serve-030
+# %% ../nbs/55_serve.ipynb #55-serve-029
 def _records(prediction:pd.DataFrame)->list:
     return prediction.round(PROBA_DECIMALS).to_dict('records')
 
