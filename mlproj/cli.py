@@ -12,7 +12,7 @@ from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_roo
 
 # %% auto #0
 __all__ = ['default_inputs', 'build_spec', 'serve_parser', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params',
-           'cmd_job', 'main', 'model_source', 'cmd_serve']
+           'cmd_job', 'main', 'model_source', 'cmd_serve', 'cmd_deploy']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -80,9 +80,10 @@ def _backend_args(p):
 
 # %% ../nbs/95_cli.ipynb #95-cli-029
 def serve_parser(sub):
-    "The `mlproj serve [package]` command line."
+    "The `mlproj serve [package|request|deploy]` command line."
     s = sub.add_parser('serve', help='serve a model as a local SageMaker-style endpoint (gunicorn workers); or write its SageMaker model package')
-    s.add_argument('action', nargs='?', choices=('package',), help='package: write the model package (model.tar.gz) instead of serving')
+    s.add_argument('action', nargs='?', choices=('package', 'request', 'deploy'),
+                   help='package: write the model package (model.tar.gz); request: print the CreateModel/CreateEndpointConfig/CreateEndpoint requests; deploy: create or update the SageMaker endpoint (--backend sagemaker); none: serve locally')
     src = s.add_mutually_exclusive_group()
     src.add_argument('--model', help='model package or artifact: model.tar.gz, or a folder holding it')
     src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
@@ -92,9 +93,13 @@ def serve_parser(sub):
     s.add_argument('--timeout', type=int, help='seconds a request may take (default $SAGEMAKER_MODEL_SERVER_TIMEOUT, else 60)')
     s.add_argument('--capture', metavar='DIR', help="write SageMaker data-capture records under DIR/<endpoint>/AllTraffic/yyyy/mm/dd/hh/")
     s.add_argument('--sampling', type=float, default=100, help='percentage of requests captured (default 100)')
-    s.add_argument('--endpoint-name', default='local', help='endpoint name in capture paths (default local)')
+    s.add_argument('--endpoint-name', help='endpoint name: in capture paths (default local); of the SageMaker endpoint (default mlproj-<table>)')
     s.add_argument('--dest', help='package: the file to write (default outputs/packages/<model sha256>/model.tar.gz)')
     s.add_argument('--no-wheel', action='store_true', help='package: leave the mlproj wheel out (requirements.txt then names its version)')
+    _backend_args(s)
+    s.add_argument('--instance-type', default='ml.m5.large', help='request/deploy: endpoint instance type (default ml.m5.large)')
+    s.add_argument('--instance-count', type=int, default=1, help='request/deploy: instances behind the endpoint (default 1)')
+    s.add_argument('--capture-uri', help='request/deploy: s3:// destination of SageMaker data capture (DataCaptureConfig; --sampling percent)')
 
 # %% ../nbs/95_cli.ipynb #95-cli-011
 def make_parser()->argparse.ArgumentParser:
@@ -240,11 +245,33 @@ def model_source(a)->"Path":
     return run_model(runs[0]['run_id'], outputs_root())
 
 def cmd_serve(a)->int:
-    "`mlproj serve [package]`."
+    "`mlproj serve [package|request|deploy]`."
     from mlproj import endpoint
     src = model_source(a)
+    if a.action in ('request', 'deploy'): return cmd_deploy(a, src)
     if a.action == 'package':
         out = endpoint.build_package(src, a.dest, wheel=not a.no_wheel, say=lambda m: print(m, file=sys.stderr, flush=True))
         _print_json(out); return 0
-    cap = {'root': a.capture, 'endpoint': a.endpoint_name, 'sampling': a.sampling} if a.capture else None
+    cap = {'root': a.capture, 'endpoint': a.endpoint_name or 'local', 'sampling': a.sampling} if a.capture else None
     return endpoint.serve(src, a.host, a.port, a.workers, a.timeout, cap, say=lambda m: print(m, flush=True))
+
+def cmd_deploy(a, src)->int:
+    "`mlproj serve request|deploy`: the SageMaker endpoint's requests, printed or sent (the package built and uploaded)."
+    from mlproj import endpoint
+    from mlproj.sagemaker_backend import aws_session, check_target, stock_image_uri
+    from mlproj.storage import sha256_file
+    from mlproj.train import load_model, model_schema
+    if a.action == 'deploy' and a.backend != 'sagemaker': raise SpecError('serve deploy: give --backend sagemaker (a local endpoint is `mlproj serve`)')
+    check_target(a.bucket, a.role)
+    bs = aws_session(a.region, a.profile)
+    name = a.endpoint_name or f"mlproj-{model_schema(load_model(src)[1]).name}"
+    image = a.image_uri or stock_image_uri(bs.region_name)
+    say = lambda m: print(m, file=sys.stderr, flush=True)
+    pkg = endpoint.build_package(src, wheel=not a.no_wheel, say=say)['package']
+    if a.action == 'request':
+        sha = sha256_file(pkg)
+        _print_json(endpoint.endpoint_requests(name, f's3://{a.bucket}/{a.prefix}/models/{sha[:16]}/model.tar.gz', sha, a.role, image, bs.region_name,
+                                               a.instance_type, a.instance_count, a.capture_uri, int(a.sampling)))
+        return 0
+    _print_json(endpoint.deploy(pkg, name, a.bucket, a.role, bs, image, a.prefix, a.instance_type, a.instance_count, a.capture_uri, int(a.sampling), say))
+    return 0

@@ -15,7 +15,7 @@ from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body
 # %% auto #0
 __all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'package_model', 'build_package', 'is_package',
            'extract_package', 'load_program', 'Capture', 'Endpoint', 'server_settings', 'run_model',
-           'prepare_model_dir', 'serve']
+           'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests', 'deploy']
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-006
 PROGRAM = 'inference.py'
@@ -306,3 +306,64 @@ def serve(source, # model package or artifact (see prepare_model_dir)
         return 0
     finally:
         if os.getpid() == master: shutil.rmtree(sandbox, ignore_errors=True)   # a worker leaving must not remove the master's sandbox
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-032
+def validate_operation(op:str, req:dict)->dict:
+    "Refuse a request to SageMaker operation `op` that botocore's model of the API refuses (types, required members, patterns, enums)."
+    import botocore.session
+    from botocore.validate import ParamValidator
+    from mlproj.jobs import _model_errors       # the pattern/enum/maximum checks ParamValidator leaves out, shared with job requests
+    shape = botocore.session.get_session().get_service_model('sagemaker').operation_model(op).input_shape
+    report = ParamValidator().validate(req, shape)
+    errs = [l.strip() for l in report.generate_report().splitlines() if l.strip()] if report.has_errors() else []
+    errs += _model_errors(req, shape, '', False)
+    if errs: raise SpecError(f'invalid {op} request: ' + '; '.join(errs))
+    return req
+
+def endpoint_requests(name:str, # the endpoint's name
+                      model_data_url:str, # s3:// URI of the model package
+                      package_sha256:str, # the package's sha256 (names the model and its configuration)
+                      role:str, image:str, region:str,
+                      instance_type:str='ml.m5.large', instance_count:int=1,
+                      capture_uri:str|None=None, sampling:int=100, # DataCaptureConfig: destination and InitialSamplingPercentage
+                     )->dict:
+    "{operation: request} of CreateModel, CreateEndpointConfig and CreateEndpoint for the package, validated."
+    ref = f'{name[:45]}-{package_sha256[:16]}'
+    model = {'ModelName': ref, 'ExecutionRoleArn': role,
+             'PrimaryContainer': {'Image': image, 'ModelDataUrl': model_data_url, 'Mode': 'SingleModel',
+                                  'Environment': {**CONTAINER_ENV, 'SAGEMAKER_CONTAINER_LOG_LEVEL': '20', 'SAGEMAKER_REGION': region}}}
+    config = {'EndpointConfigName': ref, 'ProductionVariants': [{'VariantName': 'AllTraffic', 'ModelName': ref, 'InitialInstanceCount': int(instance_count),
+                                                                  'InstanceType': instance_type, 'InitialVariantWeight': 1.0}]}
+    if capture_uri:
+        config['DataCaptureConfig'] = {'EnableCapture': True, 'InitialSamplingPercentage': int(sampling), 'DestinationS3Uri': capture_uri,
+                                       'CaptureOptions': [{'CaptureMode': 'Input'}, {'CaptureMode': 'Output'}],
+                                       'CaptureContentTypeHeader': {'CsvContentTypes': ['text/csv'], 'JsonContentTypes': ['application/json', 'application/jsonlines']}}
+    reqs = {'CreateModel': model, 'CreateEndpointConfig': config, 'CreateEndpoint': {'EndpointName': name, 'EndpointConfigName': ref}}
+    return {op: validate_operation(op, r) for op, r in reqs.items()}
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-034
+def deploy(package, # the model package (see build_package)
+           name:str, bucket:str, role:str, boto_session, image:str,
+           prefix:str='mlproj', instance_type:str='ml.m5.large', instance_count:int=1,
+           capture_uri:str|None=None, sampling:int=100, say=print)->dict:
+    "Upload the package and create (or update) the endpoint `name`; returns the requests sent and DescribeEndpoint."
+    from mlproj.storage import sha256_file, upload
+    sha = sha256_file(package)
+    url = f's3://{bucket}/{prefix}/models/{sha[:16]}/model.tar.gz'
+    reqs = endpoint_requests(name, url, sha, role, image, boto_session.region_name, instance_type, instance_count, capture_uri, sampling)
+    s3, sm = boto_session.client('s3'), boto_session.client('sagemaker')
+    say(f'uploading the model package to {url}'); upload([('model.tar.gz', str(package))], url.rsplit('/', 1)[0], s3)
+    def exists(describe, **kw):
+        try: describe(**kw); return True
+        except sm.exceptions.ClientError as e:
+            if e.response.get('Error', {}).get('Code') in ('ValidationException', 'ResourceNotFound'): return False
+            raise
+    if not exists(sm.describe_model, ModelName=reqs['CreateModel']['ModelName']): sm.create_model(**reqs['CreateModel'])
+    if not exists(sm.describe_endpoint_config, EndpointConfigName=reqs['CreateEndpointConfig']['EndpointConfigName']):
+        sm.create_endpoint_config(**reqs['CreateEndpointConfig'])
+    if exists(sm.describe_endpoint, EndpointName=name):
+        say(f'updating endpoint {name}'); sm.update_endpoint(**reqs['CreateEndpoint']); action = 'UpdateEndpoint'
+    else:
+        say(f'creating endpoint {name}'); sm.create_endpoint(**reqs['CreateEndpoint']); action = 'CreateEndpoint'
+    d = sm.describe_endpoint(EndpointName=name)
+    return {'action': action, 'requests': reqs, 'endpoint': {k: d.get(k) for k in ('EndpointName', 'EndpointArn', 'EndpointConfigName', 'EndpointStatus')}}
