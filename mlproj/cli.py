@@ -11,8 +11,8 @@ from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
-__all__ = ['default_inputs', 'build_spec', 'serve_parser', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params',
-           'cmd_job', 'main', 'model_source', 'cmd_serve', 'cmd_deploy']
+__all__ = ['default_inputs', 'build_spec', 'serve_parser', 'transform_parser', 'make_parser', 'run_params', 'cmd_run',
+           'cmd_sagemaker', 'cmd_params', 'cmd_job', 'main', 'model_source', 'cmd_serve', 'cmd_deploy', 'cmd_transform']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -101,6 +101,27 @@ def serve_parser(sub):
     s.add_argument('--instance-count', type=int, default=1, help='request/deploy: instances behind the endpoint (default 1)')
     s.add_argument('--capture-uri', help='request/deploy: s3:// destination of SageMaker data capture (DataCaptureConfig; --sampling percent)')
 
+def transform_parser(sub):
+    "The `mlproj transform request|run` command line."
+    t = sub.add_parser('transform', help="batch transform: SageMaker's CreateTransformJob, run through the local endpoint (or --backend sagemaker)")
+    t.add_argument('action', choices=('request', 'run'), help='request: print the CreateTransformJob request; run: execute it')
+    src = t.add_mutually_exclusive_group()
+    src.add_argument('--model', help='model artifact (model.tar.gz, or a folder holding it); locally also a model package')
+    src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
+    t.add_argument('--input', required=True, help='input: a file or a folder of objects (file://, or s3:// with --backend sagemaker)')
+    t.add_argument('--output', help='output folder for <input name>.out (default outputs/<job name>/output)')
+    t.add_argument('--name', help='TransformJobName (default mlproj-transform-<time>)')
+    t.add_argument('--content-type', default='text/csv'); t.add_argument('--accept', default='text/csv')
+    t.add_argument('--split-type', default='Line', choices=('None', 'Line', 'RecordIO', 'TFRecord'))
+    t.add_argument('--compression', default='None', choices=('None', 'Gzip'))
+    t.add_argument('--batch-strategy', choices=('MultiRecord', 'SingleRecord'), help="default: the container's /execution-parameters, else MultiRecord")
+    t.add_argument('--max-payload', type=int, metavar='MB', help="MaxPayloadInMB (default: the container's, else 6; 0: no limit)")
+    t.add_argument('--max-concurrent', type=int, metavar='N', help="MaxConcurrentTransforms (default: the container's, else 1)")
+    t.add_argument('--assemble-with', default='Line', choices=('None', 'Line')); t.add_argument('--join-source', default='None', choices=('None', 'Input'))
+    t.add_argument('--workers', type=int, help='local: worker processes of the local endpoint')
+    t.add_argument('--instance-type', default='ml.m5.large'); t.add_argument('--instance-count', type=int, default=1)
+    _backend_args(t)
+
 # %% ../nbs/95_cli.ipynb #95-cli-011
 def make_parser()->argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mlproj', description='Notebook-authored tabular ML, run as SageMaker Processing jobs.')
@@ -126,6 +147,7 @@ def make_parser()->argparse.ArgumentParser:
     job.add_parser('params', help="list the steps' parameters, or one step's").add_argument('step', nargs='?')
     from mlproj.export import pipeline_parser; pipeline_parser(sub)   # mlproj pipeline export|upsert|start|show
     serve_parser(sub)                                                 # mlproj serve [package|request|deploy]
+    transform_parser(sub)                                             # mlproj transform request|run
     return ap
 
 # %% ../nbs/95_cli.ipynb #95-cli-015
@@ -221,6 +243,7 @@ def main(argv=None)->int:
     try:
         if a.cmd == 'pipeline': from mlproj.export import cmd_pipeline; code = cmd_pipeline(a)
         elif a.cmd == 'serve': code = cmd_serve(a)
+        elif a.cmd == 'transform': code = cmd_transform(a)
         else: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
@@ -275,3 +298,26 @@ def cmd_deploy(a, src)->int:
         return 0
     _print_json(endpoint.deploy(pkg, name, a.bucket, a.role, bs, image, a.prefix, a.instance_type, a.instance_count, a.capture_uri, int(a.sampling), say))
     return 0
+
+def cmd_transform(a)->int:
+    "`mlproj transform request|run`: exit 0 when the job completes, 1 when a file failed."
+    import datetime as dt
+    from mlproj import endpoint
+    src = model_source(a)
+    name = a.name or f"mlproj-transform-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    out = a.output or (str(outputs_root()/name/'output') if a.backend == 'local' or a.action == 'request' else None)
+    req = endpoint.transform_request(name, 'mlproj-model', a.input, out or 's3://placeholder/output', a.content_type, a.split_type, a.compression,
+                                     a.batch_strategy, a.max_payload, a.max_concurrent, a.accept, a.assemble_with, a.join_source,
+                                     a.instance_type, a.instance_count)
+    if a.action == 'request': _print_json(req); return 0
+    say = lambda m: print(m, file=sys.stderr, flush=True)
+    if a.backend == 'sagemaker':
+        from mlproj.sagemaker_backend import aws_session, check_target, stock_image_uri
+        check_target(a.bucket, a.role)
+        bs = aws_session(a.region, a.profile)
+        pkg = endpoint.build_package(src, say=say)['package']
+        _print_json(endpoint.submit_transform(req, pkg, a.bucket, a.role, bs, a.image_uri or stock_image_uri(bs.region_name), a.prefix, say))
+        return 0
+    d = endpoint.run_transform(req, src, a.workers, say)
+    _print_json(d)
+    return 0 if d['TransformJobStatus'] == 'Completed' else 1

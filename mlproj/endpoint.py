@@ -15,7 +15,8 @@ from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body
 # %% auto #0
 __all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'package_model', 'build_package', 'is_package',
            'extract_package', 'load_program', 'Capture', 'Endpoint', 'server_settings', 'run_model',
-           'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests', 'deploy']
+           'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests', 'deploy', 'transform_request',
+           'LocalServer', 'run_transform', 'submit_transform']
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-006
 PROGRAM = 'inference.py'
@@ -308,7 +309,7 @@ def serve(source, # model package or artifact (see prepare_model_dir)
         if os.getpid() == master: shutil.rmtree(sandbox, ignore_errors=True)   # a worker leaving must not remove the master's sandbox
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-032
-def validate_operation(op:str, req:dict)->dict:
+def validate_operation(op:str, req:dict, local_uris:bool=False)->dict:
     "Refuse a request to SageMaker operation `op` that botocore's model of the API refuses (types, required members, patterns, enums)."
     import botocore.session
     from botocore.validate import ParamValidator
@@ -316,7 +317,7 @@ def validate_operation(op:str, req:dict)->dict:
     shape = botocore.session.get_session().get_service_model('sagemaker').operation_model(op).input_shape
     report = ParamValidator().validate(req, shape)
     errs = [l.strip() for l in report.generate_report().splitlines() if l.strip()] if report.has_errors() else []
-    errs += _model_errors(req, shape, '', False)
+    errs += _model_errors(req, shape, '', local_uris)
     if errs: raise SpecError(f'invalid {op} request: ' + '; '.join(errs))
     return req
 
@@ -367,3 +368,193 @@ def deploy(package, # the model package (see build_package)
         say(f'creating endpoint {name}'); sm.create_endpoint(**reqs['CreateEndpoint']); action = 'CreateEndpoint'
     d = sm.describe_endpoint(EndpointName=name)
     return {'action': action, 'requests': reqs, 'endpoint': {k: d.get(k) for k in ('EndpointName', 'EndpointArn', 'EndpointConfigName', 'EndpointStatus')}}
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-036
+def transform_request(name:str, # TransformJobName
+                      model_name:str, # ModelName (locally: a label; the model comes from the command line)
+                      input_uri:str, output_uri:str, # S3Prefix input and S3OutputPath (file:// or a local path for a local run)
+                      content_type:str='text/csv', split_type:str='Line', compression:str='None',
+                      batch_strategy:str|None='MultiRecord', max_payload_mb:int|None=6, max_concurrent:int|None=None,
+                      accept:str='text/csv', assemble_with:str='Line', join_source:str='None',
+                      instance_type:str='ml.m5.large', instance_count:int=1, environment:dict|None=None,
+                      timeout:int=600, retries:int=3)->dict:
+    "The CreateTransformJob request, validated by botocore's model (file:// URIs allowed for a local run)."
+    from mlproj.storage import to_uri
+    r = {'TransformJobName': name, 'ModelName': model_name,
+         'TransformInput': {'DataSource': {'S3DataSource': {'S3DataType': 'S3Prefix', 'S3Uri': to_uri(input_uri)}},
+                            'ContentType': content_type, 'CompressionType': compression, 'SplitType': split_type},
+         'TransformOutput': {'S3OutputPath': to_uri(output_uri), 'Accept': accept, 'AssembleWith': assemble_with},
+         'TransformResources': {'InstanceType': instance_type, 'InstanceCount': int(instance_count)},
+         'ModelClientConfig': {'InvocationsTimeoutInSeconds': int(timeout), 'InvocationsMaxRetries': int(retries)}}
+    if batch_strategy: r['BatchStrategy'] = batch_strategy
+    if max_payload_mb is not None: r['MaxPayloadInMB'] = int(max_payload_mb)
+    if max_concurrent: r['MaxConcurrentTransforms'] = int(max_concurrent)
+    if join_source != 'None': r['DataProcessing'] = {'JoinSource': join_source}
+    if environment: r['Environment'] = dict(environment)
+    if r.get('BatchStrategy') and split_type == 'None' and batch_strategy == 'MultiRecord': pass   # SageMaker sends the whole object either way
+    if join_source == 'Input' and content_type.split(';')[0].strip() == 'text/csv' and (split_type != 'Line' or assemble_with != 'Line'):
+        raise SpecError('invalid CreateTransformJob request: JoinSource Input on CSV needs SplitType Line and AssembleWith Line')
+    return validate_operation('CreateTransformJob', r, local_uris=True)
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-038
+def _batches(records:list, strategy:str, limit:int, where:str)->list:
+    "Records grouped into requests: one each (SingleRecord), or packed up to `limit` bytes (MultiRecord; 0: no limit)."
+    if strategy == 'SingleRecord': return [[r] for r in records]
+    out, cur, size = [], [], 0
+    for i, r in enumerate(records, 1):
+        if limit and len(r) > limit: raise InputError(f'{where}: record {i} is {len(r):,} bytes, over MaxPayloadInMB ({limit:,} bytes)')
+        if cur and limit and size + len(r) > limit: out.append(cur); cur, size = [], 0
+        cur.append(r); size += len(r)
+    return out + ([cur] if cur else [])
+
+def _records(data:bytes, split:str)->list:
+    if split == 'None': return [data]
+    return [l for l in data.splitlines(keepends=True) if l.strip()]
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-040
+class LocalServer:
+    "`mlproj serve` in a subprocess on a free loopback port: `url` once /ping answers; SIGTERM at exit."
+    def __init__(self, model, workers:int|None=None, env:dict|None=None, args:tuple=()):
+        import subprocess
+        cmd = [sys.executable, '-c', 'from mlproj.cli import main; main()', 'serve', '--model', str(model), '--port', '0', *args]
+        if workers: cmd += ['--workers', str(workers)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        line = self.proc.stdout.readline()
+        m = re.search(r'listening on (http://[\d.]+:\d+)', line)
+        if not m:
+            self.proc.wait(60)
+            raise InputError(' '.join((self.proc.stderr.read().strip().splitlines() or ['the local endpoint did not start'])[-1:]))
+        self.url = m.group(1)
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()      # drain the server log
+        for _ in range(2400):
+            if self.get('/ping')[0] == 200: return
+            time.sleep(0.05)
+        self.close(); raise InputError('the local endpoint did not answer /ping within 2 minutes')
+    def get(self, path:str)->tuple:
+        import urllib.request, urllib.error
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r: return r.status, r.read()
+        except urllib.error.HTTPError as e: return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError): return 0, b''
+    def post(self, body:bytes, content_type:str, accept:str, timeout:float=600)->tuple:
+        import urllib.request, urllib.error
+        req = urllib.request.Request(self.url + '/invocations', data=body, method='POST', headers={'Content-Type': content_type, 'Accept': accept})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r: return r.status, r.read()
+        except urllib.error.HTTPError as e: return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e: return 0, str(e).encode()
+    def close(self):
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try: self.proc.wait(60)
+            except Exception: self.proc.kill()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-041
+def _invoke_batches(server:LocalServer, batches:list, ctype:str, accept:str, concurrent:int, timeout:float, retries:int, where:str)->list:
+    "The answers to `batches`, in order, at most `concurrent` in flight; the first refused batch raises InputError naming it."
+    from concurrent.futures import ThreadPoolExecutor
+    def one(b):
+        for attempt in range(retries + 1):
+            status, body = server.post(b''.join(b), ctype, accept, timeout)
+            if status == 200 or 400 <= status < 500: break
+        return status, body
+    with ThreadPoolExecutor(max(1, concurrent)) as pool: answers = list(pool.map(one, batches))
+    first = 1
+    for b, (status, body) in zip(batches, answers):
+        if status != 200:
+            try: msg = json.loads(body)['message']
+            except (ValueError, KeyError, TypeError): msg = body.decode('utf-8', 'replace')[:200] or 'no answer'
+            span = f'record {first}' if len(b) == 1 else f'records {first}-{first + len(b) - 1}'
+            raise InputError(f'{where}: {span}: HTTP {status or "error"}: {quote(msg, 300, False)}')
+        first += len(b)
+    return [body for _, body in answers]
+
+def _assemble(batches:list, answers:list, assemble:str, join:bool, where:str)->bytes:
+    "The .out bytes: answers joined (a newline after each with AssembleWith Line), or appended to their input lines (JoinSource Input)."
+    if not join: return b''.join(a if assemble != 'Line' or a.endswith(b'\n') else a + b'\n' for a in answers)
+    out = []
+    for b, a in zip(batches, answers):
+        lines = a.splitlines()
+        if len(lines) != len(b): raise InputError(f'{where}: {len(b)} input lines got {len(lines)} output lines; JoinSource Input needs one per line')
+        out += [i.rstrip(b'\r\n') + b',' + o + b'\n' for i, o in zip(b, lines)]
+    return b''.join(out)
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-042
+def run_transform(req:dict, # a CreateTransformJob request (transform_request), with local or file:// URIs
+                  model, # the model package or artifact to serve
+                  workers:int|None=None, # worker processes of the local endpoint (default: its own default)
+                  say=print)->dict:
+    "Execute a transform job on this machine through the local endpoint; a DescribeTransformJob-shaped result."
+    from mlproj.storage import uri_path
+    validate_operation('CreateTransformJob', req, local_uris=True)
+    ti, to = req['TransformInput'], req['TransformOutput']
+    src, dst = uri_path(ti['DataSource']['S3DataSource']['S3Uri']), uri_path(to['S3OutputPath'])
+    if src is None or dst is None: raise SpecError('a local transform reads and writes local paths (file:// URIs); submit s3:// ones with --backend sagemaker')
+    if ti.get('SplitType', 'None') not in ('None', 'Line'): raise SpecError(f"SplitType {ti['SplitType']} is not supported locally (None or Line)")
+    if not src.exists(): raise InputError(f'transform input not found: {src}')
+    files = [src] if src.is_file() else sorted(f for f in src.rglob('*') if f.is_file() and not f.name.startswith('.'))
+    if not files: raise InputError(f'{src}: no input objects')
+    env = {'SAGEMAKER_BATCH': 'true', **req.get('Environment', {})}
+    for k, var in (('MaxPayloadInMB', 'SAGEMAKER_MAX_PAYLOAD_IN_MB'), ('BatchStrategy', 'SAGEMAKER_BATCH_STRATEGY'), ('MaxConcurrentTransforms', 'SAGEMAKER_MAX_CONCURRENT_TRANSFORMS')):
+        if k in req: env[var] = str(req[k]).upper() if k == 'BatchStrategy' else str(req[k])
+    cc = req.get('ModelClientConfig', {})
+    timeout, retries = cc.get('InvocationsTimeoutInSeconds', 600), cc.get('InvocationsMaxRetries', 3)
+    started, results, t0 = datetime.now(timezone.utc), {}, time.perf_counter()
+    with LocalServer(model, workers, env) as server:
+        status, body = server.get('/execution-parameters')
+        ep = json.loads(body) if status == 200 else {}
+        concurrent = req.get('MaxConcurrentTransforms') or ep.get('MaxConcurrentTransforms') or 1
+        strategy = req.get('BatchStrategy') or {'MULTI_RECORD': 'MultiRecord', 'SINGLE_RECORD': 'SingleRecord'}.get(ep.get('BatchStrategy'), 'MultiRecord')
+        limit = int(req.get('MaxPayloadInMB', ep.get('MaxPayloadInMB', 6))) * 2**20
+        join = req.get('DataProcessing', {}).get('JoinSource') == 'Input'
+        for f in files:
+            rel = f.name if src.is_file() else f.relative_to(src).as_posix()
+            try:
+                data = f.read_bytes()
+                if ti.get('CompressionType') == 'Gzip':
+                    try: data = gzip.decompress(data)
+                    except (OSError, EOFError) as e: raise InputError(f'{rel}: not gzip data ({type(e).__name__})') from None
+                batches = _batches(_records(data, ti.get('SplitType', 'None')), strategy, limit, rel)
+                answers = _invoke_batches(server, batches, ti.get('ContentType', 'application/json'), to.get('Accept') or 'application/json',
+                                          concurrent, timeout, retries, rel)
+                out = _assemble(batches, answers, to.get('AssembleWith', 'None'), join, rel)
+                target = dst/(rel + '.out'); target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f'.{target.name}.tmp'); tmp.write_bytes(out); tmp.replace(target)
+                results[rel] = {'status': 'Completed', 'records': sum(len(b) for b in batches), 'requests': len(batches)}
+            except InputError as e:
+                results[rel] = {'status': 'Failed', 'message': str(e)}; say(f'transform: {e}')
+    failed = [r['message'] for r in results.values() if r['status'] == 'Failed']
+    d = {'TransformJobName': req['TransformJobName'], 'ModelName': req['ModelName'], 'TransformJobStatus': 'Failed' if failed else 'Completed',
+         'TransformInput': ti, 'TransformOutput': to, 'BatchStrategy': strategy, 'MaxConcurrentTransforms': concurrent,
+         'MaxPayloadInMB': limit // 2**20, 'TransformStartTime': started.isoformat(), 'TransformEndTime': datetime.now(timezone.utc).isoformat(),
+         'Seconds': round(time.perf_counter() - t0, 3), 'Files': results}
+    if failed: d['FailureReason'] = f'{len(failed)} of {len(files)} input file(s) failed; first: {failed[0]}'[:1024]
+    return d
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-045
+def submit_transform(req:dict, # the local request (transform_request): its input is uploaded, its output moved to S3
+                     package, bucket:str, role:str, boto_session, image:str, prefix:str='mlproj', say=print)->dict:
+    "Submit the same transform on SageMaker: package and inputs uploaded, the model created, CreateTransformJob sent; returns the request sent and DescribeTransformJob."
+    import copy
+    from mlproj.storage import sha256_file, upload, uri_path
+    r, name = copy.deepcopy(req), req['TransformJobName']
+    sha = sha256_file(package)
+    model_url = f's3://{bucket}/{prefix}/models/{sha[:16]}/model.tar.gz'
+    create_model = endpoint_requests(req['ModelName'], model_url, sha, role, image, boto_session.region_name)['CreateModel']
+    r['ModelName'] = create_model['ModelName']
+    s3, sm = boto_session.client('s3'), boto_session.client('sagemaker')
+    src = r['TransformInput']['DataSource']['S3DataSource']
+    if (local := uri_path(src['S3Uri'])) is not None:
+        src['S3Uri'] = f's3://{bucket}/{prefix}/transform/{name}/input/'
+        say(f'uploading {local} to {src["S3Uri"]}'); upload(str(local) if local.is_dir() else [(local.name, str(local))], src['S3Uri'], s3)
+    if uri_path(r['TransformOutput']['S3OutputPath']) is not None: r['TransformOutput']['S3OutputPath'] = f's3://{bucket}/{prefix}/transform/{name}/output/'
+    validate_operation('CreateTransformJob', r)
+    say(f'uploading the model package to {model_url}'); upload([('model.tar.gz', str(package))], model_url.rsplit('/', 1)[0], s3)
+    try: sm.describe_model(ModelName=r['ModelName'])
+    except sm.exceptions.ClientError: sm.create_model(**create_model)
+    sm.create_transform_job(**r)
+    d = sm.describe_transform_job(TransformJobName=name)
+    return {'request': r, 'describe': {k: d.get(k) for k in ('TransformJobName', 'TransformJobArn', 'TransformJobStatus', 'ModelName', 'TransformOutput')}}
