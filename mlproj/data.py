@@ -461,34 +461,42 @@ def body_records(text:str, # the body, as text
     raise InputError(f'{source}: content type {quote(kind, 60)} is not one of {", ".join(BODY_TYPES)}')
 
 # %% ../nbs/10_data.ipynb #10-data-036
+def _text_column(values:tuple, name, source:str):
+    "One column of cells as sent: Arrow strings when every cell is text (validate's fast path, as for files), else objects (nested values refused)."
+    if all(type(v) is str for v in values): return pd.array(values, dtype='string[pyarrow]')
+    for i, v in enumerate(values, 1):
+        if isinstance(v, (dict, list)): raise InputError(f'{source} row {i}, column {quote(name, 60)}: a nested JSON value is not a cell')
+    return pd.array(values, dtype=object)
+
+def _width_error(i:int, n:int, names:list|None, features:tuple, source:str):
+    if names: raise InputError(f'{source} row {i}: {n} values, the header names {len(names)} columns')
+    raise InputError(f"{source} row {i}: {n} values; a row without column names holds the {len(features)} features in order "
+                     f"({', '.join(features)}), or send a header row / named fields")
+
 def records_table(records:list, # from body_records
                   header:list|None, # the first CSV row, if the body was CSV
                   features:tuple=FEATURES, # the columns positional rows hold, in order
                   source:str='request', # named in messages ("request row 2")
                  )->pd.DataFrame:
     "The records as a raw table (columns by name, cells as sent), ready for `validate`: the header rule, positional rows by `features`."
-    rows, features = records, tuple(features)
+    rows, features, names = records, tuple(features), None
     if header is not None and set(features) <= set(header):
-        names = check_header(header, f'{source} header')
-        for i, r in enumerate(rows[1:], 1):
-            if len(r) != len(names): raise InputError(f'{source} row {i}: {len(r)} values, the header names {len(names)} columns')
-        rows = [dict(zip(names, r)) for r in rows[1:]]
+        names, rows = check_header(header, f'{source} header'), rows[1:]
     if not rows: raise InputError(f'{source} holds no rows')
+    if all(type(r) is list for r in rows):                 # CSV rows, JSON arrays: by position, column by column
+        width = len(names or features)
+        for i, r in enumerate(rows, 1):
+            if len(r) != width: _width_error(i, len(r), names, features, source)
+        return pd.DataFrame({n: _text_column(col, n, source) for n, col in zip(names or features, zip(*rows))})
     recs = []
-    for i, r in enumerate(rows, 1):
+    for i, r in enumerate(rows, 1):                        # JSON objects (and arrays among them)
         if isinstance(r, list):
-            if len(r) != len(features):
-                raise InputError(f"{source} row {i}: {len(r)} values; a row without column names holds the {len(features)} features in order "
-                                 f"({', '.join(features)}), or send a header row / named fields")
+            if len(r) != len(features): _width_error(i, len(r), None, features, source)
             r = dict(zip(features, r))
         elif not isinstance(r, dict): raise InputError(f'{source} row {i}: a record is an object or an array, not {type(r).__name__}')
-        for k, v in r.items():
-            if isinstance(v, (dict, list)): raise InputError(f'{source} row {i}, column {quote(k, 60)}: a nested JSON value is not a cell')
         recs.append(r)
-    df = pd.DataFrame(recs, dtype=object)        # cells as sent: no numeric inference (40 stays 40)
-    for c in df.columns:                           # all-text columns (CSV) as Arrow strings: validate's fast path, as for files
-        if all(type(v) is str for v in df[c]): df[c] = df[c].astype('string[pyarrow]')
-    return df
+    df = pd.DataFrame(recs, dtype=object)                  # cells as sent: no numeric inference (40 stays 40)
+    return pd.DataFrame({c: _text_column(tuple(df[c]), c, source) for c in df.columns})
 
 # %% ../nbs/10_data.ipynb #10-data-039
 def capture_table(doc:dict, # one data-capture record
