@@ -11,8 +11,9 @@ from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
-__all__ = ['default_inputs', 'build_spec', 'model_parser', 'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run',
-           'cmd_sagemaker', 'cmd_params', 'cmd_job', 'main']
+__all__ = ['default_inputs', 'build_spec', 'serve_parser', 'transform_parser', 'model_parser', 'model_registry', 'cmd_model',
+           'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params', 'cmd_job', 'main', 'model_source',
+           'cmd_serve', 'cmd_deploy', 'cmd_transform']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -78,6 +79,50 @@ def _backend_args(p):
     p.add_argument('--region', help='sagemaker: AWS region (default: the standard AWS configuration)')
     p.add_argument('--profile', help='sagemaker: AWS profile (default: the standard AWS configuration)')
     p.add_argument('--image-uri', help='sagemaker: a prebuilt image with mlproj (default: the stock scikit-learn processing image + wheels)')
+
+# %% ../nbs/95_cli.ipynb #95-cli-029
+def serve_parser(sub):
+    "The `mlproj serve [package|request|deploy]` command line."
+    s = sub.add_parser('serve', help='serve a model as a local SageMaker-style endpoint (gunicorn workers); or write its SageMaker model package')
+    s.add_argument('action', nargs='?', choices=('package', 'request', 'deploy'),
+                   help='package: write the model package (model.tar.gz); request: print the CreateModel/CreateEndpointConfig/CreateEndpoint requests; deploy: create or update the SageMaker endpoint (--backend sagemaker); none: serve locally')
+    src = s.add_mutually_exclusive_group()
+    src.add_argument('--model', help='model package or artifact: model.tar.gz, or a folder holding it')
+    src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
+    s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1)')
+    s.add_argument('--port', type=int, help='port (default $SAGEMAKER_BIND_TO_PORT, else 8080; 0: any free port)')
+    s.add_argument('--workers', type=int, help='worker processes (default $SAGEMAKER_MODEL_SERVER_WORKERS, else the usable cores)')
+    s.add_argument('--timeout', type=int, help='seconds a request may take (default $SAGEMAKER_MODEL_SERVER_TIMEOUT, else 60)')
+    s.add_argument('--capture', metavar='DIR', help="write SageMaker data-capture records under DIR/<endpoint>/AllTraffic/yyyy/mm/dd/hh/")
+    s.add_argument('--sampling', type=float, default=100, help='percentage of requests captured (default 100)')
+    s.add_argument('--endpoint-name', help='endpoint name: in capture paths (default local); of the SageMaker endpoint (default mlproj-<table>)')
+    s.add_argument('--dest', help='package: the file to write (default outputs/packages/<model sha256>/model.tar.gz)')
+    s.add_argument('--no-wheel', action='store_true', help='package: leave the mlproj wheel out (requirements.txt then names its version)')
+    _backend_args(s)
+    s.add_argument('--instance-type', default='ml.m5.large', help='request/deploy: endpoint instance type (default ml.m5.large)')
+    s.add_argument('--instance-count', type=int, default=1, help='request/deploy: instances behind the endpoint (default 1)')
+    s.add_argument('--capture-uri', help='request/deploy: s3:// destination of SageMaker data capture (DataCaptureConfig; --sampling percent)')
+
+def transform_parser(sub):
+    "The `mlproj transform request|run` command line."
+    t = sub.add_parser('transform', help="batch transform: SageMaker's CreateTransformJob, run through the local endpoint (or --backend sagemaker)")
+    t.add_argument('action', choices=('request', 'run'), help='request: print the CreateTransformJob request; run: execute it')
+    src = t.add_mutually_exclusive_group()
+    src.add_argument('--model', help='model artifact (model.tar.gz, or a folder holding it); locally also a model package')
+    src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
+    t.add_argument('--input', required=True, help='input: a file or a folder of objects (file://, or s3:// with --backend sagemaker)')
+    t.add_argument('--output', help='output folder for <input name>.out (default outputs/<job name>/output)')
+    t.add_argument('--name', help='TransformJobName (default mlproj-transform-<time>)')
+    t.add_argument('--content-type', default='text/csv'); t.add_argument('--accept', default='text/csv')
+    t.add_argument('--split-type', default='Line', choices=('None', 'Line', 'RecordIO', 'TFRecord'))
+    t.add_argument('--compression', default='None', choices=('None', 'Gzip'))
+    t.add_argument('--batch-strategy', choices=('MultiRecord', 'SingleRecord'), help="default: the container's /execution-parameters, else MultiRecord")
+    t.add_argument('--max-payload', type=int, metavar='MB', help="MaxPayloadInMB (default: the container's, else 6; 0: no limit)")
+    t.add_argument('--max-concurrent', type=int, metavar='N', help="MaxConcurrentTransforms (default: the container's, else 1)")
+    t.add_argument('--assemble-with', default='Line', choices=('None', 'Line')); t.add_argument('--join-source', default='None', choices=('None', 'Input'))
+    t.add_argument('--workers', type=int, help='local: worker processes of the local endpoint')
+    t.add_argument('--instance-type', default='ml.m5.large'); t.add_argument('--instance-count', type=int, default=1)
+    _backend_args(t)
 
 # %% ../nbs/95_cli.ipynb #95-cli-102
 def model_parser(sub):
@@ -159,6 +204,8 @@ def make_parser()->argparse.ArgumentParser:
     job.add_parser('params', help="list the steps' parameters, or one step's").add_argument('step', nargs='?')
     from mlproj.export import pipeline_parser; pipeline_parser(sub)   # mlproj pipeline export|upsert|start|show
     model_parser(sub)                                                 # mlproj model list|show|approve|reject|register
+    serve_parser(sub)                                                 # mlproj serve [package|request|deploy]
+    transform_parser(sub)                                             # mlproj transform request|run
     return ap
 
 # %% ../nbs/95_cli.ipynb #95-cli-015
@@ -254,6 +301,8 @@ def main(argv=None)->int:
     try:
         if a.cmd == 'pipeline': from mlproj.export import cmd_pipeline; code = cmd_pipeline(a)
         elif a.cmd == 'model': code = cmd_model(a)
+        elif a.cmd == 'serve': code = cmd_serve(a)
+        elif a.cmd == 'transform': code = cmd_transform(a)
         else: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
@@ -267,3 +316,70 @@ def main(argv=None)->int:
         print('mlproj: interrupted', file=sys.stderr); code = 130
     if argv is None: sys.exit(code)
     return code
+
+# %% ../nbs/95_cli.ipynb #95-cli-030
+def model_source(a)->"Path":
+    "The model a `serve` command line names: --model, else --run's, else the newest completed run's."
+    from mlproj.endpoint import run_model
+    from mlproj.lab import completed_runs
+    from pathlib import Path
+    if a.model: return Path(a.model)
+    if a.run: return run_model(a.run, outputs_root())
+    runs = completed_runs(outputs_root())
+    if not runs: raise SpecError(f'no model to serve: give --model or --run (no completed run under {outputs_root()})')
+    return run_model(runs[0]['run_id'], outputs_root())
+
+def cmd_serve(a)->int:
+    "`mlproj serve [package|request|deploy]`."
+    from mlproj import endpoint
+    src = model_source(a)
+    if a.action in ('request', 'deploy'): return cmd_deploy(a, src)
+    if a.action == 'package':
+        out = endpoint.build_package(src, a.dest, wheel=not a.no_wheel, say=lambda m: print(m, file=sys.stderr, flush=True))
+        _print_json(out); return 0
+    cap = {'root': a.capture, 'endpoint': a.endpoint_name or 'local', 'sampling': a.sampling} if a.capture else None
+    return endpoint.serve(src, a.host, a.port, a.workers, a.timeout, cap, say=lambda m: print(m, flush=True))
+
+def cmd_deploy(a, src)->int:
+    "`mlproj serve request|deploy`: the SageMaker endpoint's requests, printed or sent (the package built and uploaded)."
+    from mlproj import endpoint
+    from mlproj.sagemaker_backend import aws_session, check_target, stock_image_uri
+    from mlproj.storage import sha256_file
+    from mlproj.train import load_model, model_schema
+    if a.action == 'deploy' and a.backend != 'sagemaker': raise SpecError('serve deploy: give --backend sagemaker (a local endpoint is `mlproj serve`)')
+    check_target(a.bucket, a.role)
+    bs = aws_session(a.region, a.profile)
+    name = a.endpoint_name or f"mlproj-{model_schema(load_model(src)[1]).name}"
+    image = a.image_uri or stock_image_uri(bs.region_name)
+    say = lambda m: print(m, file=sys.stderr, flush=True)
+    pkg = endpoint.build_package(src, wheel=not a.no_wheel, say=say)['package']
+    if a.action == 'request':
+        sha = sha256_file(pkg)
+        _print_json(endpoint.endpoint_requests(name, f's3://{a.bucket}/{a.prefix}/models/{sha[:16]}/model.tar.gz', sha, a.role, image, bs.region_name,
+                                               a.instance_type, a.instance_count, a.capture_uri, int(a.sampling)))
+        return 0
+    _print_json(endpoint.deploy(pkg, name, a.bucket, a.role, bs, image, a.prefix, a.instance_type, a.instance_count, a.capture_uri, int(a.sampling), say))
+    return 0
+
+def cmd_transform(a)->int:
+    "`mlproj transform request|run`: exit 0 when the job completes, 1 when a file failed."
+    import datetime as dt
+    from mlproj import endpoint
+    src = model_source(a)
+    name = a.name or f"mlproj-transform-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    out = a.output or (str(outputs_root()/name/'output') if a.backend == 'local' or a.action == 'request' else None)
+    req = endpoint.transform_request(name, 'mlproj-model', a.input, out or 's3://placeholder/output', a.content_type, a.split_type, a.compression,
+                                     a.batch_strategy, a.max_payload, a.max_concurrent, a.accept, a.assemble_with, a.join_source,
+                                     a.instance_type, a.instance_count)
+    if a.action == 'request': _print_json(req); return 0
+    say = lambda m: print(m, file=sys.stderr, flush=True)
+    if a.backend == 'sagemaker':
+        from mlproj.sagemaker_backend import aws_session, check_target, stock_image_uri
+        check_target(a.bucket, a.role)
+        bs = aws_session(a.region, a.profile)
+        pkg = endpoint.build_package(src, say=say)['package']
+        _print_json(endpoint.submit_transform(req, pkg, a.bucket, a.role, bs, a.image_uri or stock_image_uri(bs.region_name), a.prefix, say))
+        return 0
+    d = endpoint.run_transform(req, src, a.workers, say)
+    _print_json(d)
+    return 0 if d['TransformJobStatus'] == 'Completed' else 1

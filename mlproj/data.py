@@ -14,9 +14,10 @@ from .storage import check_links
 
 # %% auto #0
 __all__ = ['TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES',
-           'REGRESSION_BINS', 'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files',
+           'REGRESSION_BINS', 'BODY_TYPES', 'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files',
            'check_header', 'csv_header', 'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'check_columns',
-           'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table', 'describe_target']
+           'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table', 'describe_target',
+           'media_type', 'body_records', 'records_table', 'capture_table', 'read_jsonl_chunks']
 
 # %% ../nbs/10_data.ipynb #10-data-005
 @dataclass(frozen=True)
@@ -163,19 +164,19 @@ def synthetic_penguins(n:int, # number of rows
     return df[SCHEMA.names]
 
 # %% ../nbs/10_data.ipynb #10-data-016
-DATA_SUFFIXES = ('.csv', '.parquet')
+DATA_SUFFIXES = ('.csv', '.parquet', '.jsonl')   # .jsonl: SageMaker data-capture files, or JSON records (read_jsonl_chunks)
 
 def list_data_files(path)->list[Path]:
-    "The data files at `path`: the file itself, or the CSV/Parquet files under a folder, sorted."
+    "The data files at `path`: the file itself, or the CSV/Parquet/JSON Lines files under a folder, sorted."
     p = Path(path)
     if not p.exists(): raise InputError(f'input not found: {p}')
     if p.is_file():
-        if p.suffix.lower() not in DATA_SUFFIXES: raise InputError(f'{p}: not a .csv or .parquet file')
+        if p.suffix.lower() not in DATA_SUFFIXES: raise InputError(f'{p}: not a .csv, .parquet or .jsonl file')
         return [p]
     files = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and not f.name.startswith('.'))
     try: check_links(p, files)
     except StorageError as e: raise InputError(str(e)) from None
-    if not files: raise InputError(f'{p}: folder holds no .csv or .parquet files')
+    if not files: raise InputError(f'{p}: folder holds no .csv, .parquet or .jsonl files')
     return files
 
 # %% ../nbs/10_data.ipynb #10-data-017
@@ -259,7 +260,8 @@ def read_parquet_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFra
 
 def read_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
     "Raw chunks of one data file, by suffix."
-    return (read_parquet_chunks if Path(path).suffix.lower() == '.parquet' else read_csv_chunks)(Path(path), chunksize)
+    sfx = Path(path).suffix.lower()
+    return (read_parquet_chunks if sfx == '.parquet' else read_jsonl_chunks if sfx == '.jsonl' else read_csv_chunks)(Path(path), chunksize)
 
 # %% ../nbs/10_data.ipynb #10-data-020
 _NA = {'', 'NA', 'N/A', 'NaN', 'nan', 'null', 'NULL', 'None'}
@@ -398,7 +400,7 @@ def iter_tables(path, # a data file or a folder of shards
         batch.clear(); parts.clear()
         return chunk
     for f in list_data_files(path):
-        start = 1 if f.suffix.lower() == '.parquet' else 2   # Parquet rows count from 1; CSV lines after the header
+        start = 2 if f.suffix.lower() == '.csv' else 1   # CSV lines after the header; Parquet and JSON Lines rows count from 1
         line = start
         for raw in read_chunks(f, chunksize):
             if len(raw) == 0: continue
@@ -454,3 +456,127 @@ def describe_target(y:pd.Series, # the target column of a validated table
     "What a table holds of its target, for reports: rows per class (classification), or its range (regression)."
     if schema.task != 'regression': return {'class_counts': {str(k): int(v) for k, v in y.value_counts().sort_index().items()}}
     return {'target_range': {'min': float(y.min()), 'max': float(y.max()), 'mean': float(y.mean()), 'median': float(y.median())}}
+
+# %% ../nbs/10_data.ipynb #10-data-032
+BODY_TYPES = ('text/csv', 'application/json', 'application/jsonlines')
+_JSONL_ALIASES = {'application/x-jsonlines': 'application/jsonlines', 'application/jsonl': 'application/jsonlines',
+                  'application/x-ndjson': 'application/jsonlines', 'application/ndjson': 'application/jsonlines'}
+
+def media_type(header:str|None)->tuple[str, dict]:
+    "('type/subtype' lower-cased, {param: value}) of a Content-Type or one Accept entry; aliases of JSON Lines folded in."
+    kind, *params = (header or '').split(';')
+    kind, ps = kind.strip().lower(), {}
+    for p in params:
+        k, _, v = p.partition('=')
+        if k.strip(): ps[k.strip().lower()] = v.strip().strip('"')
+    return _JSONL_ALIASES.get(kind, kind), ps
+
+# %% ../nbs/10_data.ipynb #10-data-034
+def _json_doc(text:str, what:str):
+    import json
+    try: return json.loads(text)
+    except json.JSONDecodeError as e: raise InputError(f'{what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
+
+def _json_shapes(doc, source:str)->list:
+    "The records of a JSON body in one of its accepted shapes."
+    if isinstance(doc, list): return doc
+    if isinstance(doc, dict) and 'instances' in doc:
+        if not isinstance(doc['instances'], list): raise InputError(f'{source}: "instances" must be a list of records')
+        return doc['instances']
+    if isinstance(doc, dict) and 'columns' in doc and 'data' in doc:
+        cols, data = doc['columns'], doc['data']
+        if not isinstance(cols, list) or not isinstance(data, list): raise InputError(f'{source}: "columns" and "data" must be lists')
+        for i, r in enumerate(data, 1):
+            if not isinstance(r, list) or len(r) != len(cols):
+                raise InputError(f'{source} row {i}: "data" rows must be lists of {len(cols)} values, one per entry of "columns"')
+        return [dict(zip(cols, r)) for r in data]
+    if isinstance(doc, dict): return [doc]
+    raise InputError(f'{source}: JSON rows are a list of records, {{"instances": [...]}}, {{"columns": [...], "data": [...]}} or one record')
+
+def body_records(text:str, # the body, as text
+                 kind:str, # its media type (see media_type): text/csv, application/json or application/jsonlines
+                 source:str='request', # named in messages
+                )->tuple[list, list|None]:
+    "(records, the first CSV row or None): CSV rows as lists of text; JSON records as sent (objects by name, arrays by position)."
+    import csv, io
+    if kind == 'text/csv':
+        reader = csv.reader(io.StringIO(text))
+        try: rows = [r for r in reader if r]
+        except csv.Error as e: raise InputError(f'{source} line {reader.line_num}: not readable CSV ({quote(e, 80, False)})') from None
+        return rows, (rows[0] if rows else None)
+    if kind == 'application/json': return _json_shapes(_json_doc(text, f'{source} body'), source), None
+    if kind == 'application/jsonlines':
+        return [_json_doc(l, f'{source} line {i}') for i, l in enumerate(text.splitlines(), 1) if l.strip()], None
+    raise InputError(f'{source}: content type {quote(kind, 60)} is not one of {", ".join(BODY_TYPES)}')
+
+# %% ../nbs/10_data.ipynb #10-data-036
+def _text_column(values:tuple, name, source:str):
+    "One column of cells as sent: Arrow strings when every cell is text (validate's fast path, as for files), else objects (nested values refused)."
+    if all(type(v) is str for v in values): return pd.array(values, dtype='string[pyarrow]')
+    for i, v in enumerate(values, 1):
+        if isinstance(v, (dict, list)): raise InputError(f'{source} row {i}, column {quote(name, 60)}: a nested JSON value is not a cell')
+    return pd.array(values, dtype=object)
+
+def _width_error(i:int, n:int, names:list|None, features:tuple, source:str):
+    if names: raise InputError(f'{source} row {i}: {n} values, the header names {len(names)} columns')
+    raise InputError(f"{source} row {i}: {n} values; a row without column names holds the {len(features)} features in order "
+                     f"({', '.join(features)}), or send a header row / named fields")
+
+def records_table(records:list, # from body_records
+                  header:list|None, # the first CSV row, if the body was CSV
+                  features:tuple=FEATURES, # the columns positional rows hold, in order
+                  source:str='request', # named in messages ("request row 2")
+                 )->pd.DataFrame:
+    "The records as a raw table (columns by name, cells as sent), ready for `validate`: the header rule, positional rows by `features`."
+    rows, features, names = records, tuple(features), None
+    if header is not None and set(features) <= set(header):
+        names, rows = check_header(header, f'{source} header'), rows[1:]
+    if not rows: raise InputError(f'{source} holds no rows')
+    if all(type(r) is list for r in rows):                 # CSV rows, JSON arrays: by position, column by column
+        width = len(names or features)
+        for i, r in enumerate(rows, 1):
+            if len(r) != width: _width_error(i, len(r), names, features, source)
+        return pd.DataFrame({n: _text_column(col, n, source) for n, col in zip(names or features, zip(*rows))})
+    recs = []
+    for i, r in enumerate(rows, 1):                        # JSON objects (and arrays among them)
+        if isinstance(r, list):
+            if len(r) != len(features): _width_error(i, len(r), None, features, source)
+            r = dict(zip(features, r))
+        elif not isinstance(r, dict): raise InputError(f'{source} row {i}: a record is an object or an array, not {type(r).__name__}')
+        recs.append(r)
+    df = pd.DataFrame(recs, dtype=object)                  # cells as sent: no numeric inference (40 stays 40)
+    return pd.DataFrame({c: _text_column(tuple(df[c]), c, source) for c in df.columns})
+
+# %% ../nbs/10_data.ipynb #10-data-039
+def capture_table(doc:dict, # one data-capture record
+                  source:str, # 'file line N', for messages
+                  features:tuple=FEATURES)->pd.DataFrame:
+    "The request rows a SageMaker data-capture record holds, as a raw table."
+    import base64, binascii
+    inp = doc.get('captureData', {}).get('endpointInput') if isinstance(doc.get('captureData'), dict) else None
+    if not isinstance(inp, dict): raise InputError(f'{source}: capture record without endpointInput (captured with CaptureMode Output?); the monitor reads the requests')
+    enc, data = inp.get('encoding'), inp.get('data')
+    if not isinstance(data, str): raise InputError(f'{source}: capture record whose endpointInput has no "data" text')
+    if enc == 'BASE64':
+        try: data = base64.b64decode(data, validate=True).decode('utf-8')
+        except (binascii.Error, UnicodeDecodeError) as e: raise InputError(f'{source}: endpointInput is not base64 of UTF-8 text ({type(e).__name__})') from None
+    elif enc not in ('CSV', 'JSON'): raise InputError(f'{source}: endpointInput encoding {quote(enc, 20)} is not CSV, JSON or BASE64')
+    return records_table(*body_records(data, media_type(inp.get('observedContentType'))[0], source), features, source)
+
+def read_jsonl_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
+    "Rows of a JSON Lines file — data-capture records' requests, or plain records — as text columns, in chunks of at most `chunksize` rows (a record's rows stay together)."
+    parts, n = [], 0
+    def text(frames):
+        df = pd.concat(frames, ignore_index=True)
+        return df.astype(object).where(df.notna(), '').astype(str)
+    try:
+        with open(path, encoding='utf-8-sig') as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip(): continue
+                where = f'{path} line {i}'
+                doc = _json_doc(line, where)
+                t = capture_table(doc, where) if isinstance(doc, dict) and 'captureData' in doc else records_table([doc], None, FEATURES, where)
+                parts.append(t); n += len(t)
+                if chunksize and n >= chunksize: yield text(parts); parts, n = [], 0
+    except UnicodeDecodeError: _check_utf8(path); raise
+    if parts: yield text(parts)
