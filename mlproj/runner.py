@@ -111,7 +111,8 @@ WARM_ENV, COLD_ENV = 'MLPROJ_WARM', 'MLPROJ_COLD'   # the fork server's socket, 
 INSTANCE_ENV = 'MLPROJ_INSTANCE'                     # set by the local executor: marks every process an instance starts (see mlproj.local)
 WARM_PRELOAD = ('numpy', 'pandas', 'pyarrow', 'sklearn', 'sklearn.base', 'sklearn.pipeline', 'sklearn.compose', 'sklearn.preprocessing',
                 'sklearn.impute', 'sklearn.ensemble', 'sklearn.linear_model', 'sklearn.tree', 'sklearn.metrics', 'sklearn.model_selection',
-                'skops.io', 'matplotlib', 'matplotlib.pyplot', 'threadpoolctl', 'yaml', 'nbformat', 'papermill', 'nbconvert', 'ipykernel.kernelapp')
+                'skops.io', 'matplotlib', 'matplotlib.pyplot', 'threadpoolctl', 'yaml', 'nbformat', 'papermill', 'nbconvert')
+# not ipykernel/IPython: code that asks whether it runs in a notebook ('IPython' in sys.modules) must get the answer a fresh process gets
 _SERVER_ENV = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1',   # no thread pool starts while importing
                'JE_ARROW_MALLOC_CONF': 'background_thread:false', 'PYTHONUNBUFFERED': '1'}
 
@@ -391,7 +392,9 @@ def _spawn_warm(server, argv, streams, env, cwd, text, errors, session, die_with
         elif spec == subprocess.STDOUT and i == 2: give.append(give[1])
         else: give.append(spec if isinstance(spec, int) else spec.fileno())
     try:
-        req = {'argv': [str(a) for a in argv], 'env': env, 'cwd': os.path.abspath(cwd or os.getcwd()), 'umask': _umask(),
+        argv = [str(a) for a in argv]
+        if argv[1:2] == ['-Xfrozen_modules=off']: argv = argv[:1] + argv[2:]   # ipykernel's kernelspec asks it for debuggers; the stdlib is the same
+        req = {'argv': argv, 'env': env, 'cwd': os.path.abspath(cwd or os.getcwd()), 'umask': _umask(),
                'session': session, 'die_with_client': die_with_client, 'token': env.get(INSTANCE_ENV)}
         conn, reply = _request(server, req, give)
     except BaseException:
@@ -425,7 +428,9 @@ def warm_kernels():
     def launch(cmd, stdin=None, stdout=None, stderr=None, env=None, independent=False, cwd=None, **kw):
         if kw or independent or is_cold(): return cold(cmd, stdin=stdin, stdout=stdout, stderr=stderr, env=env, independent=independent, cwd=cwd, **kw)
         # the kernel's own session, as jupyter_client gives it; it dies with papermill (its JPY_PARENT_PID poller does that when cold)
-        return spawn(cmd, stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd, start_new_session=True)
+        env = {**(os.environ if env is None else env), 'JPY_PARENT_PID': str(os.getpid())}     # as jupyter_client's launch_kernel sets it
+        return spawn([os.path.expanduser(s) for s in cmd], stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=stdout, stderr=stderr,
+                     env=env, cwd=cwd, start_new_session=True)
     lp.launch_kernel = launch
 
 WARM_KERNELS = f"import os\nif os.environ.get({WARM_ENV!r}): from mlproj.runner import warm_kernels; warm_kernels()\n"   # run first in papermill's process
