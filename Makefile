@@ -60,6 +60,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench_notebook.py
 	$(BIN)/python bench/bench_small_files.py
 	$(BIN)/python bench/bench_monitor.py
+	$(BIN)/python bench/bench_startup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

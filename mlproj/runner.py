@@ -12,11 +12,11 @@ from .params import check_params, parse_pairs, read_param_files
 
 # %% auto #0
 __all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'SKIP_OPTIONAL', 'WARM_ENV', 'COLD_ENV',
-           'INSTANCE_ENV', 'WARM_PRELOAD', 'WARM_SERVER_SOURCE', 'WARM_KERNELS', 'KERNEL_START_ATTEMPTS',
-           'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams',
-           'default_total_timeout', 'skip_optional_imports', 'is_cold', 'WarmServer', 'WarmProcess', 'spawn',
-           'warm_stop', 'warm_kernels', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill', 'run_notebook',
-           'make_parser', 'main']
+           'INSTANCE_ENV', 'WARM_PRELOAD', 'KERNEL_PRELOAD', 'WARM_SERVER_SOURCE', 'WARM_KERNELS',
+           'KERNEL_START_ATTEMPTS', 'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error',
+           'truncate_streams', 'default_total_timeout', 'skip_optional_imports', 'is_cold', 'WarmServer', 'WarmProcess',
+           'spawn', 'warm_stop', 'warm_kernels', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill',
+           'run_notebook', 'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
 TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str, 'list': list, 'dict': dict, 'Path': Path}
@@ -113,6 +113,7 @@ WARM_PRELOAD = ('numpy', 'pandas', 'pyarrow', 'sklearn', 'sklearn.base', 'sklear
                 'sklearn.impute', 'sklearn.ensemble', 'sklearn.linear_model', 'sklearn.tree', 'sklearn.metrics', 'sklearn.model_selection',
                 'skops.io', 'matplotlib', 'matplotlib.pyplot', 'threadpoolctl', 'yaml', 'nbformat', 'papermill', 'nbconvert')
 # not ipykernel/IPython: code that asks whether it runs in a notebook ('IPython' in sys.modules) must get the answer a fresh process gets
+KERNEL_PRELOAD = ('IPython', 'ipykernel.ipkernel', 'ipykernel.zmqshell')   # kernels only, from a second server; not ipykernel.kernelapp: it reads JPY_PARENT_PID at import
 _SERVER_ENV = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1',   # no thread pool starts while importing
                'JE_ARROW_MALLOC_CONF': 'background_thread:false', 'PYTHONUNBUFFERED': '1'}
 
@@ -144,11 +145,11 @@ def _refuse(req)->str|None:
     if len(os.listdir('/proc/self/task')) != 1: return 'the server is not single-threaded'
     return None
 
-def _serve(path):
+def _serve(path, announce=True):
     "Accept requests on the Unix socket `path`; fork one child per request; in the parent report its pid, then its exit code."
     import json, select, signal, socket, struct
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); srv.bind(path); srv.listen(64)
-    print('ready', os.getpid(), len(os.listdir('/proc/self/task')), flush=True)
+    if announce: print('ready', os.getpid(), len(os.listdir('/proc/self/task')), flush=True)
     kids = {}                                   # pid -> [conn, pidfd, token, die_with_client]
     while True:
         waits = [srv] + [k[1] for k in kids.values()] + [k[0] for k in kids.values() if k[3]]
@@ -267,8 +268,13 @@ def _limit_threads(env):
 
 _preload(sys.argv[2].split(','))
 import gc; gc.collect(); gc.freeze()      # the preloaded objects out of every collection: children neither scan nor copy them
-_server = os.getpid()
-_job = _serve(sys.argv[1])
+_server, _path, _announce = os.getpid(), sys.argv[1], True
+if len(sys.argv) > 3 and os.fork() == 0:        # the kernel server: this one's state, plus what a Jupyter kernel imports
+    import ctypes, signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG: dies with the server
+    _preload(sys.argv[3].split(',')); gc.collect(); gc.freeze()
+    _server, _path, _announce = os.getpid(), os.path.join(os.path.dirname(sys.argv[1]), 'k'), False
+_job = _serve(_path, _announce)
 del _preload, _serve
 _become(*_job, _server)
 '''   # run as `python -c WARM_SERVER_SOURCE SOCKET MODULES`: a string, so that the server never imports mlproj
@@ -276,11 +282,11 @@ _become(*_job, _server)
 # %% ../nbs/85_runner.ipynb #85-runner-021-04
 class WarmServer:
     "The fork server: an interpreter that imported `preload`, forking a child per request (see `spawn`); it dies with the process that started it."
-    def __init__(self, preload=WARM_PRELOAD):
+    def __init__(self, preload=WARM_PRELOAD, kernel_preload=KERNEL_PRELOAD):
         self.dir = tempfile.mkdtemp(prefix='mlproj-warm-')           # mode 0700: only this user reaches the socket (and the server checks the peer's uid)
-        self.path = os.path.join(self.dir, 's')
+        self.path = os.path.join(self.dir, 's')                      # and 'k' beside it: the kernel server's, once it has imported
         self.env = {'MPLBACKEND': 'Agg', **os.environ, **_SERVER_ENV}   # Agg, as the local executor's instances get it, unless set here
-        self.proc = subprocess.Popen([sys.executable, '-c', WARM_SERVER_SOURCE, self.path, ','.join(preload)], env=self.env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, '-c', WARM_SERVER_SOURCE, self.path, ','.join(preload)] + ([','.join(kernel_preload)] if kernel_preload else []), env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
         self._ready = None
     def ready(self, timeout:float=120)->bool:
@@ -416,11 +422,20 @@ def warm_stop(token:str, sig:int=signal.SIGKILL, server:str|None=None)->int:
     "Signal every child the warm server started for instance `token` (its process group when it leads one); how many. Needs no cooperation from them."
     server = server or os.environ.get(WARM_ENV)
     if not token or not server or not os.path.exists(server): return 0
-    try: conn, reply = _request(server, {'op': 'kill', 'token': token, 'signal': int(sig)})
-    except OSError: return 0
-    conn.close(); return reply.get('killed', 0)
+    n = 0
+    for path in (server, os.path.join(os.path.dirname(server), 'k')):     # the server, and its kernel server
+        try: conn, reply = _request(path, {'op': 'kill', 'token': token, 'signal': int(sig)})
+        except OSError: continue
+        conn.close(); n += reply.get('killed', 0)
+    return n
 
 # %% ../nbs/85_runner.ipynb #85-runner-021-14
+def _kernel_server()->str|None:
+    "The kernel server's socket once it is up (ipykernel imported), else the fork server's."
+    main = os.environ.get(WARM_ENV)
+    k = os.path.join(os.path.dirname(main), 'k') if main else None
+    return k if k and os.path.exists(k) else main
+
 def warm_kernels():
     "In papermill's process: the kernel starts as a child of the warm server (its command, environment and working folder as given); else as before."
     from jupyter_client.provisioning import local_provisioner as lp
@@ -430,7 +445,7 @@ def warm_kernels():
         # the kernel's own session, as jupyter_client gives it; it dies with papermill (its JPY_PARENT_PID poller does that when cold)
         env = {**(os.environ if env is None else env), 'JPY_PARENT_PID': str(os.getpid())}     # as jupyter_client's launch_kernel sets it
         return spawn([os.path.expanduser(s) for s in cmd], stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=stdout, stderr=stderr,
-                     env=env, cwd=cwd, start_new_session=True)
+                     env=env, cwd=cwd, start_new_session=True, server=_kernel_server())
     lp.launch_kernel = launch
 
 WARM_KERNELS = f"import os\nif os.environ.get({WARM_ENV!r}): from mlproj.runner import warm_kernels; warm_kernels()\n"   # run first in papermill's process
