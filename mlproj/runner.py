@@ -111,7 +111,8 @@ WARM_ENV, COLD_ENV = 'MLPROJ_WARM', 'MLPROJ_COLD'   # the fork server's socket, 
 INSTANCE_ENV = 'MLPROJ_INSTANCE'                     # set by the local executor: marks every process an instance starts (see mlproj.local)
 WARM_PRELOAD = ('numpy', 'pandas', 'pyarrow', 'sklearn', 'sklearn.base', 'sklearn.pipeline', 'sklearn.compose', 'sklearn.preprocessing',
                 'sklearn.impute', 'sklearn.ensemble', 'sklearn.linear_model', 'sklearn.tree', 'sklearn.metrics', 'sklearn.model_selection',
-                'skops.io', 'matplotlib', 'matplotlib.pyplot', 'threadpoolctl', 'yaml', 'nbformat', 'papermill', 'nbconvert')
+                'skops.io', 'matplotlib', 'matplotlib.pyplot', 'threadpoolctl', 'yaml', 'fastcore.docments', 'fastcore.xtras',
+                'fastcore.parallel', 'nbformat', 'papermill', 'nbconvert')
 # not ipykernel/IPython: code that asks whether it runs in a notebook ('IPython' in sys.modules) must get the answer a fresh process gets
 KERNEL_PRELOAD = ('IPython', 'ipykernel.ipkernel', 'ipykernel.zmqshell')   # kernels only, from a second server; not ipykernel.kernelapp: it reads JPY_PARENT_PID at import
 _SERVER_ENV = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1',   # no thread pool starts while importing
@@ -356,14 +357,22 @@ class WarmProcess:
     def terminate(self): self.send_signal(signal.SIGTERM)
     def kill(self): self.send_signal(signal.SIGKILL)
     def communicate(self, input=None, timeout=None):
+        "As `Popen.communicate`: write `input`, read both streams to their end, wait; `subprocess.TimeoutExpired` after `timeout` s."
+        import threading
         if self.stdin is not None:
             try:
                 if input: self.stdin.write(input)
                 self.stdin.close()
             except BrokenPipeError: pass
-        out = self.stdout.read() if self.stdout is not None else None
-        err = self.stderr.read() if self.stderr is not None else None
-        self.wait(timeout); return out, err
+        got = {}
+        readers = [threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f.read()), daemon=True)
+                   for k, f in (('out', self.stdout), ('err', self.stderr)) if f is not None]
+        for t in readers: t.start()
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in readers: t.join(None if end is None else max(0, end - time.monotonic()))
+        if any(t.is_alive() for t in readers): raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if end is None else max(5, end - time.monotonic()))    # its streams are closed: it is ending
+        return got.get('out'), got.get('err')
 
 # %% ../nbs/85_runner.ipynb #85-runner-021-07
 def spawn(argv:list, # the command, as for `subprocess.Popen`
