@@ -6,7 +6,7 @@
 from __future__ import annotations
 import atexit, datetime as dt, json, os, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
-from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_process_group, die_with_parent, process_started, process_alive
+from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_process_group, process_started, process_alive
 from .errors import SpecError, StorageError
 from .storage import list_objects, download, upload, uri_path
 from .jobs import validate_request, outputs_root, mask_secrets
