@@ -61,6 +61,8 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench_small_files.py
 	$(BIN)/python bench/bench_monitor.py
 	$(BIN)/python bench/bench_cache.py
+	$(BIN)/python bench/bench_startup.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,9 +11,9 @@ from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
-__all__ = ['default_inputs', 'build_spec', 'serve_parser', 'transform_parser', 'model_parser', 'model_registry', 'cmd_model',
-           'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params', 'cmd_job', 'main', 'model_source',
-           'cmd_serve', 'cmd_deploy', 'cmd_transform']
+__all__ = ['default_inputs', 'build_spec', 'cold_flag', 'apply_cold', 'serve_parser', 'transform_parser', 'model_parser',
+           'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params',
+           'cmd_job', 'main', 'model_source', 'cmd_serve', 'cmd_deploy', 'cmd_transform']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -51,6 +51,18 @@ def build_spec(a)->'JobSpec':
     code = code_dir(code_files(a.step, a.engine), outputs_root()/'code')   # its path only: `job run` writes it, `job request` does not
     return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, engine=a.engine, code=str(code), **kw)
 
+# %% ../nbs/95_cli.ipynb #95-cli-008-cold
+def cold_flag(p:argparse.ArgumentParser):
+    "Add `--cold` to a command that runs local jobs."
+    p.add_argument('--cold', action='store_true', help='local jobs: start every process as a fresh interpreter instead of forking it from the warm server of already imported libraries (also: MLPROJ_COLD=1)')
+
+def apply_cold(a):
+    "`--cold` given: this process and the jobs it runs start every process cold (MLPROJ_COLD=1, read by `mlproj.runner.is_cold`)."
+    if getattr(a, 'cold', False):
+        import os
+        from mlproj.runner import COLD_ENV
+        os.environ[COLD_ENV] = '1'
+
 # %% ../nbs/95_cli.ipynb #95-cli-009
 def _job_args(p):
     p.add_argument('step', help=f"pipeline step: {', '.join(STEPS)} (see 'mlproj job params')")
@@ -69,6 +81,7 @@ def _job_args(p):
     p.add_argument('--wait', action=argparse.BooleanOptionalAction, default=True, help='sagemaker: follow the job until it ends (default: wait)')
     p.add_argument('--download', action='store_true', help="sagemaker: copy a completed job's outputs back under outputs/")
     p.add_argument('--no-dependency-wheels', action='store_true', help='sagemaker, stock image: ship only the mlproj wheel (the image must already have the dependencies)')
+    cold_flag(p)
 
 # %% ../nbs/95_cli.ipynb #95-cli-010
 def _backend_args(p):
@@ -193,6 +206,7 @@ def make_parser()->argparse.ArgumentParser:
     r.add_argument('--run-id', help='run folder name under outputs/ (default: timestamp)')
     r.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='per-step MaxRuntimeInSeconds (default 3600)')
     r.add_argument('--engine', choices=ENGINES, default='notebook', help='run job notebooks (default) or runtime scripts')
+    cold_flag(r)
     job = sub.add_parser('job', help='processing jobs').add_subparsers(dest='jobcmd', required=True)
     _job_args(job.add_parser('run', help='run a step as a processing job on this machine and print its describe result'))
     _job_args(job.add_parser('request', help='print the CreateProcessingJob request of a step, without running it'))
@@ -297,6 +311,7 @@ def main(argv=None)->int:
     from mlproj.runner import skip_optional_imports
     skip_optional_imports()                   # the driver reads job notebooks too (see mlproj.runner)
     a = make_parser().parse_args(argv)
+    apply_cold(a)                             # --cold: every job process a fresh interpreter
     signal.signal(signal.SIGTERM, _sigterm)   # a terminated CLI stops its job's instances like Ctrl-C
     try:
         if a.cmd == 'pipeline': from mlproj.export import cmd_pipeline; code = cmd_pipeline(a)

@@ -4,18 +4,19 @@
 
 # %% ../nbs/81_local.ipynb #81-local-002
 from __future__ import annotations
-import datetime as dt, json, os, shutil, subprocess, sys, threading, time
+import atexit, datetime as dt, json, os, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
-from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_process_group, die_with_parent, process_started, process_alive
+from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_process_group, process_started, process_alive
 from .errors import SpecError, StorageError
 from .storage import list_objects, download, upload, uri_path
 from .jobs import validate_request, outputs_root, mask_secrets
+from .runner import WarmServer, spawn, warm_stop, is_cold, WARM_ENV, INSTANCE_ENV
 
 # %% auto #0
 __all__ = ['check_local_sources', 'check_local_destinations', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn',
-           'container_local', 'prepare_sandbox', 'stage_inputs', 'Instance', 'container_argv', 'instance_env',
-           'collect_outputs', 'upload_outputs', 'describe', 'save_describe', 'run_local', 'reconcile', 'show_job',
-           'list_jobs', 'latest_output']
+           'container_local', 'prepare_sandbox', 'stage_inputs', 'warm_server', 'instance_processes',
+           'end_instance_processes', 'Instance', 'container_argv', 'instance_env', 'collect_outputs', 'upload_outputs',
+           'describe', 'save_describe', 'run_local', 'reconcile', 'show_job', 'list_jobs', 'latest_output']
 
 # %% ../nbs/81_local.ipynb #81-local-005
 def check_local_sources(req:dict):
@@ -100,24 +101,67 @@ def stage_inputs(req:dict, roots:list[Path], say=print):
         say(f"input {inp['InputName']}: {len(objs)} object(s) from {s3['S3Uri']} "
             f"({s3.get('S3DataDistributionType')}: {', '.join(str(len(s)) for s in shards)} per instance)")
 
+# %% ../nbs/81_local.ipynb #81-local-023-01
+_WARM = None
+
+def warm_server()->WarmServer|None:
+    "This process's fork server, started on first use; None when cold (`--cold`, MLPROJ_COLD=1) or when it cannot start."
+    global _WARM
+    if is_cold(): return None
+    if _WARM is None or _WARM.proc.poll() is not None:
+        try: _WARM = WarmServer()
+        except OSError: return None
+        atexit.register(_WARM.close)
+    return _WARM
+
+# %% ../nbs/81_local.ipynb #81-local-023-02
+def instance_processes(token:str)->list[int]:
+    "Pids of this user's processes started with `MLPROJ_INSTANCE=token` in their environment (whatever session they are in)."
+    mark, found = f'{INSTANCE_ENV}={token}'.encode(), []
+    for p in Path('/proc').iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid(): continue
+        try: env = (p/'environ').read_bytes()
+        except OSError: continue
+        if mark in env.split(b'\0'): found.append(int(p.name))
+    return found
+
+# %% ../nbs/81_local.ipynb #81-local-023-03
+def end_instance_processes(token:str, # the instance's MLPROJ_INSTANCE
+                           grace:float=2.0, # seconds between SIGTERM and SIGKILL
+                           server:str|None=None, # the fork server's socket, if the job is warm
+                          )->int:
+    "End what instance `token` left running (SIGTERM, SIGKILL after `grace`), native loops included; how many were still there."
+    def signal_all(sig):
+        n = warm_stop(token, sig, server) if server else 0
+        for pid in instance_processes(token):
+            try: os.kill(pid, sig); n += 1
+            except (ProcessLookupError, PermissionError): pass
+        return n
+    left = signal_all(signal.SIGTERM)
+    end = time.monotonic() + grace
+    while left and signal_all(0) and time.monotonic() < end: time.sleep(0.05)
+    if left and signal_all(0): signal_all(signal.SIGKILL)
+    return left
+
 # %% ../nbs/81_local.ipynb #81-local-025
 class Instance:
-    "One simulated instance: a process in its own session that dies with its driver, its log, its exit."
-    def __init__(self, host:str, root:Path, argv:list, env:dict, log:Path, stream=None):
-        self.host, self.root, self.log, self.stream = host, root, log, stream
-        self.proc = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+    "One simulated instance: a process in its own session that dies with its driver (a child of the fork server `server` when warm), its log, its exit."
+    def __init__(self, host:str, root:Path, argv:list, env:dict, log:Path, stream=None, server:str|None=None):
+        self.host, self.root, self.log, self.stream, self.server, self.token = host, root, log, stream, server, env.get(INSTANCE_ENV)
+        self.proc = spawn(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, start_new_session=True, server=server)
         self.pump = threading.Thread(target=self._pump, daemon=True); self.pump.start()
     def _pump(self):
-        with open(self.log, 'wb') as f:
+        with open(self.log, 'wb') as f, self.proc.stdout:      # the pipe closed with the log (no file left open per job)
             for line in iter(self.proc.stdout.readline, b''):
                 f.write(line); f.flush()
                 if self.stream is not None:
                     try: print(f'{self.host} | {line.decode("utf-8", "replace").rstrip()}', file=self.stream, flush=True)
                     except ValueError: pass
     def stop(self, grace:float=5.0):
-        "Stop the instance as SageMaker stops a container (see `contract.stop_process_group`)."
+        "Stop the instance as SageMaker stops a container (see `contract.stop_process_group`), and whatever it left running."
         stop_process_group(self.proc, grace)
+        if self.token: end_instance_processes(self.token, min(grace, 2.0), self.server)
     def exit_message(self)->str|None:
         "The first 1 KB of the instance's `/opt/ml/output/message`, if it wrote one."
         p = self.root/'output/message'
@@ -202,6 +246,7 @@ def run_local(req:dict, # a CreateProcessingJob request document
     if job_dir.exists(): raise SpecError(f'ProcessingJobName: a job named {name!r} already exists in {job_dir.parent}')
     say = (lambda m: print(f'[{name}] {m}', file=stream, flush=True)) if stream is not None else (lambda m: None)
     roots = prepare_sandbox(req, job_dir)
+    server = warm_server()                   # imports while the inputs are staged (None: cold)
     info = {'sandbox': str(job_dir), 'instances': [], 'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}}
     base = dict(CreationTime=_now(), LocalExecution=info)
     save_describe(job_dir, describe(req, 'InProgress', **base))
@@ -212,7 +257,9 @@ def run_local(req:dict, # a CreateProcessingJob request document
     app = req['AppSpecification']
     say(f"starting {len(roots)} instance(s): {' '.join(app.get('ContainerEntrypoint', []) + app.get('ContainerArguments', []))}")
     start, t0 = _now(), time.monotonic()
-    insts = [Instance(r.name, r, container_argv(req, r), instance_env(req, r), job_dir/f'{r.name}.log', stream) for r in roots]
+    warm = server.path if server is not None and server.ready() else None
+    envs = [{**instance_env(req, r), INSTANCE_ENV: f'{name}:{r.name}:{os.getpid()}', **({WARM_ENV: warm} if warm else {})} for r in roots]
+    insts = [Instance(r.name, r, container_argv(req, r), e, job_dir/f'{r.name}.log', stream, warm) for r, e in zip(roots, envs)]
     status, reason = None, None
     try:
         while status is None:

@@ -4,16 +4,18 @@
 
 # %% ../nbs/85_runner.ipynb #85-runner-003
 from __future__ import annotations
-import argparse, ast, json, os, re, signal, subprocess, sys, tempfile, time
+import argparse, ast, json, os, re, shutil, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 from .contract import JOB_CONFIG_FILE, output_dir, read_json_config, write_exit_message, atomic_path, stop_process_group, die_with_parent
 from .errors import MlprojError, InputError, ParameterError
 from .params import check_params, parse_pairs, read_param_files
 
 # %% auto #0
-__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'SKIP_OPTIONAL', 'KERNEL_START_ATTEMPTS',
-           'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error', 'truncate_streams',
-           'default_total_timeout', 'skip_optional_imports', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill',
+__all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_CAP', 'SKIP_OPTIONAL', 'WARM_ENV', 'COLD_ENV',
+           'INSTANCE_ENV', 'WARM_PRELOAD', 'KERNEL_PRELOAD', 'WARM_SERVER_SOURCE', 'WARM_KERNELS',
+           'KERNEL_START_ATTEMPTS', 'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error',
+           'truncate_streams', 'default_total_timeout', 'skip_optional_imports', 'is_cold', 'WarmServer', 'WarmProcess',
+           'spawn', 'warm_stop', 'warm_kernels', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill',
            'run_notebook', 'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
@@ -104,6 +106,359 @@ def skip_optional_imports():
     "Mark the optional modules a job never needs as absent in this process (see above)."
     exec(SKIP_OPTIONAL, {})
 
+# %% ../nbs/85_runner.ipynb #85-runner-021-01
+WARM_ENV, COLD_ENV = 'MLPROJ_WARM', 'MLPROJ_COLD'   # the fork server's socket, as the processes of a job see it; run everything cold
+INSTANCE_ENV = 'MLPROJ_INSTANCE'                     # set by the local executor: marks every process an instance starts (see mlproj.local)
+WARM_PRELOAD = ('numpy', 'pandas', 'pyarrow', 'sklearn', 'sklearn.base', 'sklearn.pipeline', 'sklearn.compose', 'sklearn.preprocessing',
+                'sklearn.impute', 'sklearn.ensemble', 'sklearn.linear_model', 'sklearn.tree', 'sklearn.metrics', 'sklearn.model_selection',
+                'skops.io', 'matplotlib', 'matplotlib.pyplot', 'threadpoolctl', 'yaml', 'fastcore.docments', 'fastcore.xtras',
+                'fastcore.parallel', 'nbformat', 'papermill', 'nbconvert')
+# not ipykernel/IPython: code that asks whether it runs in a notebook ('IPython' in sys.modules) must get the answer a fresh process gets
+KERNEL_PRELOAD = ('IPython', 'ipykernel.ipkernel', 'ipykernel.zmqshell')   # kernels only, from a second server; not ipykernel.kernelapp: it reads JPY_PARENT_PID at import
+_SERVER_ENV = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1',   # no thread pool starts while importing
+               'JE_ARROW_MALLOC_CONF': 'background_thread:false', 'PYTHONUNBUFFERED': '1'}
+
+def is_cold()->bool:
+    "Must every process start as a fresh interpreter (`--cold`, or MLPROJ_COLD=1)?"
+    return os.environ.get(COLD_ENV, '').strip().lower() not in ('', '0', 'false', 'no')
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-03
+WARM_SERVER_SOURCE = r'''import os, sys
+sys.modules.setdefault('rfc3987_syntax', None)
+
+def _preload(names):
+    "Import the third-party libraries every job needs (never mlproj, never user code); a missing one is skipped."
+    import importlib
+    for m in names:
+        try: importlib.import_module(m)
+        except Exception: pass
+
+_STARTED_ENV = dict(os.environ)
+_SENSITIVE = ('PYTHON', 'MPL', 'SKLEARN_', 'LD_')      # read while the server imported: a child whose values differ must run cold
+
+def _refuse(req)->str|None:
+    "Why a child of this server cannot stand for a fresh `python` with this request (None: it can)."
+    argv, env = req.get('argv') or [], req.get('env') or {}
+    if len(argv) < 2 or os.path.realpath(argv[0]) != os.path.realpath(sys.executable): return 'not this interpreter'
+    if argv[1].startswith('-') and (argv[1] not in ('-c', '-m') or len(argv) < 3): return 'interpreter options'
+    sens = lambda e: {k: v for k, v in e.items() if k.startswith(_SENSITIVE) and k != 'PYTHONUNBUFFERED'}
+    if sens(env) != sens(_STARTED_ENV): return 'import-time environment differs'
+    if len(os.listdir('/proc/self/task')) != 1: return 'the server is not single-threaded'
+    return None
+
+def _serve(path, announce=True):
+    "Accept requests on the Unix socket `path`; fork one child per request; in the parent report its pid, then its exit code."
+    import json, select, signal, socket, struct
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); srv.bind(path); srv.listen(64)
+    if announce: print('ready', os.getpid(), len(os.listdir('/proc/self/task')), flush=True)
+    kids = {}                                   # pid -> [conn, pidfd, token, die_with_client]
+    while True:
+        waits = [srv] + [k[1] for k in kids.values()] + [k[0] for k in kids.values() if k[3]]
+        ready, _, _ = select.select(waits, [], [])
+        for pid, (conn, pidfd, token, dwc) in list(kids.items()):
+            if pidfd in ready:
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                try: conn.sendall(json.dumps({'exit': code}).encode() + b'\n')
+                except OSError: pass
+                conn.close(); os.close(pidfd); del kids[pid]
+            elif dwc and conn in ready:             # the client is gone: its child dies with it, as PR_SET_PDEATHSIG does
+                try: os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError: pass
+                kids[pid][3] = False
+        if srv not in ready: continue
+        conn, _ = srv.accept()
+        uid = struct.unpack('3i', conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[2]
+        if uid != os.getuid(): conn.close(); continue
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 22, 3)
+        while not data.endswith(b'\n'):
+            more = conn.recv(1 << 22)
+            if not more: break
+            data += more
+        try: req = json.loads(data)
+        except ValueError: conn.close(); [os.close(f) for f in fds]; continue
+        if req.get('op') == 'kill':             # end the children started for an instance (its token), whatever they are doing
+            n = 0
+            for pid, k in kids.items():
+                if k[2] == req['token']:
+                    try: os.killpg(pid, req['signal']) if os.getpgid(pid) == pid else os.kill(pid, req['signal']); n += 1
+                    except (ProcessLookupError, PermissionError): pass
+            conn.sendall(json.dumps({'killed': n}).encode() + b'\n'); conn.close(); continue
+        why = _refuse(req)
+        if why:
+            conn.sendall(json.dumps({'error': why}).encode() + b'\n'); conn.close(); [os.close(f) for f in fds]; continue
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            srv.close(); os.close(r)
+            for k in kids.values(): k[0].close(); os.close(k[1])
+            conn.close()
+            return req, fds, w
+        for f in fds + [w]: os.close(f)
+        os.read(r, 1); os.close(r)              # answer once the child has its session, streams and environment, as Popen returns after exec
+        conn.sendall(json.dumps({'pid': pid}).encode() + b'\n')
+        kids[pid] = [conn, os.pidfd_open(pid), req.get('token'), req.get('die_with_client', True)]
+
+def _become(req, fds, started, server):
+    "In the forked child: exactly a fresh instance's process state, then its program."
+    import ctypes, signal, types
+    if req.get('session', True): os.setsid()
+    try: ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG: dies with the server
+    except (OSError, AttributeError): pass
+    if os.getppid() != server: os._exit(137)
+    for i, f in enumerate(fds): os.dup2(f, i)
+    for f in fds:
+        if f > 2: os.close(f)
+    os.chdir(req['cwd']); os.umask(req['umask'])
+    os.environ.clear(); os.environ.update(req['env'])
+    _limit_threads(req['env'])
+    for f in (sys.stdout, sys.stderr): f.reconfigure(write_through=bool(req['env'].get('PYTHONUNBUFFERED')))
+    os.write(started, b'1'); os.close(started)
+    if 'numpy.random' in sys.modules: sys.modules['numpy.random'].seed()   # fresh entropy, as a new process gets
+    main = types.ModuleType('__main__'); main.__dict__['__builtins__'] = __builtins__
+    sys.modules['__main__'] = main
+    keep = {id(m) for m in sys.modules.values()}   # what the server imported: not torn down at the end (see _exit)
+    try: _run(req['argv'], main); code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None: print(e.code, file=sys.stderr)
+    except BaseException as e:
+        import traceback; traceback.print_exc(); code = 1
+        if isinstance(e, KeyboardInterrupt): code = -signal.SIGINT
+    _exit(code, keep)
+
+def _run(argv, main):
+    "Run `argv` (python SCRIPT, -c CODE or -m MODULE, and their arguments) as `python` runs it."
+    import runpy
+    if argv[1] == '-c':
+        sys.argv, sys.path[0] = ['-c'] + argv[3:], ''
+        exec(compile(argv[2], '<string>', 'exec'), main.__dict__)
+    elif argv[1] == '-m':
+        sys.argv, sys.path[0] = [argv[2]] + argv[3:], os.getcwd()
+        runpy.run_module(argv[2], run_name='__main__', alter_sys=True)
+    else:
+        sys.argv, sys.path[0] = argv[1:], os.path.dirname(os.path.abspath(argv[1]))
+        runpy.run_path(argv[1], run_name='__main__')
+
+def _exit(code, keep):
+    "End as an interpreter ends (threads joined, atexit run, everything the job created finalized, streams flushed), without tearing down the preloaded libraries."
+    import atexit, gc, signal, threading
+    try: threading._shutdown()
+    except Exception: pass
+    atexit._run_exitfuncs()
+    mods = [sys.modules.pop(n) for n, m in list(sys.modules.items()) if id(m) not in keep or n == '__main__']
+    for mod in mods:
+        if isinstance(mod, type(sys)) and (id(mod) not in keep or mod.__name__ == '__main__'): mod.__dict__.clear()
+    del mods, mod; gc.collect()
+    for f in (sys.stdout, sys.stderr):
+        try: f.flush()
+        except Exception: pass
+    if code == -signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+def _limit_threads(env):
+    "The thread pools a fresh process would size from its environment (the server imported with one thread each)."
+    try: from threadpoolctl import threadpool_limits
+    except ImportError: return
+    cores = len(os.sched_getaffinity(0))
+    def first(*names):
+        for n in names:
+            try: return max(1, int(str(env.get(n, '')).split(',')[0]))
+            except ValueError: pass
+        return cores
+    threadpool_limits(limits={'openmp': first('OMP_NUM_THREADS'), 'blas': first('OPENBLAS_NUM_THREADS', 'GOTO_NUM_THREADS', 'OMP_NUM_THREADS')})
+
+_preload(sys.argv[2].split(','))
+import gc; gc.collect(); gc.freeze()      # the preloaded objects out of every collection: children neither scan nor copy them
+_server, _path, _announce = os.getpid(), sys.argv[1], True
+if len(sys.argv) > 3 and os.fork() == 0:        # the kernel server: this one's state, plus what a Jupyter kernel imports
+    import ctypes, signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG: dies with the server
+    _preload(sys.argv[3].split(',')); gc.collect(); gc.freeze()
+    _server, _path, _announce = os.getpid(), os.path.join(os.path.dirname(sys.argv[1]), 'k'), False
+_job = _serve(_path, _announce)
+del _preload, _serve
+_become(*_job, _server)
+'''   # run as `python -c WARM_SERVER_SOURCE SOCKET MODULES`: a string, so that the server never imports mlproj
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-04
+class WarmServer:
+    "The fork server: an interpreter that imported `preload`, forking a child per request (see `spawn`); it dies with the process that started it."
+    def __init__(self, preload=WARM_PRELOAD, kernel_preload=KERNEL_PRELOAD):
+        self.dir = tempfile.mkdtemp(prefix='mlproj-warm-')           # mode 0700: only this user reaches the socket (and the server checks the peer's uid)
+        self.path = os.path.join(self.dir, 's')                      # and 'k' beside it: the kernel server's, once it has imported
+        self.env = {'MPLBACKEND': 'Agg', **os.environ, **_SERVER_ENV}   # Agg, as the local executor's instances get it, unless set here
+        self.proc = subprocess.Popen([sys.executable, '-c', WARM_SERVER_SOURCE, self.path, ','.join(preload)] + ([','.join(kernel_preload)] if kernel_preload else []), env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+        self._ready = None
+    def ready(self, timeout:float=120)->bool:
+        "Wait until the server has imported its libraries; False if it cannot serve (then everything runs cold)."
+        if self._ready is None:
+            import select
+            line = self.proc.stdout.readline().decode() if select.select([self.proc.stdout], [], [], timeout)[0] else ''
+            self._ready = line.startswith('ready ') and line.split()[2] == '1'   # 'ready PID THREADS': one thread, or no forking
+            self.proc.stdout.close()
+        return self._ready and self.proc.poll() is None
+    def close(self):
+        "Stop the server (its children die with it) and remove its socket."
+        if self.proc.stdout and not self.proc.stdout.closed: self.proc.stdout.close()
+        stop_process_group(self.proc, 1)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-05
+def _umask()->int:
+    "This process's umask, read without changing it."
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('Umask:'): return int(line.split()[1], 8)
+    m = os.umask(0o22); os.umask(m); return m
+
+def _request(path:str, req:dict, fds=())->tuple:
+    "Send `req` (and file descriptors) to the server at `path`: (the connection, its first reply)."
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        socket.send_fds(s, [json.dumps(req).encode() + b'\n'], list(fds))
+        line = b''
+        while not line.endswith(b'\n'):
+            chunk = s.recv(1)
+            if not chunk: break
+            line += chunk
+    except BaseException: s.close(); raise
+    try: return s, json.loads(line or b'{}')
+    except ValueError: return s, {}
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-06
+class WarmProcess:
+    "A child of the fork server seen as a `subprocess.Popen`: pid, poll, wait, send_signal, terminate, kill, communicate, returncode, stdin/stdout/stderr."
+    def __init__(self, conn, pid:int, stdin=None, stdout=None, stderr=None, args=None):
+        self.conn, self.pid, self.stdin, self.stdout, self.stderr, self.args = conn, pid, stdin, stdout, stderr, args
+        self.returncode, self._buf = None, b''
+    def _read(self, timeout):
+        "Wait up to `timeout` s for the server's word of the exit code."
+        import select
+        if self.returncode is not None or not select.select([self.conn], [], [], timeout)[0]: return
+        chunk = self.conn.recv(4096); self._buf += chunk
+        if chunk and not self._buf.endswith(b'\n'): return
+        try: self.returncode = json.loads(self._buf)['exit']
+        except (ValueError, KeyError): self.returncode = -signal.SIGKILL     # the server is gone, and its children with it
+        self.conn.close()
+    def poll(self): self._read(0); return self.returncode
+    def wait(self, timeout=None):
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0: raise subprocess.TimeoutExpired(self.args, timeout)
+            self._read(left)
+        return self.returncode
+    def send_signal(self, sig):
+        if self.returncode is not None: return
+        try: os.kill(self.pid, sig)
+        except ProcessLookupError: pass
+    def terminate(self): self.send_signal(signal.SIGTERM)
+    def kill(self): self.send_signal(signal.SIGKILL)
+    def communicate(self, input=None, timeout=None):
+        "As `Popen.communicate`: write `input`, read both streams to their end, wait; `subprocess.TimeoutExpired` after `timeout` s."
+        import threading
+        if self.stdin is not None:
+            try:
+                if input: self.stdin.write(input)
+                self.stdin.close()
+            except BrokenPipeError: pass
+        got = {}
+        readers = [threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f.read()), daemon=True)
+                   for k, f in (('out', self.stdout), ('err', self.stderr)) if f is not None]
+        for t in readers: t.start()
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in readers: t.join(None if end is None else max(0, end - time.monotonic()))
+        if any(t.is_alive() for t in readers): raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if end is None else max(5, end - time.monotonic()))    # its streams are closed: it is ending
+        return got.get('out'), got.get('err')
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-07
+def spawn(argv:list, # the command, as for `subprocess.Popen`
+          stdin=None, stdout=None, stderr=None, # None (inherit), subprocess.PIPE, DEVNULL, STDOUT (stderr only), or a file descriptor
+          env:dict|None=None, cwd=None, text:bool=False, errors:str|None=None,
+          start_new_session:bool=False, # its own session and process group
+          die_with_client:bool=True, # killed when this process ends (`PR_SET_PDEATHSIG` when cold)
+          server:str|None=None, # the fork server's socket (default $MLPROJ_WARM)
+         ):
+    "Start `argv` as a child of the warm server when there is one that can stand for a fresh process; else as `subprocess.Popen` does."
+    env = dict(os.environ if env is None else env)
+    server = server or os.environ.get(WARM_ENV)
+    if server and not is_cold() and os.path.exists(server):
+        try:
+            p = _spawn_warm(server, argv, (stdin, stdout, stderr), env, cwd, text, errors, start_new_session, die_with_client)
+            if p is not None: return p
+        except OSError: pass                 # the server is gone: start cold
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd, text=text, errors=errors,
+                            start_new_session=start_new_session, preexec_fn=die_with_parent if die_with_client else None)
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-08
+def _spawn_warm(server, argv, streams, env, cwd, text, errors, session, die_with_client)->WarmProcess|None:
+    "Ask the server for a child with these streams; None if it declines (the caller starts a fresh process)."
+    import io
+    ours, give, opened = [None, None, None], [], []
+    for i, spec in enumerate(streams):
+        if spec is None: give.append(i)                           # inherit, as Popen does
+        elif spec == subprocess.DEVNULL: opened.append(os.open(os.devnull, os.O_RDWR)); give.append(opened[-1])
+        elif spec == subprocess.PIPE:
+            r, w = os.pipe(); ours[i], child = (w, r) if i == 0 else (r, w)
+            opened.append(child); give.append(child)
+        elif spec == subprocess.STDOUT and i == 2: give.append(give[1])
+        else: give.append(spec if isinstance(spec, int) else spec.fileno())
+    try:
+        argv = [str(a) for a in argv]
+        if argv[1:2] == ['-Xfrozen_modules=off']: argv = argv[:1] + argv[2:]   # ipykernel's kernelspec asks it for debuggers; the stdlib is the same
+        req = {'argv': argv, 'env': env, 'cwd': os.path.abspath(cwd or os.getcwd()), 'umask': _umask(),
+               'session': session, 'die_with_client': die_with_client, 'token': env.get(INSTANCE_ENV)}
+        conn, reply = _request(server, req, give)
+    except BaseException:
+        for n in ours:
+            if n is not None: os.close(n)
+        raise
+    finally:
+        for n in opened: os.close(n)
+    if 'pid' not in reply:
+        conn.close()
+        for n in ours:
+            if n is not None: os.close(n)
+        return None
+    wrap = lambda n, mode: None if n is None else io.open(n, mode, errors=errors) if text else io.open(n, mode + 'b')
+    return WarmProcess(conn, reply['pid'], wrap(ours[0], 'w'), wrap(ours[1], 'r'), wrap(ours[2], 'r'), argv)
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-11
+def warm_stop(token:str, sig:int=signal.SIGKILL, server:str|None=None)->int:
+    "Signal every child the warm server started for instance `token` (its process group when it leads one); how many. Needs no cooperation from them."
+    server = server or os.environ.get(WARM_ENV)
+    if not token or not server or not os.path.exists(server): return 0
+    n = 0
+    for path in (server, os.path.join(os.path.dirname(server), 'k')):     # the server, and its kernel server
+        try: conn, reply = _request(path, {'op': 'kill', 'token': token, 'signal': int(sig)})
+        except OSError: continue
+        conn.close(); n += reply.get('killed', 0)
+    return n
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-14
+def _kernel_server()->str|None:
+    "The kernel server's socket once it is up (ipykernel imported), else the fork server's."
+    main = os.environ.get(WARM_ENV)
+    k = os.path.join(os.path.dirname(main), 'k') if main else None
+    return k if k and os.path.exists(k) else main
+
+def warm_kernels():
+    "In papermill's process: the kernel starts as a child of the warm server (its command, environment and working folder as given); else as before."
+    from jupyter_client.provisioning import local_provisioner as lp
+    cold = lp.launch_kernel
+    def launch(cmd, stdin=None, stdout=None, stderr=None, env=None, independent=False, cwd=None, **kw):
+        if kw or independent or is_cold(): return cold(cmd, stdin=stdin, stdout=stdout, stderr=stderr, env=env, independent=independent, cwd=cwd, **kw)
+        # the kernel's own session, as jupyter_client gives it; it dies with papermill (its JPY_PARENT_PID poller does that when cold)
+        env = {**(os.environ if env is None else env), 'JPY_PARENT_PID': str(os.getpid())}     # as jupyter_client's launch_kernel sets it
+        return spawn([os.path.expanduser(s) for s in cmd], stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=stdout, stderr=stderr,
+                     env=env, cwd=cwd, start_new_session=True, server=_kernel_server())
+    lp.launch_kernel = launch
+
+WARM_KERNELS = f"import os\nif os.environ.get({WARM_ENV!r}): from mlproj.runner import warm_kernels; warm_kernels()\n"   # run first in papermill's process
+
 # %% ../nbs/85_runner.ipynb #85-runner-022
 def _render_html(nb_path:Path, html_path:Path):
     from nbconvert import HTMLExporter
@@ -126,8 +481,8 @@ if job.strip():
 class HtmlRenderer:
     "nbconvert loaded in a process of its own while the notebook runs; `render` then costs only the rendering."
     def __init__(self):
-        try: self.proc = subprocess.Popen([sys.executable, '-c', _HTML_RENDERER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+        try: self.proc = spawn([sys.executable, '-c', _HTML_RENDERER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)   # warm when the job has a fork server
         except OSError: self.proc = None
     def render(self, nb_path:Path, html_path:Path, timeout:float=300):
         "Write `nb_path` as HTML to `html_path` (whole or not at all); in this process if the renderer cannot."
@@ -155,7 +510,7 @@ def kernel_start_failed(log:str)->bool:
     return 'Executing Cell' not in log and ('Kernel died before replying to kernel_info' in log or "Kernel didn't respond" in log)
 
 # %% ../nbs/85_runner.ipynb #85-runner-026
-_PAPERMILL_BOOT = SKIP_OPTIONAL + """
+_PAPERMILL_BOOT = SKIP_OPTIONAL + WARM_KERNELS + """
 import json, os, sys
 from papermill.cli import papermill
 job = sys.stdin.readline()
@@ -168,8 +523,8 @@ if job.strip():
 
 def start_papermill()->subprocess.Popen:
     "A papermill process in its own process group, papermill imported meanwhile, waiting for its command line (see `_papermill`)."
-    return subprocess.Popen([sys.executable, '-c', _PAPERMILL_BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True, errors='replace', preexec_fn=die_with_parent)
+    return spawn([sys.executable, '-c', _PAPERMILL_BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 start_new_session=True, text=True, errors='replace')        # warm when the job has a fork server
 
 def _discard(proc:subprocess.Popen|None):
     "Stop a papermill process started ahead that was not used."
@@ -188,8 +543,8 @@ def _papermill(cmd:list, timeout:float|None, stream, runtime_dir=None,
         except OSError: _discard(proc); proc = None
     else: _discard(proc); proc = None
     if proc is None:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, text=True, errors='replace', env={**os.environ, **extra}, preexec_fn=die_with_parent)
+        proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                     start_new_session=True, text=True, errors='replace', env={**os.environ, **extra})
     lines, timed_out = [], False
     def pump():
         for line in proc.stdout:
@@ -236,7 +591,7 @@ def run_notebook(notebook, # the job notebook
     with tempfile.TemporaryDirectory() as tmp:
         pfile, work_nb = Path(tmp)/'parameters.yaml', Path(tmp)/name
         pfile.write_text(yaml.safe_dump(params))
-        cmd = [sys.executable, '-c', SKIP_OPTIONAL + "import runpy; runpy.run_module('papermill', run_name='__main__')", str(nb_path), str(work_nb), '-f', str(pfile), '-k', kernel,
+        cmd = [sys.executable, '-c', SKIP_OPTIONAL + WARM_KERNELS + "import runpy; runpy.run_module('papermill', run_name='__main__')", str(nb_path), str(work_nb), '-f', str(pfile), '-k', kernel,
                '--execution-timeout', str(cell_timeout), '--log-output', '--no-progress-bar', '--autosave-cell-every', '10']
         t0, stopped = time.monotonic(), None
         try:

@@ -9,6 +9,14 @@ from mlproj.local import run_local, show_job
 from mlproj.data import synthetic_penguins, TARGET, ID
 
 
+@pytest.fixture(autouse=True, params=['warm', 'cold'])
+def start(request, monkeypatch):
+    "Every test here runs twice: instances forked from the warm server, and fresh interpreters (`--cold`, MLPROJ_COLD=1)."
+    monkeypatch.setenv('MLPROJ_COLD', '1' if request.param == 'cold' else '0')
+    monkeypatch.setenv('MPLBACKEND', os.environ.get('MPLBACKEND', 'Agg'))   # as the executor gives instances: a warm child must not differ
+    return request.param
+
+
 def script(tmp_path, body, name='entry.py'):
     p = tmp_path / name
     p.write_text(textwrap.dedent(body))

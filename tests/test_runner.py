@@ -13,6 +13,26 @@ BIN = Path(sys.executable).parent
 RUNNER = [sys.executable, '-m', 'mlproj.runner']
 
 
+@pytest.fixture(scope='module')
+def warm_server():
+    "One fork server for this module's warm runs (the local executor starts one per `mlproj run`)."
+    from mlproj.runner import WarmServer
+    s = WarmServer(); assert s.ready(), 'the fork server did not start'
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True, params=['warm', 'cold'])
+def start(request, monkeypatch):
+    "Every test here runs twice: papermill, its kernel and the report renderer forked from the warm server, and fresh interpreters."
+    monkeypatch.setenv('MPLBACKEND', os.environ.get('MPLBACKEND', 'Agg'))
+    if request.param == 'warm':
+        monkeypatch.setenv('MLPROJ_WARM', request.getfixturevalue('warm_server').path); monkeypatch.setenv('MLPROJ_COLD', '0')
+    else:
+        monkeypatch.delenv('MLPROJ_WARM', raising=False); monkeypatch.setenv('MLPROJ_COLD', '1')
+    return request.param
+
+
 def make_nb(path, cells, params="n: int = 3  # how many"):
     nb = nbformat.v4.new_notebook()
     nb.metadata = {'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}}
