@@ -238,9 +238,9 @@ def _copy_checked(src_fd:int, dest:Path, size:int, want:str, shown:str):
     with os.fdopen(src_fd, 'rb') as fi, open(dest, 'wb') as fo:
         while left > 0:
             b = fi.read(min(left, 1 << 20))
-            if not b: raise StaleOutputs(f'{shown} is shorter than recorded')
+            if not b: raise StaleOutputs(f'{shown} changed since it was recorded (shorter)')
             h.update(b); fo.write(b); left -= len(b)
-        if fi.read(1): raise StaleOutputs(f'{shown} is longer than recorded')
+        if fi.read(1): raise StaleOutputs(f'{shown} changed since it was recorded (longer)')
     if h.hexdigest() != want: raise StaleOutputs(f'{shown} changed since it was recorded')
 
 def _checked_channel(ch:str, out, run_dir:Path)->tuple[Path, dict, dict]:
