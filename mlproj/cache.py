@@ -203,9 +203,9 @@ def completed_in(runs:dict, # from `scan_runs`
          if s[0] == step and s[1] == 'Completed' and s[2] and (key is None or s[2] == key)]
     return list(dict.fromkeys(rid for _, rid in sorted(c, reverse=True)))
 
-def step_record(outputs_dir, run_id:str, step:str, key:str|None=None)->dict:
-    "The completed record of `step` (with cache key `key`) in run `run_id`, read from its record; `BadRecord` if there is none."
-    rec = read_run_record(Path(outputs_dir)/run_id)
+def step_record(rec:dict, # a run record, from `read_run_record`
+                step:str, key:str|None=None)->dict:
+    "The completed record of `step` (with cache key `key`) in run record `rec`; `BadRecord` if there is none."
     for s in reversed(rec['steps']):
         if s.get('step') == step and s.get('status') == 'Completed' and s.get('cache_key') and (key is None or s['cache_key'] == key): return s
     raise BadRecord(f'no completed {step} step' + (' with this key' if key else ''))
@@ -238,9 +238,9 @@ def _copy_checked(src_fd:int, dest:Path, size:int, want:str, shown:str):
     with os.fdopen(src_fd, 'rb') as fi, open(dest, 'wb') as fo:
         while left > 0:
             b = fi.read(min(left, 1 << 20))
-            if not b: raise StaleOutputs(f'{shown} is shorter than recorded')
+            if not b: raise StaleOutputs(f'{shown} changed since it was recorded (shorter)')
             h.update(b); fo.write(b); left -= len(b)
-        if fi.read(1): raise StaleOutputs(f'{shown} is longer than recorded')
+        if fi.read(1): raise StaleOutputs(f'{shown} changed since it was recorded (longer)')
     if h.hexdigest() != want: raise StaleOutputs(f'{shown} changed since it was recorded')
 
 def _checked_channel(ch:str, out, run_dir:Path)->tuple[Path, dict, dict]:

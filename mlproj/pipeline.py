@@ -237,6 +237,13 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
     for note in notes[:5]: say(f'note: {note}')
     if len(notes) > 5: say(f'note: and {len(notes) - 5:,} more run records skipped')
     reconcile_runs(outputs_dir, runs)
+    seen = {}                                              # earlier records this run reads: each at most once
+    def earlier(rid:str, step:str, key:str|None=None)->dict:
+        if rid not in seen:
+            try: seen[rid] = read_run_record(outputs_dir/rid)
+            except BadRecord as e: seen[rid] = e
+        if isinstance(seen[rid], BadRecord): raise seen[rid]
+        return step_record(seen[rid], step, key)
     record = {'run_id': run_id, 'pipeline': p.name, 'status': 'InProgress', 'engine': engine, 'cache': cache,
               'started': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'run_dir': str(run_dir.resolve()),
               'mlproj_version': __version__, 'source': source_checkout(), 'parameters': params,
@@ -259,11 +266,11 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
         if cache:
             reason = None
             for rid in completed_in(runs, step, key):          # the index points; the record and the bytes decide
-                try: old = step_record(outputs_dir, rid, step, key); reuse_outputs(old.get('outputs'), outputs_dir/rid, outs); hit = (rid, old); break
+                try: old = earlier(rid, step, key); reuse_outputs(old.get('outputs'), outputs_dir/rid, outs); hit = (rid, old); break
                 except (StaleOutputs, BadRecord) as e: reason = reason or f'outputs of run {rid} unusable ({e})'
             if not hit and not reason:
                 newest = completed_in(runs, step)
-                try: reason = explain_miss(material, key_material(step_record(outputs_dir, newest[0], step)) if newest else None)
+                try: reason = explain_miss(material, key_material(earlier(newest[0], step)) if newest else None)
                 except (KeyError, TypeError, AttributeError, BadRecord): reason = 'no comparable earlier run of this step'
         if hit:
             rid, old = hit
