@@ -11,8 +11,8 @@ from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
-__all__ = ['default_inputs', 'build_spec', 'model_parser', 'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run',
-           'cmd_sagemaker', 'cmd_params', 'cmd_job', 'main']
+__all__ = ['default_inputs', 'model_package_input', 'build_spec', 'model_parser', 'model_registry', 'cmd_model', 'make_parser',
+           'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params', 'cmd_job', 'main']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -33,12 +33,32 @@ def default_inputs(step:str, given:dict)->dict:
     ins.update({k: v for k, v in given.items() if k not in ins})   # unknown names are refused by step_job
     return ins
 
+# %% ../nbs/95_cli.ipynb #95-cli-006b
+def model_package_input(ref:str, # GROUP/VERSION or GROUP/latest-approved, in the local registry (outputs/registry)
+                        step:str, # the job's step
+                        given:dict, # its --input pairs
+                        params:dict, # its -p pairs
+                       )->tuple:
+    "(inputs, params) of a job whose `model` is an Approved package's model file, checked by sha256 and pinned by `expected_model_sha256`."
+    from mlproj.registry import LocalRegistry, deployable, recorded_sha256, MODEL
+    if 'model' not in get_step(step).inputs: raise SpecError(f'--model-package: step {step} reads no model')
+    if 'model' in given: raise SpecError('--model-package and --input model=... name two models: give one')
+    reg = LocalRegistry(outputs_root()/'registry')
+    desc, _ = deployable(reg, ref)                                   # refuses a package that is not Approved, naming its status
+    path, sha = reg.fetch(desc, MODEL), recorded_sha256(desc)[MODEL]  # every file checked again by sha256
+    if params.get('expected_model_sha256', sha) != sha:
+        raise SpecError(f"-p expected_model_sha256 differs from model package {desc['ModelPackageGroupName']}/{desc['ModelPackageVersion']}'s model ({sha[:12]}…)")
+    print(f"model: package {desc['ModelPackageGroupName']}/{desc['ModelPackageVersion']} ({desc['ModelApprovalStatus']}), {path}", file=sys.stderr, flush=True)
+    return {**given, 'model': str(path)}, {**params, 'expected_model_sha256': sha}
+
 # %% ../nbs/95_cli.ipynb #95-cli-007
 def build_spec(a)->'JobSpec':
     "The JobSpec of a `job run`/`job request` command line (nothing is written)."
     get_step(a.step)
     name = a.name or job_name(a.step)
-    ins = default_inputs(a.step, parse_pairs(a.input, '--input'))
+    given, params = parse_pairs(a.input, '--input'), parse_pairs(a.param, '-p')
+    if getattr(a, 'model_package', None): given, params = model_package_input(a.model_package, a.step, given, params)
+    ins = default_inputs(a.step, given)
     given_outs = parse_pairs(a.output, '--output')
     channels = get_step(a.step).outputs + ((REPORT_CHANNEL,) if a.engine == 'notebook' else ())
     outs = {ch: given_outs.get(ch, str(outputs_root()/name/ch)) for ch in channels}
@@ -47,7 +67,7 @@ def build_spec(a)->'JobSpec':
     if a.env: kw['environment'] = parse_pairs(a.env, '--env')
     if getattr(a, 'role', None): kw['role'] = a.role
     code = code_dir(code_files(a.step, a.engine), outputs_root()/'code')   # its path only: `job run` writes it, `job request` does not
-    return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, engine=a.engine, code=str(code), **kw)
+    return step_job(a.step, ins, outs, params, instance_count=a.instance_count, name=name, engine=a.engine, code=str(code), **kw)
 
 # %% ../nbs/95_cli.ipynb #95-cli-009
 def _job_args(p):
@@ -56,6 +76,7 @@ def _job_args(p):
     p.add_argument('--input', action='append', metavar='NAME=URI', help='input channel source: a path, file:// or s3:// URI (repeatable)')
     p.add_argument('--output', action='append', metavar='NAME=URI', help='output channel destination (default outputs/<job-name>/<name>)')
     p.add_argument('-p', '--param', action='append', metavar='NAME=VALUE', help="step parameter, e.g. -p seed=7 (see 'mlproj job params STEP')")
+    p.add_argument('--model-package', metavar='GROUP/VERSION', help='the model input from an Approved package of outputs/registry (GROUP/VERSION or GROUP/latest-approved), checked by sha256')
     p.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='MaxRuntimeInSeconds (default 3600)')
     p.add_argument('--instance-type', default='ml.m5.xlarge', help='instance type recorded in the request (default ml.m5.xlarge)')
     p.add_argument('--volume-size', type=int, default=30, metavar='GB', help='VolumeSizeInGB (default 30)')

@@ -10,7 +10,7 @@ from .data import SCHEMA, Schema
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['compute_metrics', 'evaluate_model', 'metrics_table', 'plot_confusion', 'plot_per_class']
+__all__ = ['compute_metrics', 'evaluate_model', 'metrics_table', 'plot_confusion', 'plot_per_class', 'metric_value']
 
 # %% ../nbs/40_evaluate.ipynb #40-evaluate-004
 def _metric(v)->dict: return {'value': float(v), 'standard_deviation': 'NaN'}
@@ -67,3 +67,17 @@ def plot_per_class(report:dict, dest=None):
     fig.tight_layout()
     if dest is not None: fig.savefig(dest, format='png', dpi=100); plt.close(fig)
     return fig
+
+# %% ../nbs/40_evaluate.ipynb #40-evaluate-090
+def metric_value(doc:dict, # a parsed metrics document, e.g. evaluation.json
+                 path:str, # dotted path, e.g. multiclass_classification_metrics.accuracy.value
+                 where:str='', # the file, for the message
+                )->float:
+    "The number at dotted `path` of `doc` (read as SageMaker's `JsonGet` reads a property file); one line naming the file and path if there is none."
+    from mlproj.errors import SpecError, quote
+    cur = doc
+    for part in path.split('.'):
+        if not isinstance(cur, dict) or part not in cur: raise SpecError(f'{where or "metrics"}: no {path!r} (missing {part!r})')
+        cur = cur[part]
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {quote(cur, quoted=isinstance(cur, str))}, not a number')
+    return float(cur)
