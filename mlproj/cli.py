@@ -205,7 +205,8 @@ def cmd_run(a)->int:
     "`mlproj run`: the pipeline, locally."
     from mlproj.pipeline import run_pipeline
     rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=run_params(a.param, a.params_file), run_id=a.run_id,
-                       max_runtime=a.max_runtime, engine=a.engine, cache=not a.no_cache)
+                       max_runtime=a.max_runtime, engine=a.engine, cache=not a.no_cache,
+                       stream=sys.stderr)   # the stderr of now (run_pipeline's default is the one of its import)
     _print_json(rec)
     if rec['status'] == 'Completed': return 0
     interrupted = any(st.get('failure_reason', '').startswith('Stopped by user') for st in rec['steps'])
