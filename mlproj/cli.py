@@ -11,9 +11,9 @@ from .steps import BUNDLED, STEPS, get_step, step_sources
 from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
-__all__ = ['default_inputs', 'build_spec', 'cold_flag', 'apply_cold', 'serve_parser', 'transform_parser', 'model_parser',
-           'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker', 'cmd_params',
-           'cmd_job', 'main', 'model_source', 'cmd_serve', 'cmd_deploy', 'cmd_transform']
+__all__ = ['default_inputs', 'model_package_input', 'build_spec', 'cold_flag', 'apply_cold', 'serve_parser', 'transform_parser',
+           'model_parser', 'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker',
+           'cmd_params', 'cmd_job', 'main', 'model_source', 'cmd_serve', 'cmd_deploy', 'cmd_transform']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -35,12 +35,32 @@ def default_inputs(step:str, given:dict)->dict:
     ins.update({k: v for k, v in given.items() if k not in ins})   # unknown names are refused by step_job
     return ins
 
+# %% ../nbs/95_cli.ipynb #95-cli-006b
+def model_package_input(ref:str, # GROUP/VERSION or GROUP/latest-approved, in the local registry (outputs/registry)
+                        step:str, # the job's step
+                        given:dict, # its --input pairs
+                        params:dict, # its -p pairs
+                       )->tuple:
+    "(inputs, params) of a job whose `model` is an Approved package's model file, checked by sha256 and pinned by `expected_model_sha256`."
+    from mlproj.registry import LocalRegistry, deployable, recorded_sha256, MODEL
+    if 'model' not in get_step(step).inputs: raise SpecError(f'--model-package: step {step} reads no model')
+    if 'model' in given: raise SpecError('--model-package and --input model=... name two models: give one')
+    reg = LocalRegistry(outputs_root()/'registry')
+    desc, _ = deployable(reg, ref)                                   # refuses a package that is not Approved, naming its status
+    path, sha = reg.fetch(desc, MODEL), recorded_sha256(desc)[MODEL]  # every file checked again by sha256
+    if params.get('expected_model_sha256', sha) != sha:
+        raise SpecError(f"-p expected_model_sha256 differs from model package {desc['ModelPackageGroupName']}/{desc['ModelPackageVersion']}'s model ({sha[:12]}…)")
+    print(f"model: package {desc['ModelPackageGroupName']}/{desc['ModelPackageVersion']} ({desc['ModelApprovalStatus']}), {path}", file=sys.stderr, flush=True)
+    return {**given, 'model': str(path)}, {**params, 'expected_model_sha256': sha}
+
 # %% ../nbs/95_cli.ipynb #95-cli-007
 def build_spec(a)->'JobSpec':
     "The JobSpec of a `job run`/`job request` command line (nothing is written)."
     get_step(a.step)
     name = a.name or job_name(a.step)
-    ins = default_inputs(a.step, parse_pairs(a.input, '--input'))
+    given, params = parse_pairs(a.input, '--input'), parse_pairs(a.param, '-p')
+    if getattr(a, 'model_package', None): given, params = model_package_input(a.model_package, a.step, given, params)
+    ins = default_inputs(a.step, given)
     given_outs = parse_pairs(a.output, '--output')
     channels = get_step(a.step).outputs + ((REPORT_CHANNEL,) if a.engine == 'notebook' else ())
     outs = {ch: given_outs.get(ch, str(outputs_root()/name/ch)) for ch in channels}
@@ -49,7 +69,7 @@ def build_spec(a)->'JobSpec':
     if a.env: kw['environment'] = parse_pairs(a.env, '--env')
     if getattr(a, 'role', None): kw['role'] = a.role
     code = code_dir(code_files(a.step, a.engine), outputs_root()/'code')   # its path only: `job run` writes it, `job request` does not
-    return step_job(a.step, ins, outs, parse_pairs(a.param, '-p'), instance_count=a.instance_count, name=name, engine=a.engine, code=str(code), **kw)
+    return step_job(a.step, ins, outs, params, instance_count=a.instance_count, name=name, engine=a.engine, code=str(code), **kw)
 
 # %% ../nbs/95_cli.ipynb #95-cli-008-cold
 def cold_flag(p:argparse.ArgumentParser):
@@ -70,6 +90,7 @@ def _job_args(p):
     p.add_argument('--input', action='append', metavar='NAME=URI', help='input channel source: a path, file:// or s3:// URI (repeatable)')
     p.add_argument('--output', action='append', metavar='NAME=URI', help='output channel destination (default outputs/<job-name>/<name>)')
     p.add_argument('-p', '--param', action='append', metavar='NAME=VALUE', help="step parameter, e.g. -p seed=7 (see 'mlproj job params STEP')")
+    p.add_argument('--model-package', metavar='GROUP/VERSION', help='the model input from an Approved package of outputs/registry (GROUP/VERSION or GROUP/latest-approved), checked by sha256')
     p.add_argument('--max-runtime', type=int, default=3600, metavar='S', help='MaxRuntimeInSeconds (default 3600)')
     p.add_argument('--instance-type', default='ml.m5.xlarge', help='instance type recorded in the request (default ml.m5.xlarge)')
     p.add_argument('--volume-size', type=int, default=30, metavar='GB', help='VolumeSizeInGB (default 30)')
@@ -246,7 +267,8 @@ def cmd_run(a)->int:
     "`mlproj run`: the pipeline, locally."
     from mlproj.pipeline import run_pipeline
     rec = run_pipeline(raw=a.raw, data=a.data, outputs_dir=outputs_root(), params=run_params(a.param, a.params_file), run_id=a.run_id,
-                       max_runtime=a.max_runtime, engine=a.engine, cache=not a.no_cache)
+                       max_runtime=a.max_runtime, engine=a.engine, cache=not a.no_cache,
+                       stream=sys.stderr)   # the stderr of now (run_pipeline's default is the one of its import)
     _print_json(rec)
     if rec['status'] == 'Completed': return 0
     interrupted = any(st.get('failure_reason', '').startswith('Stopped by user') for st in rec['steps'])

@@ -15,7 +15,7 @@ __all__ = ['MIN_ROWS_FOR_STD', 'N_RESAMPLES', 'RESAMPLE_SHARE', 'ERROR_METRICS',
            'EVALUATION_PLOTS', 'scalar', 'resampled_std', 'regression_values', 'fbeta', 'binary_counts',
            'binary_values', 'binary_curves', 'multiclass_values', 'compute_metrics', 'score_table', 'metrics_of',
            'evaluate_model', 'metrics_table', 'headline', 'plot_confusion', 'plot_per_class', 'plot_roc',
-           'plot_precision_recall', 'plot_predicted_vs_actual', 'plot_residuals', 'write_plots']
+           'plot_precision_recall', 'plot_predicted_vs_actual', 'plot_residuals', 'write_plots', 'metric_value']
 
 # %% ../nbs/40_evaluate.ipynb #40-evaluate-005
 MIN_ROWS_FOR_STD, N_RESAMPLES, RESAMPLE_SHARE = 200, 5, 0.8   # Model Monitor's resampling: 5 draws of 80% of the rows, from 200 rows on
@@ -309,3 +309,17 @@ def write_plots(report:dict, # see metrics_of
     "Write the task's pictures (EVALUATION_PLOTS); returns their file names."
     for name, plot in EVALUATION_PLOTS[task].items(): plot(report, scored, dest(name))
     return list(EVALUATION_PLOTS[task])
+
+# %% ../nbs/40_evaluate.ipynb #40-evaluate-090
+def metric_value(doc:dict, # a parsed metrics document, e.g. evaluation.json
+                 path:str, # dotted path, e.g. multiclass_classification_metrics.accuracy.value
+                 where:str='', # the file, for the message
+                )->float:
+    "The number at dotted `path` of `doc` (read as SageMaker's `JsonGet` reads a property file); one line naming the file and path if there is none."
+    from mlproj.errors import SpecError, quote
+    cur = doc
+    for part in path.split('.'):
+        if not isinstance(cur, dict) or part not in cur: raise SpecError(f'{where or "metrics"}: no {path!r} (missing {part!r})')
+        cur = cur[part]
+    if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {quote(cur, quoted=isinstance(cur, str))}, not a number')
+    return float(cur)

@@ -9,17 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .errors import SpecError, BackendError, quote
 from .storage import s3_join, split_s3
-from .steps import BUNDLED, STEPS, step_sources
+from .steps import BUNDLED, STEPS, step_sources, producers
 from .jobs import CODE_CHANNEL, ENGINES, code_files, code_dir, step_job, render_request, validate_request, job_name
 from .sagemaker_backend import to_remote, check_target
 from .cache import package_digest
 from .pipeline import PIPELINE, Pipeline, RESOURCE_PARAMS, check_run_params
 
 # %% auto #0
-__all__ = ['PARAM_TYPES', 'SOURCE_RECORD', 'SM_VERSION', 'GATE_STEP', 'FAIL_STEP', 'PROPERTY_FILE', 'SM_CONDITIONS', 'SFN_SYNC',
-           'SFN_GET_OBJECT', 'SFN_CHOICES', 'READ_METRIC', 'GATE_STATE', 'ROLE_TOKEN', 'FORMATS', 'param_name',
-           'Target', 'partition_of', 'in_partition', 'check_partition', 'export_parameters', 'pipeline_code',
-           'code_digest', 's3_layout', 'output_uri', 'step_request', 'Ref', 'step_template', 'message_parts',
+__all__ = ['LOCAL_ONLY', 'PARAM_TYPES', 'SOURCE_RECORD', 'SM_VERSION', 'GATE_STEP', 'FAIL_STEP', 'PROPERTY_FILE', 'SM_CONDITIONS',
+           'SM_REGISTER', 'EXPORTED_ACTIONS', 'SFN_SYNC', 'SFN_GET_OBJECT', 'SFN_CREATE_MODEL_PACKAGE', 'SFN_CHOICES',
+           'READ_METRIC', 'GATE_STATE', 'ROLE_TOKEN', 'FORMATS', 'param_name', 'Target', 'partition_of', 'in_partition',
+           'check_partition', 'export_parameters', 'pipeline_code', 'code_digest', 's3_layout', 'output_uri',
+           'step_request', 'Ref', 'step_template', 'message_parts', 'register_template', 'exported_actions',
            'sagemaker_definition', 'resolve_sagemaker', 'processing_steps', 'check_sagemaker_definition',
            'sfn_job_prefix', 'stepfunctions_definition', 'resolve_stepfunctions', 'stepfunctions_state',
            'check_stepfunctions_definition', 'cloudformation_template', 'export_definition', 'execution_values',
@@ -64,6 +65,11 @@ def check_partition(t:Target):
     if part is not None and part != t.partition:
         raise SpecError(f"--role {quote(t.role)} is in partition {quote(part)}, the region's partition is {t.partition!r}")
 
+# %% ../nbs/92_export.ipynb #92-export-008e
+LOCAL_ONLY = {   # pipeline parameters the exports do not carry, and why
+    'gate.against': 'champion/challenger runs only in `mlproj run`: a SageMaker Pipelines Condition cannot look up the Model Registry',
+    'gate.tolerance': 'champion/challenger runs only in `mlproj run`: a SageMaker Pipelines Condition cannot look up the Model Registry'}
+
 # %% ../nbs/92_export.ipynb #92-export-009
 PARAM_TYPES = {int: 'Integer', float: 'Float', str: 'String', bool: 'String'}   # a bool travels as its text, True or False
 
@@ -72,6 +78,7 @@ def export_parameters(t:Target, p:Pipeline=PIPELINE)->dict:
     lay = s3_layout(t, p)
     out = {f'input.{ch}': (param_name(f'input.{ch}'), 'String', lay['inputs'][ch]) for ch in p.inputs}
     for k, q in p.parameters().items():
+        if k in LOCAL_ONLY: continue
         if q.type not in PARAM_TYPES: raise SpecError(f'pipeline parameter {k}: type {q.type.__name__} has no SageMaker counterpart (int, float, str)')
         out[k] = (param_name(k), PARAM_TYPES[q.type], str(q.default) if q.type is bool else q.default)
     names = [n for n, _, _ in out.values()]
@@ -130,7 +137,7 @@ def step_request(step:str, # a step of `p`
 @dataclass(frozen=True)
 class Ref:
     "A hole in a step template: a pipeline parameter (`param`: 'group.name'), or where a step's output goes in this execution (`output`: 'step/channel')."
-    kind: str              # 'param' or 'output'
+    kind: str              # 'param', 'output', or 'file' (a file in a step's output: key 'train/model/model.tar.gz')
     key: str               # 'train.seed' or 'train/model'
     prefix: str = ''       # text before the value; with `text` the hole is a string ('seed=' + value)
     text: bool = False     # render the value as text (an element of ContainerArguments)
@@ -184,13 +191,37 @@ def _sm_fill(x, step:str, t:Target, p:Pipeline):
     if x.kind == 'param':
         get = {'Get': f'Parameters.{param_name(x.key)}'}
         return {'Std:Join': {'On': '', 'Values': [x.prefix, get] if x.prefix else [get]}} if x.text else get
-    src, ch = x.key.split('/')
-    if src != step: return {'Get': f"Steps.{src}.ProcessingOutputConfig.Outputs['{ch}'].S3Output.S3Uri"}
+    src, ch, *file = x.key.split('/')                     # 'file': the output location, then the file's name
+    if src != step:
+        get = {'Get': f"Steps.{src}.ProcessingOutputConfig.Outputs['{ch}'].S3Output.S3Uri"}
+        return {'Std:Join': {'On': '', 'Values': [get, *file]}} if file else get
     return {'Std:Join': {'On': '', 'Values': [s3_layout(t, p)['runs'], {'Get': 'Execution.PipelineExecutionId'}, f'/{step}/{ch}/']}}
+
+# %% ../nbs/92_export.ipynb #92-export-026b
+SM_REGISTER = 'RegisterModel'      # the SageMaker Pipelines step type of a model registration
+
+def register_template(t:Target, p:Pipeline=PIPELINE)->dict:
+    "The `CreateModelPackage` request of the register step, with a `Ref` for each parameter (group, status) and each file (the model, the gate's metrics)."
+    from mlproj.registry import CONTENT_TYPES, MODEL
+    return {'ModelPackageGroupName': Ref('param', 'register.group'), 'ModelApprovalStatus': Ref('param', 'register.approval_status'),
+            'ModelPackageDescription': f'the model of an execution of pipeline {p.name} that passed its quality gate (exported by mlproj)',
+            'InferenceSpecification': {'Containers': [{'Image': t.image_uri, 'ModelDataUrl': Ref('file', f"{producers()['model']}/model/{MODEL}")}],
+                                       'SupportedContentTypes': list(CONTENT_TYPES), 'SupportedResponseMIMETypes': list(CONTENT_TYPES)},
+            'ModelMetrics': {'ModelQuality': {'Statistics': {'ContentType': 'application/json', 'S3Uri': Ref('file', f'{p.gate.step}/{p.gate.channel}/{p.gate.file}')}}},
+            'MetadataProperties': {'GeneratedBy': 'mlproj'}, 'CustomerMetadataProperties': {'mlproj:pipeline': p.name}}
+
+EXPORTED_ACTIONS = {'register': register_template}   # action name -> its request template in both engines
+
+def exported_actions(p:Pipeline=PIPELINE)->list:
+    "The pipeline's actions, each one the exports know, after the gate's step (they run when the gate holds)."
+    for a in p.actions:
+        if a.name not in EXPORTED_ACTIONS: raise SpecError(f'action {a.name} has no export (exported: {", ".join(EXPORTED_ACTIONS)})')
+        if not p.gate or a.after != p.gate.step: raise SpecError(f'action {a.name} runs after {a.after}: only actions after the gate are exported')
+    return list(p.actions)
 
 # %% ../nbs/92_export.ipynb #92-export-027
 def sagemaker_definition(t:Target, p:Pipeline=PIPELINE)->dict:
-    "The SageMaker Pipelines definition of `p`: parameters, a Processing step per step, the gate as Condition + Fail."
+    "The SageMaker Pipelines definition of `p`: parameters, a Processing step per step, the gate as Condition + Fail, the register step inside the gate."
     params = [{'Name': n, 'Type': ty, 'DefaultValue': d} for n, ty, d in export_parameters(t, p).values()]
     steps = []
     for s in p.steps:
@@ -204,6 +235,7 @@ def sagemaker_definition(t:Target, p:Pipeline=PIPELINE)->dict:
         threshold = {'Get': f"Parameters.{param_name('gate.threshold')}"}
         fail = {'Name': FAIL_STEP, 'Type': 'Fail', 'Arguments': {'ErrorMessage': {'Std:Join': {'On': '', 'Values': [pre, metric, mid, threshold, post]}}}}
         gated = [x for x in steps if x['Name'] in p.gated]
+        gated += [{'Name': a.name, 'Type': SM_REGISTER, 'Arguments': _sm_fill(EXPORTED_ACTIONS[a.name](t, p), a.name, t, p)} for a in exported_actions(p)]
         cond = {'Name': GATE_STEP, 'Type': 'Condition', 'Arguments': {
             'Conditions': [{'Type': SM_CONDITIONS[g.op], 'LeftValue': metric, 'RightValue': threshold}], 'IfSteps': gated, 'ElseSteps': [fail]}}
         steps = [x for x in steps if x['Name'] not in p.gated] + [cond]
@@ -240,27 +272,32 @@ def resolve_sagemaker(defn:dict, # a SageMaker Pipelines definition
     return {**ev({k: v for k, v in defn.items() if k != 'Parameters'}), 'Parameters': defn['Parameters']}
 
 # %% ../nbs/92_export.ipynb #92-export-033
-def processing_steps(defn:dict)->dict:
-    "{step name: Arguments} of every Processing step of a SageMaker Pipelines definition, condition branches included."
+def processing_steps(defn:dict, kind:str='Processing')->dict:
+    "{step name: Arguments} of every step of type `kind` (Processing, RegisterModel) of a SageMaker Pipelines definition, condition branches included."
     out = {}
     def walk(steps):
         for s in steps:
-            if s['Type'] == 'Processing': out[s['Name']] = s['Arguments']
+            if s['Type'] == kind: out[s['Name']] = s['Arguments']
             if s['Type'] == 'Condition': walk(s['Arguments']['IfSteps'] + s['Arguments']['ElseSteps'])
     walk(defn['Steps'])
     return out
 
 # %% ../nbs/92_export.ipynb #92-export-035
 def check_sagemaker_definition(defn:dict, values:dict|None=None)->dict:
-    "Refuse a definition whose Processing steps, resolved (defaults, or `values`), are not valid CreateProcessingJob requests."
+    "Refuse a definition whose Processing steps (RegisterModel steps), resolved (defaults, or `values`), are not valid CreateProcessingJob (CreateModelPackage) requests."
     for name, args in processing_steps(resolve_sagemaker(defn, values)).items():
         try: validate_request({'ProcessingJobName': f'check-{name}'.replace('_', '-'), **args}, local_uris=False)
+        except SpecError as e: raise SpecError(f'SageMaker pipeline step {name}: {e}') from None
+    from mlproj.registry import validate_package_request
+    for name, args in processing_steps(resolve_sagemaker(defn, values), SM_REGISTER).items():
+        try: validate_package_request(args)
         except SpecError as e: raise SpecError(f'SageMaker pipeline step {name}: {e}') from None
     return defn
 
 # %% ../nbs/92_export.ipynb #92-export-038
 SFN_SYNC = 'arn:aws:states:::sagemaker:createProcessingJob.sync'
 SFN_GET_OBJECT = 'arn:aws:states:::aws-sdk:s3:getObject'
+SFN_CREATE_MODEL_PACKAGE = 'arn:aws:states:::aws-sdk:sagemaker:createModelPackage'
 SFN_CHOICES = {'>=': 'NumericGreaterThanEqualsPath', '>': 'NumericGreaterThanPath', '<=': 'NumericLessThanEqualsPath', '<': 'NumericLessThanPath'}
 READ_METRIC, GATE_STATE = 'ReadGateMetric', 'QualityGate'
 
@@ -273,9 +310,9 @@ def _fmt(*parts:str)->str:
     if any(c in x for x in parts for c in '{}'): raise SpecError(f'braces in a Step Functions format text: {parts}')
     return "'" + '{}'.join(_lit(x)[1:-1] for x in parts) + "'"
 
-def _run_location(t:Target, p:Pipeline, step:str, ch:str)->str:
-    "Intrinsic: where `step` writes `ch` in this execution."
-    return f"States.Format({_fmt(s3_layout(t, p)['runs'], f'/{step}/{ch}/')}, $$.Execution.Name)"
+def _run_location(t:Target, p:Pipeline, step:str, ch:str, file:str='')->str:
+    "Intrinsic: where `step` writes `ch` (its file `file`) in this execution."
+    return f"States.Format({_fmt(s3_layout(t, p)['runs'], f'/{step}/{ch}/{file}')}, $$.Execution.Name)"
 
 # %% ../nbs/92_export.ipynb #92-export-040
 def _sfn_fill(x, t:Target, p:Pipeline):
@@ -301,7 +338,7 @@ def sfn_job_prefix(step:str, p:Pipeline=PIPELINE)->str:
 
 # %% ../nbs/92_export.ipynb #92-export-043
 def stepfunctions_definition(t:Target, p:Pipeline=PIPELINE)->dict:
-    "The Amazon States Language state machine of `p`: parameters, a createProcessingJob.sync task per step, the gate as Choice + Fail."
+    "The Amazon States Language state machine of `p`: parameters, a createProcessingJob.sync task per step, the gate as Choice + Fail, a createModelPackage task when it holds."
     defaults = {n: d for n, _, d in export_parameters(t, p).values()}
     states = {'Parameters': {'Type': 'Pass', 'Parameters': {'defaults': defaults, 'given.$': '$$.Execution.Input'}, 'Next': 'MergeParameters'},
               'MergeParameters': {'Type': 'Pass', 'Parameters': {'p.$': 'States.JsonMerge($.defaults, $.given, false)'}, 'Next': p.steps[0]}}
@@ -317,11 +354,16 @@ def stepfunctions_definition(t:Target, p:Pipeline=PIPELINE)->dict:
         states[READ_METRIC] = {'Type': 'Task', 'Resource': SFN_GET_OBJECT, 'Parameters': {
             'Bucket': t.bucket, 'Key.$': f"States.Format({_fmt(key, f'/{g.step}/{g.channel}/{g.file}')}, $$.Execution.Name)"},
             'ResultSelector': {'doc.$': 'States.StringToJson($.Body)'}, 'ResultPath': '$.gate', 'Next': GATE_STATE}
-        after = p.gated[0] if p.gated else 'Passed'
+        chain = [a.name for a in exported_actions(p)] + list(p.gated)     # after the gate holds: register, then the gated steps
+        after = chain[0] if chain else 'Passed'
+        for a in exported_actions(p):
+            nxt = chain[chain.index(a.name) + 1] if chain.index(a.name) + 1 < len(chain) else None
+            states[a.name] = {'Type': 'Task', 'Resource': SFN_CREATE_MODEL_PACKAGE, 'Parameters': _sfn_fill(EXPORTED_ACTIONS[a.name](t, p), t, p),
+                              'ResultSelector': {'ModelPackageArn.$': '$.ModelPackageArn'}, 'ResultPath': f'$.{a.name}', **({'Next': nxt} if nxt else {'End': True})}
         states[GATE_STATE] = {'Type': 'Choice', 'Choices': [{'Variable': metric, SFN_CHOICES[g.op]: f"$.p.{param_name('gate.threshold')}", 'Next': after}],
                               'Default': FAIL_STEP}
         states[FAIL_STEP] = {'Type': 'Fail', 'Error': 'QualityGateFailed', 'CausePath': f"States.Format({_fmt(pre, mid, post)}, {metric}, $.p.{param_name('gate.threshold')})"}
-        if not p.gated: states['Passed'] = {'Type': 'Succeed'}
+        if not chain: states['Passed'] = {'Type': 'Succeed'}
     return {'Comment': f'{p.name}: {" -> ".join(p.steps)}, exported by mlproj from the pipeline declaration', 'StartAt': 'Parameters', 'States': states}
 
 # %% ../nbs/92_export.ipynb #92-export-046
@@ -385,11 +427,16 @@ def stepfunctions_state(defn:dict, given:dict|None=None)->dict:
 
 # %% ../nbs/92_export.ipynb #92-export-052
 def check_stepfunctions_definition(defn:dict, given:dict|None=None)->dict:
-    "Refuse a state machine whose processing tasks, resolved (defaults, or execution input `given`), are not valid CreateProcessingJob requests."
+    "Refuse a state machine whose processing tasks, resolved (defaults, or execution input `given`), are not valid CreateProcessingJob requests (createModelPackage tasks: CreateModelPackage requests)."
     st = stepfunctions_state(defn, given)
     for name, s in defn['States'].items():
         if s.get('Resource') != SFN_SYNC: continue
         try: validate_request(resolve_stepfunctions(s['Parameters'], st, {'Execution': {'Name': 'EXECUTION'}}), local_uris=False)
+        except (SpecError, KeyError) as e: raise SpecError(f'state machine task {name}: {e}') from None
+    from mlproj.registry import validate_package_request
+    for name, s in defn['States'].items():
+        if s.get('Resource') != SFN_CREATE_MODEL_PACKAGE: continue
+        try: validate_package_request(resolve_stepfunctions(s['Parameters'], st, {'Execution': {'Name': 'EXECUTION'}}))
         except (SpecError, KeyError) as e: raise SpecError(f'state machine task {name}: {e}') from None
     return defn
 
@@ -413,12 +460,16 @@ def cloudformation_template(t:Target, p:Pipeline=PIPELINE)->dict:
         'Conditions': {'WithSageMaker': {'Fn::Not': [{'Fn::Equals': [{'Ref': 'Deploy'}, 'stepfunctions']}]},
                        'WithStepFunctions': {'Fn::Not': [{'Fn::Equals': [{'Ref': 'Deploy'}, 'sagemaker']}]}},
         'Resources': {
+            **({'ModelPackageGroup': {'Type': 'AWS::SageMaker::ModelPackageGroup', 'Properties': {
+                'ModelPackageGroupName': p.parameters()['register.group'].default,
+                'ModelPackageGroupDescription': f'models of pipeline {p.name} that passed its quality gate (exported by mlproj)'}}} if p.actions else {}),
             'SageMakerPipeline': {'Type': 'AWS::SageMaker::Pipeline', 'Condition': 'WithSageMaker', 'Properties': {
                 'PipelineName': p.name, 'RoleArn': {'Ref': 'ProcessingRoleArn'}, 'PipelineDefinition': {'PipelineDefinitionBody': {'Fn::Sub': sm}}}},
             'StateMachine': {'Type': 'AWS::StepFunctions::StateMachine', 'Condition': 'WithStepFunctions', 'Properties': {
                 'StateMachineName': p.name, 'RoleArn': {'Ref': 'StateMachineRoleArn'}, 'Definition': sfn,
                 'DefinitionSubstitutions': {'ProcessingRoleArn': {'Ref': 'ProcessingRoleArn'}}}}},
-        'Outputs': {'SageMakerPipelineName': {'Condition': 'WithSageMaker', 'Value': {'Ref': 'SageMakerPipeline'}},
+        'Outputs': {**({'ModelPackageGroupArn': {'Value': {'Fn::GetAtt': ['ModelPackageGroup', 'ModelPackageGroupArn']}}} if p.actions else {}),
+                    'SageMakerPipelineName': {'Condition': 'WithSageMaker', 'Value': {'Ref': 'SageMakerPipeline'}},
                     'StateMachineArn': {'Condition': 'WithStepFunctions', 'Value': {'Ref': 'StateMachine'}}}}
 
 # %% ../nbs/92_export.ipynb #92-export-058
@@ -450,6 +501,7 @@ def execution_values(pairs:dict, # {'group.name': text} from -p
         g, dot, n = k.partition('.')
         if not dot: raise SpecError(f'-p {k}={v}: expected GROUP.NAME=VALUE, e.g. train.seed=7')
         groups.setdefault(g, {})[n] = v
+    if local := next((k for k in pairs if k in LOCAL_ONLY), None): raise SpecError(f'-p {local}: {LOCAL_ONLY[local]}')
     typed = check_run_params(groups, p)
     return {param_name(k): v for k, v in ins.items()} | {param_name(f'{g}.{n}'): str(v) if isinstance(v, bool) else v for g, d in typed.items() for n, v in d.items()}
 
@@ -603,11 +655,12 @@ def cmd_pipeline(a)->int:
         with user_output_path(a.output, '-o') as tmp: Path(tmp).write_text(text)
         say(f'wrote {a.format} definition to {a.output}'); return 0
     from mlproj.sagemaker_backend import aws_session
+    values = execution_values(parse_pairs(a.param, '-p')) if a.plcmd == 'start' else None   # a bad -p is refused before AWS is reached
     session = aws_session(a.region, a.profile)
     if a.plcmd == 'upsert':
         upsert(a.backend, _target(a), session, a.state_machine_role, wheels=not a.image_uri, dependencies=not a.no_dependency_wheels, say=say,
                code_only=a.code_only)
         return 0
     if a.plcmd == 'start':
-        print(start(a.backend, session, execution_values(parse_pairs(a.param, '-p')), a.name)); return 0
+        print(start(a.backend, session, values, a.name)); return 0
     print(json.dumps(show(a.backend, session, a.execution), indent=2, default=str)); return 0

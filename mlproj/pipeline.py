@@ -6,10 +6,11 @@
 from __future__ import annotations
 import datetime as dt, json, os, secrets, sys, time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 from .contract import atomic_path, process_alive, process_started
 from .data import SCHEMA
-from .errors import InputError, SpecError, OutputLocationError, quote
+from .errors import MlprojError, InputError, SpecError, OutputLocationError, quote
 from .params import check_params, did_you_mean
 from .storage import to_uri, uri_path, digests
 from .steps import BUNDLED, STEPS, Param, step_order, step_sources, check_step_params, step_outcome, mermaid
@@ -19,9 +20,11 @@ from .cache import (package_digest, environment, source_checkout, key_material, 
                     RUN_RECORD, check_run_id, read_run_record, BadRecord, scan_runs, completed_in, step_record, output_record)
 
 # %% auto #0
-__all__ = ['GATE_OPS', 'RESOURCE_PARAMS', 'INTERNAL_PARAMS', 'TASK_GATES', 'PIPELINE', 'MODEL_DIGEST_PARAM', 'Gate',
-           'metric_value', 'Pipeline', 'task_gate', 'pipeline_mermaid', 'wiring', 'check_run_params', 'new_run_id',
-           'provenance', 'reconcile_runs', 'check_gate', 'run_pipeline']
+__all__ = ['GATE_OPS', 'RESOURCE_PARAMS', 'INTERNAL_PARAMS', 'TASK_GATES', 'PIPELINE', 'GATE_AGAINST', 'MODEL_DIGEST_PARAM',
+           'Gate', 'Pipeline', 'Action', 'run_registry', 'register_params', 'check_register_params', 'register_model',
+           'describe_package', 'register_action', 'task_gate', 'pipeline_mermaid', 'wiring', 'check_gate_params',
+           'check_run_params', 'new_run_id', 'provenance', 'reconcile_runs', 'champion_verdict', 'check_gate',
+           'model_group', 'run_actions', 'run_pipeline']
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-005
 GATE_OPS = {'>=': 'at least', '>': 'above', '<=': 'at most', '<': 'below'}   # comparison -> words of the message
@@ -44,19 +47,6 @@ class Gate:
         t = self.threshold if threshold is None else threshold
         return f"quality gate failed: {self.metric} is {value:g}, required {GATE_OPS[self.op]} {t:g} (gate.threshold)"
 
-# %% ../nbs/90_pipeline.ipynb #90-pipeline-008
-def metric_value(doc:dict, # the parsed JSON file
-                 path:str, # dotted path, e.g. multiclass_classification_metrics.accuracy.value
-                 where:str='', # the file, for the message
-                )->float:
-    "The number at dotted `path` of `doc`."
-    cur = doc
-    for part in path.split('.'):
-        if not isinstance(cur, dict) or part not in cur: raise SpecError(f'{where or "metrics"}: no {path!r} (missing {part!r})')
-        cur = cur[part]
-    if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {quote(cur, quoted=isinstance(cur, str))}, not a number')
-    return float(cur)
-
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-011
 RESOURCE_PARAMS = {'instance_count': Param('instance_count', int, 1, 'instances of a sharded step (its input split by S3 key)'),
                    'instance_type': Param('instance_type', str, 'ml.m5.xlarge', 'instance type of the step')}
@@ -64,10 +54,11 @@ INTERNAL_PARAMS = ('expected_model_sha256',)   # set by the run from its own lin
 
 @dataclass(frozen=True)
 class Pipeline:
-    "The pipeline as data: steps in run order (from the step declaration) and the quality gate."
+    "The pipeline as data: steps in run order (from the step declaration), the quality gate, and the steps the orchestrator runs itself."
     name: str              # the pipeline's name (SageMaker pipeline / state machine name)
-    steps: tuple           # step names, each after the steps it reads from
+    steps: tuple           # processing step names, each after the steps it reads from
     gate: Gate|None = None # the quality condition, checked after gate.step
+    actions: tuple = ()    # `Action`s: steps that are not processing jobs (e.g. register), each run right after a processing step
     @property
     def gated(self)->tuple:
         "The steps that run only when the gate holds: every step after the gate's step."
@@ -76,14 +67,72 @@ class Pipeline:
     def inputs(self)->list:
         "The input channels no step produces: the pipeline's own inputs, in run order."
         return list(dict.fromkeys(ch for s in self.steps for ch, src in step_sources(s).items() if src == BUNDLED))
+    @property
+    def order(self)->tuple:
+        "Every step's name in run order: the processing steps, each action right after the step it follows."
+        return tuple(n for s in self.steps for n in [s] + [a.name for a in self.actions if a.after == s])
     def parameters(self)->dict:
-        "{'group.name': Param} of every pipeline parameter: step parameters, resources of the steps, gate.threshold."
+        "{'group.name': Param} of every pipeline parameter: step parameters, resources of the steps, the gate's, the actions'."
         out = {}
         for s in self.steps:
             out |= {f'{s}.{n}': p for n, p in STEPS[s].params.items() if n not in INTERNAL_PARAMS}
             out |= {f'{s}.{n}': p for n, p in RESOURCE_PARAMS.items() if n != 'instance_count' or STEPS[s].shardable}
-        if self.gate: out['gate.threshold'] = Param('threshold', float, self.gate.threshold, f'{self.gate.metric} must be {GATE_OPS[self.gate.op]} this')
+        if self.gate:
+            out['gate.threshold'] = Param('threshold', float, self.gate.threshold, f'{self.gate.metric} must be {GATE_OPS[self.gate.op]} this')
+            out['gate.against'] = Param('against', str, 'none', "none, or approved: also be at least as good as the model group's newest Approved package")
+            out['gate.tolerance'] = Param('tolerance', float, 0.0, 'with gate.against=approved: how far behind the approved package the new model may fall (>= 0)')
+        for a in self.actions: out |= {f'{a.name}.{n}': q for n, q in a.params(self).items()}
         return out
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-011b
+@dataclass(frozen=True)
+class Action:
+    "A pipeline step the orchestrator runs itself — no container, no cache (e.g. registering the model) — right after processing step `after`."
+    name: str              # its name: in the run record, the progress lines and its parameters (`<name>.<parameter>`)
+    after: str             # the processing step it follows (after the gate, when that is the gate's step)
+    run: Callable          # run(run_dir, outputs_dir, pipeline, **params) -> dict merged into the run record; raises MlprojError to fail the run
+    params: Callable       # params(pipeline) -> {name: Param} (a default may depend on the pipeline, e.g. its name)
+    check: Callable = None # check({name: typed value}) -> the same, refusing a bad value before anything runs (None: types only)
+    describe: Callable = None # describe(result) -> the few words the progress and final lines say about its result
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-011d
+def run_registry(outputs_dir)->'LocalRegistry':
+    "The model registry of the runs under `outputs_dir`: `<outputs_dir>/registry`."
+    from mlproj.registry import LocalRegistry
+    return LocalRegistry(Path(outputs_dir)/'registry')
+
+def register_params(p:'Pipeline')->dict:
+    "{name: Param} of the register action of `p`."
+    from mlproj.registry import PENDING, STATUSES
+    return {'group': Param('group', str, p.name, "model package group the model is registered in (default: the pipeline's name)"),
+            'approval_status': Param('approval_status', str, PENDING, f"status of the new version: {', '.join(STATUSES)}")}
+
+def check_register_params(typed:dict)->dict:
+    "`typed` if `register.group` is a valid group name and `register.approval_status` a status; else one line."
+    from mlproj.registry import check_group, STATUSES
+    if 'group' in typed:
+        try: check_group(typed['group'])
+        except SpecError as e: raise SpecError(f'register.group: {e}') from None
+    if typed.get('approval_status', STATUSES[0]) not in STATUSES:
+        raise SpecError(f"register.approval_status={quote(typed['approval_status'])}: one of {', '.join(STATUSES)}")
+    return typed
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-011e
+def register_model(run_dir, outputs_dir, p:'Pipeline', group:str, approval_status:str)->dict:
+    "Register the run's model (`mlproj.registry.register_run`); {'model_package': group, version, arn, status, created}."
+    from mlproj.registry import register_run
+    d = register_run(run_dir, group, approval_status, run_registry(outputs_dir))
+    return {'model_package': {'group': d['ModelPackageGroupName'], 'version': d['ModelPackageVersion'], 'arn': d['ModelPackageArn'],
+                              'status': d['ModelApprovalStatus'], 'created': d['Created']}}
+
+def describe_package(result:dict)->str:
+    "'model package mlproj/1 (PendingManualApproval, registered)' — or 'reused' when this model was registered before."
+    m = result['model_package']
+    return f"model package {m['group']}/{m['version']} ({m['status']}, {'registered' if m['created'] else 'reused: already registered'})"
+
+def register_action(after:str)->Action:
+    "The register step, after processing step `after` (the gate's)."
+    return Action('register', after, register_model, register_params, check_register_params, describe_package)
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-013
 TASK_GATES = {   # the default gate of each task: (metric in evaluation.json, comparison, default gate.threshold)
@@ -98,17 +147,18 @@ def task_gate(task:str, # a task, `Schema.task`
     metric, op, threshold = TASK_GATES[task]
     return Gate('evaluate', 'evaluation', 'evaluation.json', metric, threshold, op)
 
-PIPELINE = Pipeline('mlproj', tuple(step_order()), task_gate(SCHEMA.task))
+PIPELINE = Pipeline('mlproj', tuple(step_order()), task_gate(SCHEMA.task), (register_action(task_gate(SCHEMA.task).step),))
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-016
 def pipeline_mermaid(p:Pipeline=PIPELINE)->str:
-    "The pipeline as Mermaid flowchart text: the step graph, and the gate with its Fail branch."
+    "The pipeline as Mermaid flowchart text: the step graph, the gate with its Fail branch, the actions (double-bordered)."
     lines = mermaid().splitlines()
     if not p.gate: return '\n'.join(lines)
     g, short = p.gate, p.gate.metric.split('.')[-2] if '.' in p.gate.metric else p.gate.metric
     out = [lines[0]] + [l for l in lines[1:] if not any(l.strip().startswith(f'{p.gate.step} --') and l.rstrip().endswith(f'--> {s}') for s in p.gated)]
     out.append(f'    {g.step} --> gate{{"{short} {g.op} gate.threshold ({g.threshold:g})"}}')
     out += [f'    gate -- pass --> {s}' for s in p.gated if not any(src != BUNDLED and src[0] in p.gated for src in step_sources(s).values())]
+    out += [f'    gate -- pass --> {a.name}[[{a.name}]]' if a.after == g.step else f'    {a.after} --> {a.name}[[{a.name}]]' for a in p.actions]
     out.append('    gate -- fail --> fail([Failed: quality gate])')
     return '\n'.join(out)
 
@@ -124,12 +174,23 @@ def wiring(run_dir:Path, # the run's folder: each step writes under <run_dir>/<s
         out[step] = (ins, {ch: str(run_dir/step/ch) for ch in STEPS[step].outputs})
     return out
 
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-021a
+GATE_AGAINST = ('none', 'approved')   # gate.against: the threshold only, or also the newest Approved package of the model group
+
+def check_gate_params(typed:dict, # the gate's parameters, typed
+                     )->dict:
+    "`typed` if gate.against is none or approved and gate.tolerance at least 0 (finite: its type says so); else one line."
+    if typed.get('against', 'none') not in GATE_AGAINST: raise SpecError(f"gate.against={quote(typed['against'])}: one of {', '.join(GATE_AGAINST)}")
+    if typed.get('tolerance', 0.0) < 0: raise SpecError(f"gate.tolerance={typed['tolerance']:g}: must be at least 0")
+    return typed
+
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-022
-def check_run_params(params:dict, # {group: {name: value}}: a step or 'gate', then a name
+def check_run_params(params:dict, # {group: {name: value}}: a step, 'gate' or an action, then a name
                      p:Pipeline=PIPELINE, # the pipeline
                     )->dict:
     "{group: {name: typed value}} of `params`; an unknown group or name, a bad value or a value out of range is refused before anything runs."
-    groups = list(p.steps) + (['gate'] if p.gate else [])
+    acts = {a.name: a for a in p.actions}
+    groups = list(p.steps) + (['gate'] if p.gate else []) + list(acts)
     out = {}
     for group, given in params.items():
         if group not in groups: raise SpecError(f"unknown step {quote(group)} in parameters" + did_you_mean(group, groups) + f"; pipeline parameters: {', '.join(groups)}")
@@ -138,7 +199,10 @@ def check_run_params(params:dict, # {group: {name: value}}: a step or 'gate', th
         table = {k.partition('.')[2]: v for k, v in p.parameters().items() if k.startswith(f'{group}.')}
         res = {n: v for n, v in given.items() if n in RESOURCE_PARAMS and n in table}
         typed = check_params(res, {n: table[n].type for n in res}, f'{group}') if res else {}
-        if group == 'gate': typed = check_params(given, {n: q.type for n, q in table.items()}, 'gate')
+        if group == 'gate': typed = check_gate_params(check_params(given, {n: q.type for n, q in table.items()}, 'gate'))
+        elif group in acts:
+            typed = check_params(given, {n: q.type for n, q in table.items()}, group)
+            typed = acts[group].check(typed) if acts[group].check else typed
         else: typed |= check_step_params(group, {n: v for n, v in given.items() if n not in res})
         n = typed.get('instance_count')
         if n is not None and not 1 <= n <= STEPS[group].max_instances:
@@ -188,24 +252,77 @@ def _input_record(uri:str, record:dict)->dict:
             if out['uri'] == uri: return {'uri': uri, 'sha256': out['sha256']}
     return {'uri': uri, 'sha256': digests(uri)}
 
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-033a
+def champion_verdict(g:Gate, # the pipeline's gate: its metric and comparison
+                     value:float, # the new model's value of the metric
+                     tolerance:float, # gate.tolerance
+                     registry, # the model registry (`run_registry`)
+                     group:str, # the model package group
+                    )->dict:
+    "Champion/challenger: is `value` at least as good as the group's newest Approved package, read from its own evaluation.json? With none, it passes and says so."
+    from mlproj.evaluate import metric_value
+    from mlproj.registry import approved_champion, package_evaluation, compare_with_champion, EVALUATION
+    champ = approved_champion(registry, group)
+    if champ is None: return {'against': 'approved', 'group': group, 'champion': None, 'passed': True,
+                              'message': f'no approved package in model package group {group}: only gate.threshold applies'}
+    ref = f"{group}/{champ['ModelPackageVersion']}"
+    cv = metric_value(package_evaluation(registry, champ), g.metric, f'{EVALUATION} of model package {ref}')
+    return {'against': 'approved', 'group': group, 'champion': ref, 'champion_arn': champ['ModelPackageArn'],
+            **compare_with_champion(value, cv, g.op, tolerance, g.metric, f'approved {ref}')}
+
 def check_gate(p:Pipeline, # the pipeline
                outs:dict, # {channel: folder} of the gate's step in this run
                threshold:float, # the run's gate.threshold
+               against:str='none', # gate.against: 'none', or 'approved' (also the champion)
+               tolerance:float=0.0, # gate.tolerance
+               registry=None, # the model registry (with against='approved')
+               group:str|None=None, # the model package group (default: the pipeline's name)
               )->dict:
-    "The gate's verdict: {'step', 'metric', 'op', 'threshold', 'value', 'passed'} (+ 'message' when it failed)."
+    "The gate's verdict: {'step', 'metric', 'op', 'threshold', 'value', 'passed'}, 'champion' with against='approved', 'message' naming each comparison that failed."
+    from mlproj.evaluate import metric_value
     g = p.gate
     f = Path(outs[g.channel])/g.file
     try: doc = json.loads(f.read_text(encoding='utf-8'))
     except (OSError, ValueError) as e: raise SpecError(f'quality gate: cannot read {f}: {e}') from None
     value = metric_value(doc, g.metric, str(f))
     v = {'step': g.step, 'metric': g.metric, 'op': g.op, 'threshold': threshold, 'value': value, 'passed': g.holds(value, threshold)}
-    return v if v['passed'] else {**v, 'message': g.message(value, threshold)}
+    failed = [] if v['passed'] else [g.message(value, threshold)]
+    if against == 'approved':
+        v['champion'] = champion_verdict(g, value, tolerance, registry, group or p.name)
+        if not v['champion']['passed']: failed.append(v['champion']['message'])
+    return {**v, 'passed': not failed, **({'message': '; '.join(failed)} if failed else {})}
+
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-034b
+def model_group(p:Pipeline, params:dict)->str:
+    "The model package group of a run: the `group` parameter of its action that has one (register), else the pipeline's name."
+    for a in p.actions:
+        if 'group' in (declared := a.params(p)): return params.get(a.name, {}).get('group', declared['group'].default)
+    return p.name
+
+def run_actions(p:Pipeline, step:str, record:dict, run_dir:Path, outputs_dir:Path, params:dict, save, say, pos:dict)->bool:
+    "Run the actions declared after `step`, each recorded in record['actions'] and its result merged into the record; False (the run Failed) if one refused."
+    for a in (a for a in p.actions if a.after == step):
+        given = {n: q.default for n, q in a.params(p).items()} | params.get(a.name, {})
+        arec = {'action': a.name, 'after': step, 'parameters': given, 'status': 'InProgress'}
+        record.setdefault('actions', []).append(arec); save()          # the action reads the record as it stands
+        t0 = time.perf_counter()
+        try: result = a.run(run_dir, outputs_dir, p, **given)
+        except MlprojError as e:
+            arec.update(status='Failed', failure_reason=str(e), seconds=round(time.perf_counter() - t0, 3))
+            record.update(status='Failed', failed_step=a.name, failure_reason=f'{a.name}: {e}'); save()
+            say(f"{pos[a.name]}/{len(pos)} {a.name}: Failed in {arec['seconds']:.1f}s; {e}")
+            return False
+        arec.update(status='Completed', seconds=round(time.perf_counter() - t0, 3), summary=a.describe(result) if a.describe else '')
+        record.update(result); save()
+        say(f"{pos[a.name]}/{len(pos)} {a.name}: Completed in {arec['seconds']:.1f}s" + (f"; {arec['summary']}" if arec['summary'] else ''))
+    return True
 
 # %% ../nbs/90_pipeline.ipynb #90-pipeline-035
 def run_pipeline(raw=None, # raw training data (default: the bundled table)
                  data=None, # rows to score in batch inference (default: the bundled table)
                  outputs_dir='outputs', # where runs and job sandboxes go
-                 params:dict|None=None, # {group: {name: value}}: step parameters, resources, gate.threshold
+                 params:dict|None=None, # {group: {name: value}}: step parameters, resources, the gate's and the actions' parameters
                  run_id:str|None=None, # name of the run folder (default: timestamp)
                  max_runtime:int=3600, # per-step MaxRuntimeInSeconds
                  engine:str='notebook', # 'notebook' (job notebooks under papermill, with reports) or 'script'
@@ -213,7 +330,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
                  cache:bool=True, # reuse the outputs of an earlier identical step (False: run every step)
                  p:Pipeline=PIPELINE, # the pipeline
                 )->dict:
-    "Run the pipeline's steps as local processing jobs, in graph order, with caching and the gate; returns the run record (also written to run.json)."
+    "Run the pipeline's steps as local processing jobs, in graph order, with caching, the gate and the actions; returns the run record (also written to run.json)."
     from mlproj import __version__
     from mlproj.data import bundled_path
     t_run = time.perf_counter()                           # the run's seconds include finding earlier runs
@@ -250,8 +367,9 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
               'driver': {'pid': os.getpid(), 'started': process_started(os.getpid())}, 'steps': []}
     def save():
         with atomic_path(run_dir/'run.json') as t: t.write_text(json.dumps(record, indent=2))
-    n = len(p.steps)
-    for i, (step, (ins, outs)) in enumerate(wiring(run_dir, external, p).items(), 1):
+    n, pos = len(p.steps), {s: i for i, s in enumerate(p.order, 1)}       # progress: i/len(pos) over every step, actions included
+    for step, (ins, outs) in wiring(run_dir, external, p).items():
+        i = f'{pos[step]}/{len(pos)}'
         if engine == 'notebook': outs = {**outs, REPORT_CHANNEL: str(run_dir/step/REPORT_CHANNEL)}
         given = params.get(step, {})
         resources = {k: given.get(k, q.default) for k, q in RESOURCE_PARAMS.items()}
@@ -280,10 +398,10 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
                         outputs={k: {'uri': to_uri(outs[k]), 'path': Path(outs[k]).relative_to(run_dir).as_posix(), 'sha256': v['sha256'], 'bytes': v['bytes']}
                                  for k, v in old['outputs'].items()})   # checked while copied: not hashed again
             record['steps'].append(srec); save()
-            say(f"{i}/{n} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else ''))
+            say(f"{i} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else ''))
         else:
             spec = step_job(step, ins, outs, step_params, max_runtime=max_runtime, engine=engine, code=str(bundles[step]), **resources)
-            say(f'{i}/{n} {step}: running job {spec.name} (cache miss: {reason})')
+            say(f'{i} {step}: running job {spec.name} (cache miss: {reason})')
             req = render_request(spec)
             d = run_local(req, jobs_dir=outputs_dir/'jobs', stream=stream)
             srec.update(cache='miss', cache_reason=reason, job_name=spec.name, request=mask_secrets(req), status=d['ProcessingJobStatus'],
@@ -292,7 +410,7 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
                         outputs={k: output_record(v, run_dir) for k, v in outs.items()},
                         **({'failure_reason': d['FailureReason']} if d.get('FailureReason') else {}))
             record['steps'].append(srec); save()
-            say(f"{i}/{n} {step}: {srec['status']} in {srec['seconds']:.1f}s (cache miss)" + (f"; {srec['exit_message']}" if srec.get('exit_message') and srec['status'] == 'Completed' else ''))
+            say(f"{i} {step}: {srec['status']} in {srec['seconds']:.1f}s (cache miss)" + (f"; {srec['exit_message']}" if srec.get('exit_message') and srec['status'] == 'Completed' else ''))
             if srec['status'] != 'Completed':
                 record.update(status=srec['status'], failed_step=step); break
         o = step_outcome(step, ins, outs)
@@ -300,12 +418,15 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
             srec['outcome'] = record.setdefault('outcomes', {})[step] = o; save()
             say(f"{step}: {o['outcome']}, {o['violations']} violation(s)" + (f" ({', '.join(f'{k} {v}' for k, v in o['by_kind'].items())})" if o['by_kind'] else ''))
         if p.gate and step == p.gate.step:
-            try: record['gate'] = check_gate(p, outs, threshold)
-            except SpecError as e: record['gate'] = {'step': step, 'metric': p.gate.metric, 'passed': False, 'message': str(e)}
+            gp = params.get('gate', {})
+            try: record['gate'] = check_gate(p, outs, threshold, gp.get('against', 'none'), gp.get('tolerance', 0.0), run_registry(outputs_dir), model_group(p, params))
+            except MlprojError as e: record['gate'] = {'step': step, 'metric': p.gate.metric, 'passed': False, 'message': str(e)}
             g = record['gate']
-            say(f"quality gate: {g['metric']} = {g['value']:.4f}, required {p.gate.op} {threshold:g}: {'pass' if g['passed'] else 'FAIL'}" if 'value' in g else g['message'])
+            say(f"quality gate: {g['metric']} = {g['value']:.4f}, required {p.gate.op} {threshold:g}: {'pass' if p.gate.holds(g['value'], threshold) else 'FAIL'}" if 'value' in g else g['message'])
+            if 'champion' in g: say(g['champion']['message'])
             if not g['passed']:
                 record.update(status='Failed', failed_step='gate', failure_reason=g['message'], skipped=list(p.gated)); save(); break
+        if not run_actions(p, step, record, run_dir, outputs_dir, params, save, say, pos): break
     else: record['status'] = 'Completed'
     record['seconds'] = round(time.perf_counter() - t_run, 3)
     record['cache_hits'] = sum(s.get('cache') == 'hit' for s in record['steps'])
@@ -313,5 +434,6 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
     g = record.get('gate', {})
     say(f"{record['status']} in {record['seconds']:.1f}s ({record['cache_hits']}/{n} steps from cache)"
         + (f"; {g['metric'].split('.')[-2]} {g['value']:.4f} (gate {p.gate.op} {g['threshold']:g}: {'pass' if g['passed'] else 'fail'})" if 'value' in g else '')
+        + ''.join(f"; {a['summary']}" for a in record.get('actions', []) if a.get('summary'))
         + (f"; {record['failure_reason']}" if record.get('failure_reason') else '') + f" -> {run_dir}")
     return record

@@ -197,10 +197,13 @@ def test_gate_and_parameters_serialise_as_the_sdk_does(exported, no_aws):
 def sample_values():
     "Values of every pipeline parameter other than their defaults ({'group.name': value})."
     from mlproj.pipeline import PIPELINE
+    from mlproj.export import LOCAL_ONLY
     vals = {f'input.{ch}': f's3://data-bkt/{ch}/' for ch in PIPELINE.inputs}
     for k, q in PIPELINE.parameters().items():
         name = k.partition('.')[2]
-        if name == 'instance_type': vals[k] = 'ml.c5.2xlarge'
+        if k in LOCAL_ONLY: continue                                   # champion/challenger: not exported
+        if k == 'register.approval_status': vals[k] = 'Approved'
+        elif name == 'instance_type': vals[k] = 'ml.c5.2xlarge'
         elif name == 'instance_count': vals[k] = 2
         elif q.type is bool: vals[k] = not q.default
         elif q.type is int: vals[k] = q.default + 1
@@ -261,6 +264,55 @@ def test_every_exported_step_equals_the_cli_request(engine, tmp_path):
                 if src == 'bundled': assert uri == vals[f'input.{ch}']
                 else: assert uri == next(o['S3Output']['S3Uri'] for o in got[src[0]]['ProcessingOutputConfig']['Outputs'] if o['OutputName'] == src[1])
     assert 'e-1' in sm['train']['ProcessingInputs'][0]['S3Input']['S3Uri'] and 'e-1' in sfn['train']['ProcessingInputs'][0]['S3Input']['S3Uri']
+
+
+def create_model_package_check(args: dict):
+    "botocore's own validation of a CreateModelPackage request (raises ParamValidationError)."
+    import botocore.session
+    from botocore.validate import validate_parameters
+    validate_parameters(args, botocore.session.get_session().get_service_model('sagemaker').operation_model('CreateModelPackage').input_shape)
+
+
+def test_register_step_is_the_same_create_model_package_in_both_engines(exported, tmp_path):
+    """The register step: inside the gate's IfSteps / after the Choice's pass branch, a valid CreateModelPackage request whose files are the
+    train and evaluate steps' outputs in the same execution, equal in both engines, its parameters flowing; CloudFormation creates the group."""
+    from mlproj.export import (processing_steps, resolve_sagemaker, resolve_stepfunctions, stepfunctions_state, execution_values,
+                               SM_REGISTER, SFN_CREATE_MODEL_PACKAGE, GATE_STEP, GATE_STATE)
+    from botocore.exceptions import ParamValidationError
+    sm_def, sfn_def = load(exported['sagemaker']), load(exported['stepfunctions'])
+    cond = next(s for s in sm_def['Steps'] if s['Name'] == GATE_STEP)
+    assert [s['Name'] for s in cond['Arguments']['IfSteps'] if s['Type'] == SM_REGISTER] == ['register']
+    assert sfn_def['States'][GATE_STATE]['Choices'][0]['Next'] == 'register' and sfn_def['States']['register']['Resource'] == SFN_CREATE_MODEL_PACKAGE
+    given = execution_values({'register.group': 'penguins', 'register.approval_status': 'Approved', 'train.seed': '7'})
+    sm = resolve_sagemaker(sm_def, given, execution='e-1')
+    reg = processing_steps(sm, SM_REGISTER)['register']
+    st = stepfunctions_state(sfn_def, given)
+    sfn = resolve_stepfunctions(sfn_def['States']['register']['Parameters'], st, {'Execution': {'Name': 'e-1'}})
+    assert sfn == reg
+    create_model_package_check(reg)
+    assert (reg['ModelPackageGroupName'], reg['ModelApprovalStatus']) == ('penguins', 'Approved')
+    jobs = processing_steps(sm)
+    out = lambda step, ch: next(o['S3Output']['S3Uri'] for o in jobs[step]['ProcessingOutputConfig']['Outputs'] if o['OutputName'] == ch)
+    g = PIPELINE.gate
+    assert reg['ModelMetrics']['ModelQuality']['Statistics']['S3Uri'] == out(g.step, g.channel) + g.file
+    assert reg['InferenceSpecification']['Containers'][0]['ModelDataUrl'] == out('train', 'model') + 'model.tar.gz'
+    assert reg['InferenceSpecification']['Containers'][0]['Image'] == jobs['train']['AppSpecification']['ImageUri']
+    # the check fails on a broken request
+    bad = copy.deepcopy(reg); bad['ModelMetrics']['ModelQuality']['Statistics'] = {'S3Uri': 3}
+    with pytest.raises(ParamValidationError, match='S3Uri'): create_model_package_check(bad)
+    # CloudFormation: the group the executions register into, checked by cfn-lint (with a broken name refused)
+    t = load(exported['cloudformation'])
+    assert t['Resources']['ModelPackageGroup']['Type'] == 'AWS::SageMaker::ModelPackageGroup'
+    assert t['Resources']['ModelPackageGroup']['Properties']['ModelPackageGroupName'] == next(q['DefaultValue'] for q in sm_def['Parameters'] if q['Name'] == 'RegisterGroup')
+    bad = copy.deepcopy(t); bad['Resources']['ModelPackageGroup']['Properties']['ModelPackageGroupName'] = 'no spaces allowed'
+    (tmp_path/'bad.json').write_text(json.dumps(bad))
+    r = cfn_lint(tmp_path/'bad.json')
+    assert r.returncode != 0 and "E3031 'no spaces allowed'" in r.stdout, r.stdout
+
+
+def test_champion_challenger_is_local_only(no_aws):
+    code, out, err = cli('pipeline', 'start', '--backend', 'sagemaker', '-p', 'gate.against=approved')
+    assert (code, out) == (2, '') and err.strip() == 'mlproj: error: -p gate.against: champion/challenger runs only in `mlproj run`: a SageMaker Pipelines Condition cannot look up the Model Registry', err
 
 
 def test_gate_message_is_the_local_one(exported):

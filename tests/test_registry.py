@@ -151,7 +151,7 @@ def test_two_registrations_at_once_get_two_versions(runs, tmp_path):
 
 def test_champion_challenger_on_real_runs(runs, tmp_path):
     "The gate's use: the approved champion's own evaluation against a challenger's, both from pipeline runs."
-    from mlproj.pipeline import metric_value
+    from mlproj.evaluate import metric_value
     from mlproj.registry import LocalRegistry, register_run, approved_champion, package_evaluation, compare_with_champion, APPROVED
     reg = LocalRegistry(tmp_path/'registry')
     assert approved_champion(reg, 'mlproj') is None                 # no group yet: only the threshold applies
