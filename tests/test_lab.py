@@ -107,7 +107,7 @@ def test_lab_prints_a_loopback_url_with_a_token_and_fills_the_sandbox(lab):
     with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(lab.base + 'api/kernelspecs', timeout=30)   # no token
     assert e.value.code == 403
     inp, out = lab.sandbox/'processing'/'input', lab.sandbox/'processing'/'output'
-    assert sorted(p.name for p in inp.iterdir()) == ['data', 'model', 'predictions', 'raw', 'test', 'train']
+    assert sorted(p.name for p in inp.iterdir()) == ['data', 'evaluation', 'model', 'predictions', 'raw', 'test', 'train']
     assert (inp/'model'/'model.tar.gz').is_file() and (inp/'test'/'test-algo-1.csv').is_file()
     assert sorted(p.name for p in out.iterdir()) == ['evaluation', 'model', 'monitoring', 'predictions', 'test', 'train']
     assert lab.api('api/status')['started']
