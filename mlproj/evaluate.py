@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from .data import SCHEMA, Schema
 from .errors import InputError
+from .inference import THRESHOLD, predict_task, prediction_column
 
 # %% auto #0
 __all__ = ['MIN_ROWS_FOR_STD', 'N_RESAMPLES', 'RESAMPLE_SHARE', 'ERROR_METRICS', 'CURVE_POINTS', 'METRICS_BLOCK', 'HEADLINE',
@@ -178,20 +179,16 @@ def _multiclass_block(yt:np.ndarray, yp:np.ndarray, classes:list, seed:int)->dic
 def score_table(model, # the fitted pipeline
                 test:pd.DataFrame, # the labelled, validated held-out table
                 schema:Schema=SCHEMA, # the model's schema: features, target, task
-                threshold:float=0.5, # binary: the positive-class probability from which a row is labelled positive
+                threshold:float=THRESHOLD, # binary: the positive-class probability from which a row is labelled positive
                )->pd.DataFrame:
     "{actual, predicted[, score]} of every row of `test`."
     if schema.target not in test.columns: raise InputError(f"evaluation data has no '{schema.target}' column")
-    X = test[list(schema.features)]
+    pred = predict_task(model, test, schema, threshold)          # batch inference's rule: the same labels for the same rows
+    col = prediction_column(schema)
     if schema.task == 'regression':
-        return pd.DataFrame({'actual': pd.to_numeric(test[schema.target]).to_numpy(dtype=float), 'predicted': np.asarray(model.predict(X), dtype=float)})
-    proba, classes = model.predict_proba(X), [str(c) for c in model.classes_]
-    out = pd.DataFrame({'actual': test[schema.target].astype(str).to_numpy()})
-    if schema.task == 'binary':
-        pos = schema.positive_class; neg = next(c for c in classes if c != pos)
-        out['score'] = proba[:, classes.index(pos)]
-        out.insert(1, 'predicted', np.where(out['score'] >= threshold, pos, neg))
-    else: out['predicted'] = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
+        return pd.DataFrame({'actual': pd.to_numeric(test[schema.target]).to_numpy(dtype=float), 'predicted': pred[col].to_numpy(dtype=float)})
+    out = pd.DataFrame({'actual': test[schema.target].astype(str).to_numpy(), 'predicted': pred[col].astype(str).to_numpy()})
+    if schema.task == 'binary': out['score'] = pred[f'proba_{schema.positive_class}'].to_numpy()
     return out
 
 # %% ../nbs/40_evaluate.ipynb #40-evaluate-031
