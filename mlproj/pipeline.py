@@ -271,6 +271,7 @@ def champion_verdict(g:Gate, # the pipeline's gate: its metric and comparison
     return {'against': 'approved', 'group': group, 'champion': ref, 'champion_arn': champ['ModelPackageArn'],
             **compare_with_champion(value, cv, g.op, tolerance, g.metric, f'approved {ref}')}
 
+# %% ../nbs/90_pipeline.ipynb #90-pipeline-033c
 def check_gate(p:Pipeline, # the pipeline
                outs:dict, # {channel: folder} of the gate's step in this run
                threshold:float, # the run's gate.threshold
