@@ -130,3 +130,25 @@ def test_deploy_an_approved_package_to_sagemaker_on_moto(pipeline_run, moto_serv
         served = t.extractfile('model.tar.gz').read()
     # what is deployed is the approved package's own model artifact, byte for byte
     assert served == (LocalRegistry(tmp_path/'outputs'/'registry').files_dir('mlproj', 1)/'model.tar.gz').read_bytes()
+
+
+def test_a_registered_serving_package_deploys_as_it_is(pipeline_run, moto_server, tmp_path):
+    "A package registered with its serving package (`register_run(..., serving=)`): serve and deploy use that file, unchanged."
+    import boto3
+    from mlproj.endpoint import package_model
+    from mlproj.registry import LocalRegistry, register_run
+    _, run_dir = pipeline_run
+    reg = LocalRegistry(tmp_path/'outputs'/'registry')
+    package_model(run_dir/'train'/'model', tmp_path/'serving'/'model.tar.gz')
+    d = register_run(run_dir, 'served', 'Approved', reg, serving=tmp_path/'serving'/'model.tar.gz')
+    registered = reg.files_dir('served', 1)/'serving.tar.gz'
+    assert d['InferenceSpecification']['Containers'][0]['ModelDataUrl'] == registered.as_uri()
+    mlproj = mlproj_in(tmp_path/'outputs')
+    code, out, err = mlproj('serve', 'package', '--model-package', 'served/latest-approved')
+    assert code == 0 and json.loads(out)['package'] == str(registered), err
+    code, out, err = mlproj('serve', 'deploy', '--backend', 'sagemaker', '--role', ROLE, '--bucket', BUCKET, '--model-package', 'served/1')
+    assert code == 0, err
+    res = json.loads(out)
+    assert res['requests']['CreateEndpoint']['EndpointName'] == 'mlproj-penguins'          # named from the artifact inside the package
+    bucket, key = res['requests']['CreateModel']['PrimaryContainer']['ModelDataUrl'][5:].split('/', 1)
+    assert boto3.client('s3').get_object(Bucket=bucket, Key=key)['Body'].read() == registered.read_bytes()
