@@ -13,7 +13,8 @@ from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_roo
 # %% auto #0
 __all__ = ['default_inputs', 'model_package_input', 'build_spec', 'cold_flag', 'apply_cold', 'serve_parser', 'transform_parser',
            'model_parser', 'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker',
-           'cmd_params', 'cmd_job', 'main', 'model_source', 'cmd_serve', 'cmd_deploy', 'cmd_transform']
+           'cmd_params', 'cmd_job', 'main', 'package_model_source', 'model_source', 'cmd_serve', 'cmd_deploy',
+           'cmd_transform']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -123,6 +124,7 @@ def serve_parser(sub):
     src = s.add_mutually_exclusive_group()
     src.add_argument('--model', help='model package or artifact: model.tar.gz, or a folder holding it')
     src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
+    src.add_argument('--model-package', metavar='GROUP/VERSION', help='an Approved package of outputs/registry (GROUP/VERSION or GROUP/latest-approved), its files checked by sha256')
     s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1)')
     s.add_argument('--port', type=int, help='port (default $SAGEMAKER_BIND_TO_PORT, else 8080; 0: any free port)')
     s.add_argument('--workers', type=int, help='worker processes (default $SAGEMAKER_MODEL_SERVER_WORKERS, else the usable cores)')
@@ -144,6 +146,7 @@ def transform_parser(sub):
     src = t.add_mutually_exclusive_group()
     src.add_argument('--model', help='model artifact (model.tar.gz, or a folder holding it); locally also a model package')
     src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
+    src.add_argument('--model-package', metavar='GROUP/VERSION', help='an Approved package of outputs/registry (GROUP/VERSION or GROUP/latest-approved), its files checked by sha256')
     t.add_argument('--input', required=True, help='input: a file or a folder of objects (file://, or s3:// with --backend sagemaker)')
     t.add_argument('--output', help='output folder for <input name>.out (default outputs/<job name>/output)')
     t.add_argument('--name', help='TransformJobName (default mlproj-transform-<time>)')
@@ -354,14 +357,26 @@ def main(argv=None)->int:
     if argv is None: sys.exit(code)
     return code
 
+# %% ../nbs/95_cli.ipynb #95-cli-029b
+def package_model_source(ref:str, # GROUP/VERSION, GROUP/latest or GROUP/latest-approved, in the local registry (outputs/registry)
+                        )->tuple:
+    "(description, file to serve, model artifact) of an Approved package: its serving package if it has one, else its model artifact; every file checked by sha256."
+    from mlproj.registry import LocalRegistry, deployable, MODEL
+    reg = LocalRegistry(outputs_root()/'registry')
+    desc, served = deployable(reg, ref)              # refuses a package that is not Approved, naming its status; its files checked by sha256
+    ref = f"{desc['ModelPackageGroupName']}/{desc['ModelPackageVersion']}"
+    print(f"model: package {ref} ({desc['ModelApprovalStatus']}), {served}", file=sys.stderr, flush=True)
+    return desc, served, reg.files_dir(desc['ModelPackageGroupName'], desc['ModelPackageVersion'])/MODEL
+
 # %% ../nbs/95_cli.ipynb #95-cli-030
 def model_source(a)->"Path":
-    "The model a `serve` command line names: --model, else --run's, else the newest completed run's."
+    "The model a `serve` or `transform` command line names: --model, else --run's, else --model-package's, else the newest completed run's."
     from mlproj.endpoint import run_model
     from mlproj.lab import completed_runs
     from pathlib import Path
     if a.model: return Path(a.model)
     if a.run: return run_model(a.run, outputs_root())
+    if a.model_package: return package_model_source(a.model_package)[1]
     runs = completed_runs(outputs_root())
     if not runs: raise SpecError(f'no model to serve: give --model or --run (no completed run under {outputs_root()})')
     return run_model(runs[0]['run_id'], outputs_root())
@@ -371,6 +386,9 @@ def cmd_serve(a)->int:
     from mlproj import endpoint
     src = model_source(a)
     if a.action in ('request', 'deploy'): return cmd_deploy(a, src)
+    if a.action == 'package' and endpoint.is_package(src):      # a registered serving package: that file, as registered
+        from mlproj.storage import sha256_file
+        _print_json({'package': str(src), 'sha256': sha256_file(src), 'environment': endpoint.CONTAINER_ENV}); return 0
     if a.action == 'package':
         out = endpoint.build_package(src, a.dest, wheel=not a.no_wheel, say=lambda m: print(m, file=sys.stderr, flush=True))
         _print_json(out); return 0
@@ -386,10 +404,10 @@ def cmd_deploy(a, src)->int:
     if a.action == 'deploy' and a.backend != 'sagemaker': raise SpecError('serve deploy: give --backend sagemaker (a local endpoint is `mlproj serve`)')
     check_target(a.bucket, a.role)
     bs = aws_session(a.region, a.profile)
-    name = a.endpoint_name or f"mlproj-{model_schema(load_model(src)[1]).name}"
-    image = a.image_uri or stock_image_uri(bs.region_name)
     say = lambda m: print(m, file=sys.stderr, flush=True)
-    pkg = endpoint.build_package(src, wheel=not a.no_wheel, say=say)['package']
+    pkg = src if endpoint.is_package(src) else endpoint.build_package(src, wheel=not a.no_wheel, say=say)['package']   # a serving package deploys as it is
+    name = a.endpoint_name or f"mlproj-{model_schema(load_model(endpoint.package_artifact(src, outputs_root()/'packages'))[1]).name}"
+    image = a.image_uri or stock_image_uri(bs.region_name)
     if a.action == 'request':
         sha = sha256_file(pkg)
         _print_json(endpoint.endpoint_requests(name, f's3://{a.bucket}/{a.prefix}/models/{sha[:16]}/model.tar.gz', sha, a.role, image, bs.region_name,
@@ -414,7 +432,7 @@ def cmd_transform(a)->int:
         from mlproj.sagemaker_backend import aws_session, check_target, stock_image_uri
         check_target(a.bucket, a.role)
         bs = aws_session(a.region, a.profile)
-        pkg = endpoint.build_package(src, say=say)['package']
+        pkg = src if endpoint.is_package(src) else endpoint.build_package(src, say=say)['package']
         _print_json(endpoint.submit_transform(req, pkg, a.bucket, a.role, bs, a.image_uri or stock_image_uri(bs.region_name), a.prefix, say))
         return 0
     d = endpoint.run_transform(req, src, a.workers, say)

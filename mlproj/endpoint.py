@@ -14,7 +14,7 @@ from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body
 
 # %% auto #0
 __all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'package_model', 'build_package', 'is_package',
-           'extract_package', 'load_program', 'Capture', 'Endpoint', 'server_settings', 'run_model',
+           'extract_package', 'package_artifact', 'load_program', 'Capture', 'Endpoint', 'server_settings', 'run_model',
            'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests', 'deploy', 'transform_request',
            'LocalServer', 'run_transform', 'submit_transform']
 
@@ -87,6 +87,23 @@ def extract_package(package, # the model package (model.tar.gz)
         with tarfile.open(package, 'r:gz') as tar: tar.extractall(model_dir, filter='data')
     except (tarfile.TarError, OSError, EOFError) as e: raise InputError(f'{package}: cannot extract the model package ({type(e).__name__}: {quote(e, 120, False)})') from None
     return model_dir
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-010a
+def package_artifact(source, # a model package or a bare model artifact (.tar.gz, or a folder holding model.tar.gz)
+                     folder, # where a package's artifact is extracted, as <folder>/<package sha256[:16]>-artifact/model.tar.gz
+                    )->Path:
+    "The model artifact of `source`: `source` itself if it is bare, else the `model.tar.gz` at the root of the package, extracted under `folder`."
+    from mlproj.storage import sha256_file
+    from mlproj.train import ARTIFACT
+    p = Path(source)
+    if p.is_dir(): p = p/ARTIFACT
+    if not is_package(p): return p
+    dest = Path(folder)/f'{sha256_file(p)[:16]}-artifact'
+    try:
+        with tarfile.open(p, 'r:gz') as tar: tar.extract(ARTIFACT, dest, filter='data')
+    except KeyError: raise InputError(f'{p}: the model package holds no {ARTIFACT} at its root') from None
+    except (tarfile.TarError, OSError, EOFError) as e: raise InputError(f'{p}: cannot read the model package ({type(e).__name__}: {quote(e, 120, False)})') from None
+    return dest/ARTIFACT
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-012
 def load_program(model_dir, env:dict|None=None)->dict:
