@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from fastcore.basics import patch
 from .contract import atomic_path
-from .errors import BackendError, InputError, SpecError, StorageError
+from .errors import BackendError, InputError, SpecError, StorageError, quote
 from .storage import digests, download, sha256_file, to_uri, upload, uri_path
 from .jobs import outputs_root
 
@@ -22,10 +22,6 @@ __all__ = ['STATUSES', 'PENDING', 'APPROVED', 'REJECTED', 'TRANSITIONS', 'GROUP_
            'read_run', 'register_run', 'package_key', 'lineage', 'SageMakerRegistry', 'review_table']
 
 # %% ../nbs/94_registry.ipynb #94-registry-006
-def _q(v)->str:
-    from mlproj.data import quote                       # lazily: mlproj.data brings pandas
-    return quote(v)
-
 STATUSES = ('PendingManualApproval', 'Approved', 'Rejected')
 PENDING, APPROVED, REJECTED = STATUSES
 TRANSITIONS = {PENDING: (APPROVED, REJECTED), APPROVED: (REJECTED,), REJECTED: (APPROVED,)}
@@ -35,7 +31,7 @@ def check_transition(ref:str, # the package, GROUP/VERSION, for the message
                      new:str, # the status asked for
                     )->str:
     "`new` if a package in status `now` may be set to it; else one line naming both."
-    if new not in STATUSES: raise SpecError(f"{ref}: unknown approval status {_q(new)}; one of {', '.join(STATUSES)}")
+    if new not in STATUSES: raise SpecError(f"{ref}: unknown approval status {quote(new)}; one of {', '.join(STATUSES)}")
     if new == now: raise SpecError(f'{ref} is already {now}')
     if new not in TRANSITIONS[now]: raise SpecError(f'{ref} is {now}: it cannot be set to {new} (allowed: {", ".join(TRANSITIONS[now])})')
     return new
@@ -47,7 +43,7 @@ LATEST, LATEST_APPROVED = 'latest', 'latest-approved'
 def check_group(name:str)->str:
     "`name` if it is a valid model package group name; else one line saying the rule."
     if not isinstance(name, str) or len(name) > 63 or not GROUP_NAME.fullmatch(name):
-        raise SpecError(f'model package group {_q(name)}: expected 1 to 63 letters, digits and inner hyphens')
+        raise SpecError(f'model package group {quote(name)}: expected 1 to 63 letters, digits and inner hyphens')
     return name
 
 # %% ../nbs/94_registry.ipynb #94-registry-011
@@ -55,7 +51,7 @@ def parse_ref(ref:str)->tuple:
     "(group, version) of `GROUP/VERSION`, with version an int or 'latest' / 'latest-approved'."
     group, slash, v = str(ref).partition('/')
     if not slash or not (v in (LATEST, LATEST_APPROVED) or re.fullmatch(r'[1-9][0-9]{0,8}', v)):
-        raise SpecError(f'bad model package reference {_q(ref)}: expected GROUP/VERSION, GROUP/{LATEST} or GROUP/{LATEST_APPROVED}')
+        raise SpecError(f'bad model package reference {quote(ref)}: expected GROUP/VERSION, GROUP/{LATEST} or GROUP/{LATEST_APPROVED}')
     return check_group(group), (v if v in (LATEST, LATEST_APPROVED) else int(v))
 
 # %% ../nbs/94_registry.ipynb #94-registry-014
@@ -77,7 +73,7 @@ def package_request(group:str, # the model package group
                     generated_by:str='mlproj', # MetadataProperties.GeneratedBy
                    )->dict:
     "The `CreateModelPackage` request of one version (not yet validated)."
-    if status not in STATUSES: raise SpecError(f"unknown approval status {_q(status)}; one of {', '.join(STATUSES)}")
+    if status not in STATUSES: raise SpecError(f"unknown approval status {quote(status)}; one of {', '.join(STATUSES)}")
     container = {'Image': image, 'ModelDataUrl': uris[SERVING if SERVING in uris else MODEL]}
     if SERVING in uris: container['Environment'] = dict(SERVING_ENVIRONMENT)
     baseline = {'Statistics': _source(uris[STATISTICS], sha256[STATISTICS]), 'Constraints': _source(uris[CONSTRAINTS], sha256[CONSTRAINTS])}
@@ -118,7 +114,7 @@ def validate_package_request(req:dict)->dict:
     for k, v in (req.get('CustomerMetadataProperties') or {}).items():
         for what, s, most in (('key', k, 128), ('value', v, 256)):
             if not isinstance(s, str) or not 1 <= len(s) <= most or not _META.fullmatch(s):
-                errs.append(f'CustomerMetadataProperties {what} {_q(s)}: 1 to {most} letters, digits, spaces or _.:/=+-@')
+                errs.append(f'CustomerMetadataProperties {what} {quote(s)}: 1 to {most} letters, digits, spaces or _.:/=+-@')
     if errs: raise SpecError('invalid model package request: ' + '; '.join(errs))
     return req
 
@@ -226,7 +222,7 @@ def check_files(ref:str, # the package, GROUP/VERSION, for the message
     for n, s in sorted(recorded.items()):
         if n not in found: raise InputError(f'model package {ref}: file {n} is missing; the package cannot be used')
         if found[n] != s: raise InputError(f'model package {ref}: file {n} was altered (sha256 {found[n][:12]}…, registered {s[:12]}…); the package cannot be used')
-    if extra := sorted(set(found) - set(recorded)): raise InputError(f'model package {ref}: unregistered file {_q(extra[0])} among its files; the package cannot be used')
+    if extra := sorted(set(found) - set(recorded)): raise InputError(f'model package {ref}: unregistered file {quote(extra[0])} among its files; the package cannot be used')
 
 # %% ../nbs/94_registry.ipynb #94-registry-029
 _DESCRIBE = ('ModelPackageDescription', 'InferenceSpecification', 'ModelMetrics', 'DriftCheckBaselines', 'MetadataProperties', 'CustomerMetadataProperties')
@@ -296,7 +292,7 @@ def fetch(self:LocalRegistry, desc:dict, name:str)->Path:
     "The local path of file `name` of the described package, after checking every file of it by sha256."
     group, v = desc['ModelPackageGroupName'], desc['ModelPackageVersion']
     check_files(f'{group}/{v}', recorded_sha256(desc), digests(self.files_dir(group, v)))
-    if name not in recorded_sha256(desc): raise SpecError(f'model package {group}/{v} has no file {_q(name)}')
+    if name not in recorded_sha256(desc): raise SpecError(f'model package {group}/{v} has no file {quote(name)}')
     return self.files_dir(group, v)/name
 
 def package_evaluation(reg, desc:dict)->dict:
@@ -332,7 +328,7 @@ def compare_with_champion(value:float, # the challenger's metric
                           champion:str='the approved champion', # the champion's reference, for the message
                          )->dict:
     "{'passed', 'value', 'champion_value', 'difference', 'tolerance', 'required', 'message'}: is `value` at least as good as `champion_value` within `tolerance`?"
-    if op not in ('>=', '>', '<=', '<'): raise SpecError(f'unknown comparison {_q(op)}: one of >=, >, <=, <')
+    if op not in ('>=', '>', '<=', '<'): raise SpecError(f'unknown comparison {quote(op)}: one of >=, >, <=, <')
     if tolerance < 0: raise SpecError(f'gate.tolerance must be at least 0, got {tolerance:g}')
     higher = op in ('>=', '>')
     required = champion_value - tolerance if higher else champion_value + tolerance
@@ -385,7 +381,7 @@ def register_run(run_dir, # the run's folder (holds run.json)
     run_dir = Path(run_dir); rec = read_run(run_dir)
     if (g := rec.get('gate')) and not g.get('passed'): raise SpecError(f"run {rec.get('run_id', run_dir.name)} failed its quality gate ({g.get('message', '')}); not registered")
     group = check_group(group or rec.get('pipeline') or 'mlproj')
-    if approval_status not in STATUSES: raise SpecError(f"unknown approval status {_q(approval_status)}; one of {', '.join(STATUSES)}")
+    if approval_status not in STATUSES: raise SpecError(f"unknown approval status {quote(approval_status)}; one of {', '.join(STATUSES)}")
     model, train = _run_file(rec, model_channel, None, run_dir)     # the model artifact: the channel's one file
     evaluation, evaluate = _run_file(rec, metrics_channel, EVALUATION, run_dir)
     content = {MODEL: model, EVALUATION: evaluation, **({SERVING: Path(serving)} if serving is not None else {})}
@@ -523,7 +519,7 @@ def fetch(self:SageMakerRegistry, desc:dict, name:str|None)->Path|None:
         except StorageError: pass                # nothing there: every file is missing, which check_files says
         check_files(f'{group}/{v}', recorded_sha256(desc), digests(tmp) if tmp.exists() else {})
         if name is None: return None
-        if name not in recorded_sha256(desc): raise SpecError(f'model package {group}/{v} has no file {_q(name)}')
+        if name not in recorded_sha256(desc): raise SpecError(f'model package {group}/{v} has no file {quote(name)}')
         final = self.cache/group/str(v)          # the checked copy replaces the previous one
         shutil.rmtree(final, ignore_errors=True)
         try: os.rename(tmp, final)

@@ -12,17 +12,9 @@ WEAK = ('-p', 'train.n_estimators=1', '-p', 'train.max_depth=1')      # one stum
 
 
 @pytest.fixture
-def mlproj(monkeypatch, tmp_path):
-    "`mlproj(*args) -> (exit code, stdout, stderr)` in-process, with outputs (runs, registry) under tmp_path/outputs."
-    from mlproj.cli import main
-    monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
-    old = signal.getsignal(signal.SIGTERM)
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main([str(a) for a in args])
-        return code, out.getvalue(), err.getvalue()
-    yield run
-    signal.signal(signal.SIGTERM, old)
+def mlproj(cli):
+    "`mlproj(*args) -> (exit code, stdout, stderr)`: the in-process command of conftest (outputs, registry under tmp_path/outputs)."
+    return cli
 
 
 def accuracy(run_dir: Path) -> float:
