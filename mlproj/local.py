@@ -256,8 +256,8 @@ def run_local(req:dict, # a CreateProcessingJob request document
     limit = req['StoppingCondition']['MaxRuntimeInSeconds']
     app = req['AppSpecification']
     say(f"starting {len(roots)} instance(s): {' '.join(app.get('ContainerEntrypoint', []) + app.get('ContainerArguments', []))}")
+    warm = server.path if server is not None and server.ready() else None   # before the clock starts: importing is the server's, not the job's
     start, t0 = _now(), time.monotonic()
-    warm = server.path if server is not None and server.ready() else None
     envs = [{**instance_env(req, r), INSTANCE_ENV: f'{name}:{r.name}:{os.getpid()}', **({WARM_ENV: warm} if warm else {})} for r in roots]
     insts = [Instance(r.name, r, container_argv(req, r), e, job_dir/f'{r.name}.log', stream, warm) for r, e in zip(roots, envs)]
     status, reason = None, None

@@ -153,8 +153,9 @@ def _serve(path, announce=True):
     if announce: print('ready', os.getpid(), len(os.listdir('/proc/self/task')), flush=True)
     kids = {}                                   # pid -> [conn, pidfd, token, die_with_client]
     while True:
-        waits = [srv] + [k[1] for k in kids.values()] + [k[0] for k in kids.values() if k[3]]
+        waits = [srv] + [k[1] for k in kids.values()] + [k[0] for k in kids.values() if k[3]] + ([0] if announce else [])
         ready, _, _ = select.select(waits, [], [])
+        if 0 in ready and not os.read(0, 1): os._exit(0)   # the main server's stdin is at its end: the process that started it is gone (its children die with it)
         for pid, (conn, pidfd, token, dwc) in list(kids.items()):
             if pidfd in ready:
                 code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -281,14 +282,19 @@ _become(*_job, _server)
 '''   # run as `python -c WARM_SERVER_SOURCE SOCKET MODULES`: a string, so that the server never imports mlproj
 
 # %% ../nbs/85_runner.ipynb #85-runner-021-04
+import threading
+
 class WarmServer:
-    "The fork server: an interpreter that imported `preload`, forking a child per request (see `spawn`); it dies with the process that started it."
+    """The fork server: an interpreter that imported `preload`, forking a child per request (see `spawn`); it dies with the process that started it.
+    That process holds the only writer of the server's stdin: the server ends when it reads the end of it, however that process ended and whichever
+    of its threads started it (`PR_SET_PDEATHSIG` fires when the starting *thread* ends, so it is set only from the main thread)."""
     def __init__(self, preload=WARM_PRELOAD, kernel_preload=KERNEL_PRELOAD):
         self.dir = tempfile.mkdtemp(prefix='mlproj-warm-')           # mode 0700: only this user reaches the socket (and the server checks the peer's uid)
         self.path = os.path.join(self.dir, 's')                      # and 'k' beside it: the kernel server's, once it has imported
         self.env = {'MPLBACKEND': 'Agg', **os.environ, **_SERVER_ENV}   # Agg, as the local executor's instances get it, unless set here
-        self.proc = subprocess.Popen([sys.executable, '-c', WARM_SERVER_SOURCE, self.path, ','.join(preload)] + ([','.join(kernel_preload)] if kernel_preload else []), env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen([sys.executable, '-c', WARM_SERVER_SOURCE, self.path, ','.join(preload)] + ([','.join(kernel_preload)] if kernel_preload else []), env=self.env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None)
         self._ready = None
     def ready(self, timeout:float=120)->bool:
         "Wait until the server has imported its libraries; False if it cannot serve (then everything runs cold)."
@@ -300,7 +306,8 @@ class WarmServer:
         return self._ready and self.proc.poll() is None
     def close(self):
         "Stop the server (its children die with it) and remove its socket."
-        if self.proc.stdout and not self.proc.stdout.closed: self.proc.stdout.close()
+        for f in (self.proc.stdout, self.proc.stdin):
+            if f and not f.closed: f.close()
         stop_process_group(self.proc, 1)
         shutil.rmtree(self.dir, ignore_errors=True)
 

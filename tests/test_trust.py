@@ -249,39 +249,66 @@ def test_a_job_that_fails_writing_one_channel_leaves_no_output(tmp_path, monkeyp
     assert [p for p in tmp_path.glob('t*/**/*')] == [], list(tmp_path.glob('t*/**/*'))     # neither train nor test, not even hidden temp files
 
 
-def test_a_killed_driver_leaves_no_instance_and_no_job_in_progress(tmp_path, opt_ml_trained):
-    "kill -9 of `mlproj job run` mid-step: within seconds no instance process remains, and the job shows as Failed."
+def _descendants(root: int) -> dict:
+    "{pid: start time} of the live processes below `root` (children, their children, ...), from /proc."
+    parent = {}
+    for p in Path('/proc').iterdir():
+        if not p.name.isdigit(): continue
+        try: fields = (p/'stat').read_text().rsplit(')', 1)[1].split()
+        except OSError: continue
+        if fields[0] != 'Z': parent[int(p.name)] = (int(fields[1]), fields[19])
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        for child, (ppid, started) in parent.items():
+            if ppid == pid and child not in found: found[child] = started; todo.append(child)
+    return found
+
+
+def _still_running(procs: dict) -> list:
+    "Those of `procs` ({pid: start time}) that still run (not the same pid reused, not a zombie)."
+    left = []
+    for pid, started in procs.items():
+        try: fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+        except OSError: continue
+        if fields[0] != 'Z' and fields[19] == started: left.append(pid)
+    return left
+
+
+@pytest.mark.parametrize('start', ['warm', 'cold'])
+def test_a_killed_driver_leaves_no_instance_and_no_job_in_progress(tmp_path, opt_ml_trained, start):
+    """kill -9 of `mlproj job run` mid-step: within seconds no instance process remains (nor its kernel, nor the fork
+    servers when warm), and the job shows as Failed. The job's processes are found by ancestry from the driver before
+    it is killed: a warm (forked) child's /proc/PID/environ and cmdline show its fork server's, not the job's."""
     import nbformat
     from mlproj.jobs import job_notebook
+    sandbox = tmp_path/'out/jobs/orphan'
     nb = nbformat.read(job_notebook('train'), as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', []))
-    nb.cells.insert(at + 1, nbformat.v4.new_code_cell('import time\nfor _ in range(600): time.sleep(0.1)'))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
+        f"import json, os, time\nopen({str(tmp_path/'kernel.tmp')!r}, 'w').write(json.dumps({{'pid': os.getpid(), 'warm': 'MLPROJ_WARM' in os.environ}}))\n"
+        f"os.replace({str(tmp_path/'kernel.tmp')!r}, {str(tmp_path/'kernel.json')!r})\n"
+        "for _ in range(600): time.sleep(0.1)"))
     (tmp_path/'nbs').mkdir(); nbformat.write(nb, tmp_path/'nbs/train.ipynb')
-    env = {**os.environ, 'MLPROJ_OUTPUTS': str(tmp_path/'out'), 'MLPROJ_JOB_NOTEBOOKS': str(tmp_path/'nbs')}
+    env = {**os.environ, 'MLPROJ_OUTPUTS': str(tmp_path/'out'), 'MLPROJ_JOB_NOTEBOOKS': str(tmp_path/'nbs'), 'MLPROJ_COLD': '1' if start == 'cold' else '0'}
     mlproj = str(Path(sys.executable).parent/'mlproj')
     driver = subprocess.Popen([mlproj, 'job', 'run', 'train', '--engine', 'notebook', '--name', 'orphan', '--input', f"train={opt_ml_trained['train_csv']}"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sandbox = tmp_path/'out/jobs/orphan'
-    def job_processes():
-        found = []
-        for p in Path('/proc').iterdir():
-            if not p.name.isdigit() or int(p.name) == driver.pid: continue
-            try:
-                if (p/'stat').read_text().rsplit(')', 1)[1].split()[0] == 'Z': continue
-                if str(sandbox) in (p/'environ').read_bytes().decode('utf-8', 'replace'): found.append(int(p.name))
-            except OSError: pass
-        return found
-    def sleeping_cell_running():
-        log = sandbox/'algo-1.log'
-        return log.exists() and 'Executing Cell 2' in log.read_text()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not sleeping_cell_running(): time.sleep(0.2)
-    assert job_processes(), 'the job never started its instance'
-    driver.kill(); driver.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path/'kernel.json').exists() and driver.poll() is None: time.sleep(0.2)
+        assert (tmp_path/'kernel.json').exists(), 'the job never reached its sleeping cell: ' + (driver.stderr.read()[-2000:] if driver.poll() is not None else '')
+        kernel = json.loads((tmp_path/'kernel.json').read_text())
+        assert kernel['warm'] == (start == 'warm'), kernel    # the mode under test is the mode the job ran in
+        job = _descendants(driver.pid)
+        instance = [p for p in job if os.path.realpath(f'/proc/{p}/cwd') == str((sandbox/'algo-1').resolve())]
+        assert kernel['pid'] in job and instance, (kernel, job, instance)   # the instance and its kernel, found by ancestry
+    finally:
+        driver.kill(); driver.wait(); driver.stderr.close()
     for _ in range(50):
-        if not job_processes(): break
+        if not _still_running(job): break
         time.sleep(0.1)
-    assert job_processes() == [], 'instances outlived their driver'
+    assert _still_running(job) == [], 'processes outlived their driver'
     r = subprocess.run([mlproj, 'job', 'show', 'orphan'], env=env, capture_output=True, text=True)
     d = json.loads(r.stdout)
     assert d['ProcessingJobStatus'] == 'Failed' and d['FailureReason'].startswith('driver exited'), d.get('FailureReason')
