@@ -73,16 +73,19 @@ def build_spec(a)->'JobSpec':
     return step_job(a.step, ins, outs, params, instance_count=a.instance_count, name=name, engine=a.engine, code=str(code), **kw)
 
 # %% ../nbs/95_cli.ipynb #95-cli-008-cold
-def cold_flag(p:argparse.ArgumentParser):
-    "Add `--cold` to a command that runs local jobs."
-    p.add_argument('--cold', action='store_true', help='local jobs: start every process as a fresh interpreter instead of forking it from the warm server of already imported libraries (also: MLPROJ_COLD=1)')
+def cold_flag(p:argparse.ArgumentParser, warm:bool=True):
+    "Add `--cold` (warm by default: `mlproj run`) or `--warm` (cold by default: `mlproj job run`) to a command that runs local jobs."
+    if warm: p.add_argument('--cold', action='store_true', help='local jobs: start every process as a fresh interpreter instead of forking it from the warm server of already imported libraries (also: MLPROJ_COLD=1)')
+    else: p.add_argument('--warm', action='store_true', help="fork the job's processes from a server of already imported libraries (pays off over several jobs, as in `mlproj run`; one job alone starts faster cold, the default; also: MLPROJ_COLD=0)")
 
 def apply_cold(a):
-    "`--cold` given: this process and the jobs it runs start every process cold (MLPROJ_COLD=1, read by `mlproj.runner.is_cold`)."
-    if getattr(a, 'cold', False):
-        import os
-        from mlproj.runner import COLD_ENV
-        os.environ[COLD_ENV] = '1'
+    "Set MLPROJ_COLD (read by `mlproj.runner.is_cold`) for this process and its jobs: `--cold` -> 1, `--warm` -> 0; unset, a command with `--warm` starts cold."
+    import os
+    from mlproj.runner import COLD_ENV
+    if getattr(a, 'cold', False): os.environ[COLD_ENV] = '1'
+    elif getattr(a, 'warm', False): os.environ[COLD_ENV] = '0'
+    elif hasattr(a, 'warm') and COLD_ENV not in os.environ: os.environ[COLD_ENV] = '1'
+
 
 # %% ../nbs/95_cli.ipynb #95-cli-009
 def _job_args(p):
@@ -103,7 +106,7 @@ def _job_args(p):
     p.add_argument('--wait', action=argparse.BooleanOptionalAction, default=True, help='sagemaker: follow the job until it ends (default: wait)')
     p.add_argument('--download', action='store_true', help="sagemaker: copy a completed job's outputs back under outputs/")
     p.add_argument('--no-dependency-wheels', action='store_true', help='sagemaker, stock image: ship only the mlproj wheel (the image must already have the dependencies)')
-    cold_flag(p)
+    cold_flag(p, warm=False)
 
 # %% ../nbs/95_cli.ipynb #95-cli-010
 def _backend_args(p):

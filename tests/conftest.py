@@ -335,10 +335,12 @@ def cli(monkeypatch, tmp_path):
     "`run(*args) -> (exit code, stdout, stderr)`: the mlproj command in-process, outputs under tmp_path."
     from mlproj.cli import main
     monkeypatch.setenv('MLPROJ_OUTPUTS', str(tmp_path/'outputs'))
-    old = signal.getsignal(signal.SIGTERM)
+    old, cold = signal.getsignal(signal.SIGTERM), os.environ.get('MLPROJ_COLD')
     def run(*args):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): code = main([str(a) for a in args])
         return code, out.getvalue(), err.getvalue()
     yield run
     signal.signal(signal.SIGTERM, old)
+    if cold is None: os.environ.pop('MLPROJ_COLD', None)          # main() sets it for its jobs (--cold/--warm): not for the next test
+    else: os.environ['MLPROJ_COLD'] = cold
