@@ -10,7 +10,7 @@ from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_
 from .errors import SpecError, StorageError
 from .storage import list_objects, download, upload, uri_path
 from .jobs import validate_request, outputs_root, mask_secrets
-from .runner import WarmServer, spawn, warm_stop, is_cold, WARM_ENV, INSTANCE_ENV
+from .runner import WarmServer, spawn, warm_stop, warm_children, is_cold, WARM_ENV, INSTANCE_ENV
 
 # %% auto #0
 __all__ = ['check_local_sources', 'check_local_destinations', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn',
@@ -115,15 +115,40 @@ def warm_server()->WarmServer|None:
     return _WARM
 
 # %% ../nbs/81_local.ipynb #81-local-023-02
-def instance_processes(token:str)->list[int]:
-    "Pids of this user's processes started with `MLPROJ_INSTANCE=token` in their environment (whatever session they are in)."
-    mark, found = f'{INSTANCE_ENV}={token}'.encode(), []
+def _proc_table()->dict:
+    "{pid: (parent pid, session id, start time)} of the live processes (zombies left out: they are ended, only not yet reaped), from /proc."
+    table = {}
     for p in Path('/proc').iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid(): continue
-        try: env = (p/'environ').read_bytes()
+        if not p.name.isdigit(): continue
+        try: f = (p/'stat').read_text().rsplit(')', 1)[1].split()
+        except (OSError, IndexError): continue
+        if f[0] not in ('Z', 'X'): table[int(p.name)] = (int(f[1]), int(f[3]), f[19])
+    return table
+
+def instance_processes(token:str, # the instance's MLPROJ_INSTANCE
+                       server:str|None=None, # the fork server's socket (default: this process's, else $MLPROJ_WARM)
+                      )->list[int]:
+    "Pids of instance `token`'s live processes, warm or cold: marked in their /proc environment, or started for it by the fork server, with their sessions and descendants (see above)."
+    if server is None: server = _WARM.path if _WARM is not None and _WARM.proc.poll() is None else os.environ.get(WARM_ENV)
+    table, mark, found, sessions = _proc_table(), f'{INSTANCE_ENV}={token}'.encode(), set(), set()
+    for pid in table:
+        try: env = Path(f'/proc/{pid}/environ').read_bytes()
         except OSError: continue
-        if mark in env.split(b'\0'): found.append(int(p.name))
-    return found
+        if mark in env.split(b'\0'): found.add(pid)
+    for pid, started, own in warm_children(token, server):
+        now = table.get(pid)
+        if now is None or now[2] != started: continue          # ended, or the pid is another process's now
+        found.add(pid)
+        if own: sessions.add(pid)                              # its pid is held: no other session has its number
+    found |= {pid for pid, (_, sid, _) in table.items() if sid in sessions}
+    kids = {}
+    for pid, (ppid, _, _) in table.items(): kids.setdefault(ppid, []).append(pid)
+    todo = list(found)
+    while todo:
+        for kid in kids.get(todo.pop(), []):
+            if kid not in found: found.add(kid); todo.append(kid)
+    found.discard(os.getpid())
+    return sorted(found)
 
 # %% ../nbs/81_local.ipynb #81-local-023-03
 def end_instance_processes(token:str, # the instance's MLPROJ_INSTANCE
@@ -133,7 +158,7 @@ def end_instance_processes(token:str, # the instance's MLPROJ_INSTANCE
     "End what instance `token` left running (SIGTERM, SIGKILL after `grace`), native loops included; how many were still there."
     def signal_all(sig):
         n = warm_stop(token, sig, server) if server else 0
-        for pid in instance_processes(token):
+        for pid in instance_processes(token, server):
             try: os.kill(pid, sig); n += 1
             except (ProcessLookupError, PermissionError): pass
         return n

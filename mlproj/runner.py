@@ -15,8 +15,8 @@ __all__ = ['TYPES', 'DEFAULT_CELL_TIMEOUT', 'DEFAULT_TIMEOUT', 'DEFAULT_OUTPUT_C
            'INSTANCE_ENV', 'WARM_PRELOAD', 'KERNEL_PRELOAD', 'WARM_SERVER_SOURCE', 'WARM_KERNELS',
            'KERNEL_START_ATTEMPTS', 'notebook_parameters', 'resolve_parameters', 'failing_cell', 'cell_error',
            'truncate_streams', 'default_total_timeout', 'skip_optional_imports', 'is_cold', 'WarmServer', 'WarmProcess',
-           'spawn', 'warm_stop', 'warm_kernels', 'HtmlRenderer', 'kernel_start_failed', 'start_papermill',
-           'run_notebook', 'make_parser', 'main']
+           'spawn', 'warm_stop', 'warm_children', 'warm_kernels', 'HtmlRenderer', 'kernel_start_failed',
+           'start_papermill', 'run_notebook', 'make_parser', 'main']
 
 # %% ../nbs/85_runner.ipynb #85-runner-006
 TYPES = {'int': int, 'float': float, 'bool': bool, 'str': str, 'list': list, 'dict': dict, 'Path': Path}
@@ -146,18 +146,39 @@ def _refuse(req)->str|None:
     if len(os.listdir('/proc/self/task')) != 1: return 'the server is not single-threaded'
     return None
 
+def _started(pid):
+    "Process `pid`'s start time (clock ticks since boot, /proc/PID/stat field 22): with its pid, it names one process, whatever reuses the pid later."
+    try:
+        with open(f'/proc/{pid}/stat') as f: return f.read().rsplit(')', 1)[1].split()[19]
+    except OSError: return None
+
+def _members(sid):
+    "[[pid, start time, False]] of the live processes in session `sid`: what a child that led it leaves behind when it ends."
+    out = []
+    for d in os.listdir('/proc'):
+        if not d.isdigit(): continue
+        try:
+            with open(f'/proc/{d}/stat') as f: s = f.read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError): continue
+        if int(s[3]) == sid and int(d) != sid and s[0] not in ('Z', 'X'): out.append([int(d), s[19], False])
+    return out
+
 def _serve(path, announce=True):
     "Accept requests on the Unix socket `path`; fork one child per request; in the parent report its pid, then its exit code."
     import json, select, signal, socket, struct
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); srv.bind(path); srv.listen(64)
     if announce: print('ready', os.getpid(), len(os.listdir('/proc/self/task')), flush=True)
     kids = {}                                   # pid -> [conn, pidfd, token, die_with_client]
+    born = {}                                   # token -> [[pid, start time, own session]] of every child started for it, live or ended, and what was left in its session when it ended (the last 256 per token, 1024 tokens)
     while True:
         waits = [srv] + [k[1] for k in kids.values()] + [k[0] for k in kids.values() if k[3]] + ([0] if announce else [])
         ready, _, _ = select.select(waits, [], [])
         if 0 in ready and not os.read(0, 1): os._exit(0)   # the main server's stdin is at its end: the process that started it is gone (its children die with it)
         for pid, (conn, pidfd, token, dwc) in list(kids.items()):
             if pidfd in ready:
+                b = born.get(token, [])
+                if any(r[0] == pid and r[2] for r in b):   # it led a session: what is left in it, read while the pid is still held (a zombie), so no other session can have its number
+                    b += _members(pid); del b[:-256]
                 code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                 try: conn.sendall(json.dumps({'exit': code}).encode() + b'\n')
                 except OSError: pass
@@ -177,6 +198,8 @@ def _serve(path, announce=True):
             data += more
         try: req = json.loads(data)
         except ValueError: conn.close(); [os.close(f) for f in fds]; continue
+        if req.get('op') == 'children':         # who this server started for an instance (its token): see mlproj.local.instance_processes
+            conn.sendall(json.dumps({'children': born.get(req.get('token'), [])}).encode() + b'\n'); conn.close(); continue
         if req.get('op') == 'kill':             # end the children started for an instance (its token), whatever they are doing
             n = 0
             for pid, k in kids.items():
@@ -196,6 +219,9 @@ def _serve(path, announce=True):
             return req, fds, w
         for f in fds + [w]: os.close(f)
         os.read(r, 1); os.close(r)              # answer once the child has its session, streams and environment, as Popen returns after exec
+        if req.get('token'):                    # recorded once the child has its session (above), before anyone learns its pid
+            b = born.setdefault(req['token'], []); b.append([pid, _started(pid), bool(req.get('session', True))]); del b[:-256]
+            if len(born) > 1024: del born[next(iter(born))]
         conn.sendall(json.dumps({'pid': pid}).encode() + b'\n')
         kids[pid] = [conn, os.pidfd_open(pid), req.get('token'), req.get('die_with_client', True)]
 
@@ -444,6 +470,19 @@ def warm_stop(token:str, sig:int=signal.SIGKILL, server:str|None=None)->int:
         except OSError: continue
         conn.close(); n += reply.get('killed', 0)
     return n
+
+# %% ../nbs/85_runner.ipynb #85-runner-021-11a
+def warm_children(token:str, server:str|None=None)->list[tuple[int, str|None, bool]]:
+    """[(pid, start time, leads its own session)] of every child the warm server (and its kernel server) started for instance `token`,
+    live or ended, and of what such a child left in its session when it ended; [] without a server. A forked child's `/proc/PID/environ` is its server's: this is how its instance is known."""
+    server = server or os.environ.get(WARM_ENV)
+    if not token or not server or not os.path.exists(server): return []
+    out = []
+    for path in (server, os.path.join(os.path.dirname(server), 'k')):
+        try: conn, reply = _request(path, {'op': 'children', 'token': token})
+        except OSError: continue
+        conn.close(); out += [(int(pid), started, bool(own)) for pid, started, own in reply.get('children', [])]
+    return out
 
 # %% ../nbs/85_runner.ipynb #85-runner-021-14
 def _kernel_server()->str|None:

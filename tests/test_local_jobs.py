@@ -5,7 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlproj.jobs import JobSpec, JobInput, JobOutput, render_request, step_job
-from mlproj.local import run_local, show_job
+from mlproj.local import run_local, show_job, instance_processes
+from mlproj.contract import process_started
 from mlproj.data import synthetic_penguins, TARGET, ID
 
 
@@ -128,8 +129,14 @@ def test_output_name_collision_is_reported_not_overwritten(tmp_path):
     assert not (tmp_path/'dest/result.csv').exists()
 
 
-def test_ctrl_c_stops_the_job_cleanly(tmp_path):
+def test_ctrl_c_stops_the_job_cleanly(tmp_path, start):
+    """Ctrl-C of the driver stops the job. While it ran, `instance_processes` found each instance (and what it started) through the
+    driver's fork server when warm; after, none of what it found still runs."""
     body = """
+import subprocess
+(root/'warm').write_text(os.environ.get('MLPROJ_WARM', ''))
+kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)   # in a session of its own
+(root/'kid').write_text(str(kid.pid))
 (root/'pid').write_text(str(os.getpid()))
 print('started', flush=True)
 time.sleep(120)
@@ -148,11 +155,22 @@ time.sleep(120)
     while not all(f.exists() for f in pids):
         assert time.monotonic() < deadline, 'instances did not start'
         time.sleep(0.1)
+    found = {}
+    for h in ['algo-1', 'algo-2']:
+        server = (tmp_path/'jobs/job-1'/h/'warm').read_text()
+        assert bool(server) == (start == 'warm'), server          # the mode under test is the mode the job runs in
+        mine = [int((tmp_path/'jobs/job-1'/h/f).read_text()) for f in ('pid', 'kid')]
+        got = instance_processes(f'job-1:{h}:{p.pid}', server)
+        assert set(mine) <= set(got), (h, mine, got)              # warm: the instance is found through the server only
+        found.update({q: process_started(q) for q in got})
+    assert p.poll() is None, 'the driver ended before its processes were looked for'
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=60)
     assert 'STATUS Stopped Stopped by user' in out, out
     d = show_job('job-1', tmp_path/'jobs')
     assert d['ProcessingJobStatus'] == 'Stopped'
+    assert [q for q, t in found.items() if alive(q) and process_started(q) == t] == []
+    assert [h for h in ['algo-1', 'algo-2'] if instance_processes(f'job-1:{h}:{p.pid}')] == []
     for f in pids: assert not alive(int(f.read_text()))
 
 

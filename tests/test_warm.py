@@ -106,15 +106,52 @@ STUCK = """
 """
 
 
+def started(pid):
+    "Process `pid`'s start time (with the pid, it names one process), or None."
+    try: return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
+    except FileNotFoundError: return None
+
+
+def still_running(procs: dict) -> list:
+    "Those of `procs` ({pid: start time}) still running: not ended, not a zombie, not the pid reused."
+    return [p for p, t in procs.items() if alive(p) and started(p) == t]
+
+
+def carries(pid, token) -> bool:
+    "Does /proc/PID/environ show the instance's token? (A warm, forked process shows its fork server's environment.)"
+    return f'{INSTANCE_ENV}={token}'.encode() in Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+
+
+def wait_for(read, what, out):
+    "The value `read()` returns once it stops raising, while the job still runs (`out` still empty)."
+    for _ in range(1200):
+        assert not out, f'the job ended before {what}'
+        try: return read()
+        except (FileNotFoundError, ValueError): time.sleep(0.1)
+    raise AssertionError(f'never saw {what}')
+
+
 def test_a_step_stuck_in_native_code_is_stopped(tmp_path, start):
-    req = job(tmp_path, 'stuck', STUCK, max_runtime=2)
+    """While the job runs, `instance_processes` finds the instance and the process it started in a session of its own (when warm, the
+    instance's /proc environment does not carry its token: the fork server's word is what finds it); once stopped, none of them remains."""
+    req = job(tmp_path, 'stuck', STUCK, max_runtime=10)
+    token = f'stuck:algo-1:{os.getpid()}'
     t = __import__('threading').Thread(target=lambda: out.append(run_local(req, jobs_dir=tmp_path/'jobs', stream=None, grace=1)), daemon=True)
-    out = []; t.start(); t.join(120)                              # a hang guard, not a timing check
+    out = []; t.start()
+    def pids():
+        got = [int(p) for p in (tmp_path/'jobs/stuck/algo-1/pids').read_text().split()]
+        if len(got) != 2: raise ValueError(got)
+        return got
+    instance, child = wait_for(pids, 'it wrote its pids', out)
+    running = {p: started(p) for p in instance_processes(token)}
+    assert not out, 'the job ended before its processes were looked for'
+    assert {instance, child} <= set(running), (instance, child, running)
+    assert carries(instance, token) == (start == 'cold') and carries(child, token)   # warm: only the server knows the instance is this job's
+    t.join(120)                                                   # a hang guard, not a timing check
     assert out, 'run_local did not return'
     assert out[0]['ProcessingJobStatus'] == 'Stopped' and 'MaxRuntimeInSeconds' in out[0]['FailureReason']
-    pids = [int(p) for p in (tmp_path/'jobs/stuck/algo-1/pids').read_text().split()]
-    assert not [p for p in pids if alive(p)]
-    assert instance_processes(f'stuck:algo-1:{os.getpid()}') == []
+    assert instance_processes(token) == []
+    assert still_running(running) == [] and not alive(instance) and not alive(child)
 
 
 def make_nb(path, cells):
@@ -139,14 +176,21 @@ def test_a_kernel_stuck_in_native_code_is_stopped(tmp_path, start):
             "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])\n"
             "re.match(r'(a+)+$', 'a' * 64 + 'b')   # backtracking in C for ages, holding the GIL: not even the kernel's parent poller runs")
     req = notebook_job(tmp_path, 'stuck-nb', [cell], max_runtime=15)
-    d = run_local(req, jobs_dir=tmp_path/'jobs', stream=None, grace=2)
-    assert d['ProcessingJobStatus'] == 'Stopped', d
-    kernel = int((tmp_path/'kernel.pid').read_text())
+    token = f'stuck-nb:algo-1:{os.getpid()}'
+    t = __import__('threading').Thread(target=lambda: out.append(run_local(req, jobs_dir=tmp_path/'jobs', stream=None, grace=2)), daemon=True)
+    out = []; t.start()
+    kernel = wait_for(lambda: int((tmp_path/'kernel.pid').read_text()), 'the kernel wrote its pid', out)
+    running = {p: started(p) for p in instance_processes(token)}
+    assert not out, 'the job ended before its processes were looked for'
+    assert kernel in running and len(running) >= 2, (kernel, running)     # the kernel, and papermill's process
+    assert carries(kernel, token) == (start == 'cold')           # warm: the kernel is the kernel server's child, not even the instance's descendant
+    t.join(120)                                                   # a hang guard, not a timing check
+    assert out and out[0]['ProcessingJobStatus'] == 'Stopped', out
     for _ in range(100):                                          # SIGKILL is delivered at once; the parent reaps it soon after
         if not alive(kernel): break
         time.sleep(0.1)
-    assert not alive(kernel)
-    assert instance_processes(f'stuck-nb:algo-1:{os.getpid()}') == []
+    assert instance_processes(token) == []
+    assert still_running(running) == [] and not alive(kernel)
 
 
 def _strip(nb_path):
