@@ -344,3 +344,38 @@ def cli(monkeypatch, tmp_path):
     signal.signal(signal.SIGTERM, old)
     if cold is None: os.environ.pop('MLPROJ_COLD', None)          # main() sets it for its jobs (--cold/--warm): not for the next test
     else: os.environ['MLPROJ_COLD'] = cold
+
+
+# --- a local endpoint (`mlproj serve`) for the serving tests ---------------------------------------------------------
+
+def start_endpoint(argv, outputs, cwd=None):
+    "`argv` (an `mlproj serve ... --port 0` command line) in a subprocess: (process, base url, stderr file) once /ping answers 200."
+    import re, time, urllib.error, urllib.request
+    Path(outputs).mkdir(parents=True, exist_ok=True)
+    err = open(Path(outputs)/f'serve-{time.monotonic_ns()}.log', 'w+')
+    p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd,
+                         env={**os.environ, 'MLPROJ_OUTPUTS': str(outputs)})
+    line = p.stdout.readline()
+    m = re.search(r'listening on (http://127\.0\.0\.1:\d+)', line)
+    if not m:
+        p.kill(); err.seek(0); raise AssertionError(f'server did not start: {line!r}\n{err.read()[-3000:]}')
+    for _ in range(1200):
+        try:
+            if urllib.request.urlopen(m.group(1) + '/ping', timeout=2).status == 200: return p, m.group(1), err
+        except (urllib.error.URLError, ConnectionError): time.sleep(0.05)
+    p.kill(); raise AssertionError('no 200 from /ping')
+
+
+def stop_endpoint(p, err=None):
+    "SIGTERM: the arbiter stops its workers and exits 0 (graceful)."
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0
+    if err is not None: err.close()
+
+
+@contextlib.contextmanager
+def endpoint(argv, outputs, cwd=None):
+    "`with endpoint(argv, outputs) as (url, stderr file)`: `start_endpoint`, then `stop_endpoint` at the end."
+    p, url, err = start_endpoint(argv, outputs, cwd)
+    try: yield url, err
+    finally: stop_endpoint(p, err)

@@ -1,9 +1,10 @@
 """The local endpoint as a user runs it: `mlproj run`, then `mlproj serve --run` in a subprocess, called over HTTP and
 through the real boto3 `sagemaker-runtime` client; its answers are the batch-inference job's predictions of the same rows."""
-import io, json, os, re, signal, subprocess, sys, tarfile, time, urllib.error, urllib.request
+import io, json, os, subprocess, sys, tarfile, urllib.error, urllib.request
 from pathlib import Path
 import pandas as pd
 import pytest
+from conftest import start_endpoint, stop_endpoint          # the local endpoint in a subprocess, stopped gracefully
 
 pytestmark = pytest.mark.usefixtures('loopback_only')
 MLPROJ = str(Path(sys.executable).parent/'mlproj')
@@ -11,26 +12,13 @@ BUNDLED = Path(__file__).resolve().parents[1]/'mlproj'/'assets'/'penguins.csv'
 FEATURES = ['island', 'bill_length_mm', 'bill_depth_mm', 'flipper_length_mm', 'body_mass_g', 'sex']
 
 
-def start_server(outputs, *args, env=None):
+def start_server(outputs, *args):
     "`mlproj serve ARGS --port 0` in a subprocess: (process, base url, stderr file) once /ping answers 200."
-    err = open(Path(outputs)/f'serve-{time.monotonic_ns()}.log', 'w+')
-    p = subprocess.Popen([MLPROJ, 'serve', '--port', '0', *map(str, args)], stdout=subprocess.PIPE, stderr=err, text=True,
-                         env={**os.environ, 'MLPROJ_OUTPUTS': str(outputs), **(env or {})})
-    line = p.stdout.readline()
-    m = re.search(r'listening on (http://127\.0\.0\.1:\d+)', line)
-    if not m:
-        p.kill(); err.seek(0); raise AssertionError(f'server did not start: {line!r}\n{err.read()[-3000:]}')
-    url = m.group(1)
-    for _ in range(1200):
-        try:
-            if urllib.request.urlopen(url + '/ping', timeout=2).status == 200: return p, url, err
-        except (urllib.error.URLError, ConnectionError): time.sleep(0.05)
-    p.kill(); raise AssertionError('no 200 from /ping')
+    return start_endpoint([MLPROJ, 'serve', '--port', '0', *args], outputs)
 
 
 def stop_server(p):
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == 0            # graceful: the arbiter stops its workers and exits 0
+    stop_endpoint(p)            # graceful: the arbiter stops its workers and exits 0
 
 
 def post(url, body, content_type=None, accept=None, path='/invocations'):

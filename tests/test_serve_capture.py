@@ -1,9 +1,10 @@
 """Captured traffic is monitored like any batch: `mlproj serve --capture` writes SageMaker's data-capture layout and
 records, and `mlproj job run monitor --input data=<capture folder>` checks it against the training baseline."""
-import json, os, re, signal, subprocess, sys, time, urllib.error, urllib.request
+import json, os, re, subprocess, sys, urllib.error, urllib.request
 from pathlib import Path
 import pandas as pd
 import pytest
+from conftest import endpoint          # the local endpoint in a subprocess, stopped gracefully
 
 MLPROJ = str(Path(sys.executable).parent/'mlproj')
 BUNDLED = Path(__file__).resolve().parents[1]/'mlproj'/'assets'/'penguins.csv'
@@ -12,15 +13,8 @@ FEATURES = ['island', 'bill_length_mm', 'bill_depth_mm', 'flipper_length_mm', 'b
 
 def capture_traffic(model, capture, rows: pd.DataFrame, outputs):
     "Serve `model` with capture on, send `rows` as one-row headerless CSV, JSON records and JSON Lines requests, stop the server."
-    p = subprocess.Popen([MLPROJ, 'serve', '--model', str(model), '--port', '0', '--workers', '1', '--capture', str(capture),
-                          '--endpoint-name', 'penguins'], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                         env={**os.environ, 'MLPROJ_OUTPUTS': str(outputs)})
-    try:
-        url = re.search(r'(http://127\.0\.0\.1:\d+)', p.stdout.readline()).group(1)
-        for _ in range(1200):
-            try:
-                if urllib.request.urlopen(url + '/ping', timeout=2).status == 200: break
-            except (urllib.error.URLError, ConnectionError): time.sleep(0.05)
+    with endpoint([MLPROJ, 'serve', '--model', model, '--port', '0', '--workers', '1', '--capture', capture,
+                   '--endpoint-name', 'penguins'], outputs) as (url, _):
         text = rows[FEATURES].astype(object).where(rows[FEATURES].notna(), '').astype(str)
         third = len(rows) // 3
         bodies = [(','.join(r) + '\n', 'text/csv') for r in text.iloc[:third].itertuples(index=False)]
@@ -29,8 +23,6 @@ def capture_traffic(model, capture, rows: pd.DataFrame, outputs):
         for body, kind in bodies:
             req = urllib.request.Request(url + '/invocations', data=body.encode(), headers={'Content-Type': kind})
             assert urllib.request.urlopen(req, timeout=60).status == 200
-    finally:
-        p.send_signal(signal.SIGTERM); assert p.wait(60) == 0
     return len(bodies)
 
 

@@ -1,9 +1,10 @@
 """`mlproj serve package`: the model package SageMaker's scikit-learn image serves (model artifact, code/inference.py,
 code/requirements.txt, the mlproj wheel), installed from its own requirements.txt in a fresh virtual environment
 outside the checkout, serving a request there."""
-import io, json, os, re, signal, subprocess, sys, tarfile, time, urllib.error, urllib.request
+import json, os, subprocess, sys, tarfile, urllib.error, urllib.request
 from pathlib import Path
 import pytest
+from conftest import endpoint          # the local endpoint in a subprocess, stopped gracefully
 
 MLPROJ = str(Path(sys.executable).parent/'mlproj')
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +46,6 @@ def test_package_serves_from_a_fresh_venv(opt_ml_trained, fresh_venv, tmp_path):
     assert (doc['kind'], doc['body']) == (kind, want.decode())
 
     # and the venv's own `mlproj serve` serves the package over HTTP
-    p = subprocess.Popen([str(venv/'bin/mlproj'), 'serve', '--model', str(pkg), '--port', '0', '--workers', '1'], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, cwd=tmp_path, env={**os.environ, 'MLPROJ_OUTPUTS': str(tmp_path/'o2')})
-    try:
-        url = re.search(r'(http://127\.0\.0\.1:\d+)', p.stdout.readline()).group(1)
-        for _ in range(1200):
-            try:
-                if urllib.request.urlopen(url + '/ping', timeout=2).status == 200: break
-            except (urllib.error.URLError, ConnectionError): time.sleep(0.05)
+    with endpoint([venv/'bin/mlproj', 'serve', '--model', pkg, '--port', '0', '--workers', '1'], tmp_path/'o2', cwd=tmp_path) as (url, _):
         req = urllib.request.Request(url + '/invocations', data=ROW, headers={'Content-Type': 'text/csv', 'Accept': 'text/csv'})
         assert urllib.request.urlopen(req, timeout=60).read() == want
-    finally:
-        p.send_signal(signal.SIGTERM); assert p.wait(60) == 0

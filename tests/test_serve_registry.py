@@ -2,9 +2,10 @@
 latest approved package is refused until a person approves it, then `mlproj serve --model-package` answers through the
 real boto3 `sagemaker-runtime` client with the batch-inference job's predictions; deploy refuses a rejected package naming
 its status and an altered one by sha256; `serve deploy --backend sagemaker --model-package` against moto on loopback."""
-import contextlib, io, json, os, re, signal, subprocess, sys, tarfile, time, urllib.error, urllib.request
+import contextlib, io, json, os, signal, subprocess, sys, tarfile, urllib.error, urllib.request
 from pathlib import Path
 import pytest
+from conftest import endpoint          # the local endpoint in a subprocess, stopped gracefully
 
 pytestmark = pytest.mark.usefixtures('loopback_only')     # fixtures loopback_only, moto_server: tests/conftest.py
 MLPROJ = str(Path(sys.executable).parent/'mlproj')
@@ -40,24 +41,9 @@ def mlproj_in(outputs):
     return run
 
 
-@contextlib.contextmanager
 def serving(outputs, *args):
     "`mlproj serve ARGS --port 0 --workers 1` in a subprocess: its base URL once /ping answers 200; SIGTERM at the end."
-    err = open(Path(outputs)/f'serve-{time.monotonic_ns()}.log', 'w+')
-    p = subprocess.Popen([MLPROJ, 'serve', '--port', '0', '--workers', '1', *map(str, args)], stdout=subprocess.PIPE, stderr=err, text=True,
-                         env={**os.environ, 'MLPROJ_OUTPUTS': str(outputs)})
-    try:
-        m = re.search(r'listening on (http://127\.0\.0\.1:\d+)', p.stdout.readline())
-        if not m: err.seek(0); raise AssertionError(f'server did not start:\n{err.read()[-3000:]}')
-        for _ in range(1200):
-            try:
-                if urllib.request.urlopen(m.group(1) + '/ping', timeout=2).status == 200: break
-            except (urllib.error.URLError, ConnectionError): time.sleep(0.05)
-        yield m.group(1), err
-    finally:
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(60) == 0
-        err.close()
+    return endpoint([MLPROJ, 'serve', '--port', '0', '--workers', '1', *args], outputs)
 
 
 def test_approve_then_serve_the_latest_approved_package(pipeline_run):
