@@ -18,7 +18,7 @@ setuptools.setup(
     author_email=cfg['author_email'],
     license='Apache Software License 2.0',
     python_requires=f">={cfg['min_python']}",
-    packages=setuptools.find_packages(include=['mlproj', 'mlproj.*']),
+    packages=setuptools.find_namespace_packages(include=['mlproj', 'mlproj.*']),  # assets/ and jobs/ hold data files only
     include_package_data=True,
     package_data={'mlproj': ['assets/*', 'jobs/*.ipynb']},
     install_requires=requirements,
