@@ -4,7 +4,7 @@
 
 # %% ../nbs/95_cli.ipynb #95-cli-002
 from __future__ import annotations
-import argparse, json, signal, sys
+import argparse, json, os, signal, sys
 from .errors import MlprojError, SpecError, quote
 from .params import parse_pairs, read_param_files
 from .steps import BUNDLED, STEPS, get_step, step_sources
@@ -335,7 +335,7 @@ def cmd_job(a)->int:
 def _sigterm(*_): raise KeyboardInterrupt
 
 def main(argv=None)->int:
-    "Entry point of the `mlproj` command: exit 0 done, 1 a job that did not complete, 2 refused (one line), 130 interrupted."
+    "Entry point of the `mlproj` command: exit 0 done, 1 a job that did not complete, 2 refused (one line), 130 interrupted, 141 its output pipe closed."
     from mlproj.runner import skip_optional_imports
     skip_optional_imports()                   # the driver reads job notebooks too (see mlproj.runner)
     a = make_parser().parse_args(argv)
@@ -349,6 +349,9 @@ def main(argv=None)->int:
         else: code = cmd_run(a) if a.cmd == 'run' else cmd_job(a)
     except (MlprojError, FileExistsError) as e:
         print(f'mlproj: error: {e}', file=sys.stderr); code = 2
+    except BrokenPipeError:                   # stdout closed early (`mlproj model show ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the interpreter's final flush is silent too
+        code = 141                            # 128 + SIGPIPE, what a shell reports for a command cut off by its pipe
     except OSError as e:                      # the environment refused (a read-only checkout, a full disk): one line, no traceback
         from mlproj.contract import describe_error
         print(f'mlproj: error: {describe_error(e)}', file=sys.stderr); code = 2

@@ -193,3 +193,15 @@ def test_default_outputs_folder_and_job_show(tmp_path):
     r = run('job', 'list')
     assert r.returncode == 0, r.stderr
     assert d['ProcessingJobName'] in r.stdout and 'Completed' in r.stdout
+
+
+def test_output_cut_off_by_its_pipe_is_not_an_error(tmp_path):
+    "`mlproj ... | head`: the reader has closed the pipe; the command stops quietly with 141 (128 + SIGPIPE), no 'error' line."
+    env = {**os.environ, 'MLPROJ_OUTPUTS': str(tmp_path)}
+    r, w = os.pipe()
+    os.close(r)                                     # the reader is gone before the first write: that write fails, every time
+    try: p = subprocess.run(MLPROJ + ['job', 'params', 'train'], env=env, stdout=w, stderr=subprocess.PIPE, timeout=120)
+    finally: os.close(w)
+    err = p.stderr.decode()
+    assert p.returncode == 141, err
+    assert 'error' not in err and 'Traceback' not in err, err
