@@ -13,10 +13,10 @@ from .data import media_type, quote
 from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body
 
 # %% auto #0
-__all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'package_model', 'build_package', 'is_package',
-           'extract_package', 'package_artifact', 'load_program', 'Capture', 'Endpoint', 'server_settings', 'run_model',
-           'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests', 'deploy', 'transform_request',
-           'LocalServer', 'run_transform', 'submit_transform']
+__all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'serving_code', 'write_tar_gz', 'package_model',
+           'build_package', 'is_package', 'extract_package', 'package_artifact', 'load_program', 'Capture', 'Endpoint',
+           'server_settings', 'run_model', 'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests',
+           'deploy', 'transform_request', 'LocalServer', 'run_transform', 'submit_transform']
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-006
 PROGRAM = 'inference.py'
@@ -25,29 +25,45 @@ INFERENCE_PY = f'''"""SageMaker entry script (SAGEMAKER_PROGRAM=inference.py): m
 from mlproj.serve import {', '.join(HANDLERS)}  # noqa: F401
 '''
 
-def _tar_bytes(tar:tarfile.TarFile, name:str, data:bytes):
-    info = tarfile.TarInfo(name); info.size = len(data); info.mtime = 0; info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+def serving_code(wheel=None, # the mlproj wheel to ship beside the entry script (None: requirements.txt names this mlproj's version)
+                )->dict:
+    "{file name: bytes} of the serving code: the entry script, requirements.txt and the wheel — a package's code/, or an exported pipeline's source dir."
+    from mlproj import __version__
+    reqs = f'./{Path(wheel).name}\n' if wheel else f'mlproj=={__version__}\n'
+    files = {PROGRAM: INFERENCE_PY.encode(), 'requirements.txt': reqs.encode()}
+    if wheel: files[Path(wheel).name] = Path(wheel).read_bytes()
+    return files
 
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-006b
+def write_tar_gz(members:dict, # {name inside the archive: bytes}
+                 dest, # the .tar.gz to write (atomically: a reader sees the old file or the whole new one)
+                )->Path:
+    "Write `members` as a reproducible .tar.gz: regular files only, mtime 0, mode 0644, in the given order — the same bytes for the same members."
+    dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f'.{dest.name}.tmp')
+    with open(tmp, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
+        for n, b in members.items():
+            info = tarfile.TarInfo(n); info.size = len(b); info.mtime = 0; info.mode = 0o644
+            tar.addfile(info, io.BytesIO(b))
+    tmp.replace(dest)
+    return dest
+
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-006d
 def package_model(artifact, # the model artifact: model.tar.gz, or a folder holding it
                   dest, # the package file to write
                   wheel=None, # the mlproj wheel to bundle in code/ (None: requirements.txt names this mlproj's version)
                  )->dict:
     "Write the SageMaker model package `dest`: the artifact, code/inference.py, code/requirements.txt (and the wheel). Returns its members."
-    from mlproj import __version__
     from mlproj.train import ARTIFACT, load_model
     p = Path(artifact)
     if p.is_dir(): p = p/ARTIFACT
     load_model(p)                                   # refuse a damaged artifact now, not at the endpoint's boot
-    reqs = f'./{Path(wheel).name}\n' if wheel else f'mlproj=={__version__}\n'
-    members = {ARTIFACT: p.read_bytes(), 'code/' + PROGRAM: INFERENCE_PY.encode(), 'code/requirements.txt': reqs.encode()}
-    if wheel: members['code/' + Path(wheel).name] = Path(wheel).read_bytes()
-    dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f'.{dest.name}.tmp')
-    with open(tmp, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
-        for n, b in members.items(): _tar_bytes(tar, n, b)
-    tmp.replace(dest)
+    members = {ARTIFACT: p.read_bytes()} | {'code/' + n: b for n, b in serving_code(wheel).items()}
+    write_tar_gz(members, dest)
     return {n: len(b) for n, b in members.items()}
+
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-008
 CONTAINER_ENV = {'SAGEMAKER_PROGRAM': PROGRAM, 'SAGEMAKER_SUBMIT_DIRECTORY': '/opt/ml/model/code'}   # what the stock image needs to find the handlers

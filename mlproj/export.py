@@ -16,15 +16,16 @@ from .cache import package_digest
 from .pipeline import PIPELINE, Pipeline, RESOURCE_PARAMS, check_run_params
 
 # %% auto #0
-__all__ = ['LOCAL_ONLY', 'PARAM_TYPES', 'SOURCE_RECORD', 'SM_VERSION', 'GATE_STEP', 'FAIL_STEP', 'PROPERTY_FILE', 'SM_CONDITIONS',
-           'SM_REGISTER', 'EXPORTED_ACTIONS', 'SFN_SYNC', 'SFN_GET_OBJECT', 'SFN_CREATE_MODEL_PACKAGE', 'SFN_CHOICES',
-           'READ_METRIC', 'GATE_STATE', 'ROLE_TOKEN', 'FORMATS', 'param_name', 'Target', 'partition_of', 'in_partition',
-           'check_partition', 'export_parameters', 'pipeline_code', 'code_digest', 's3_layout', 'output_uri',
-           'step_request', 'Ref', 'step_template', 'message_parts', 'register_template', 'exported_actions',
-           'sagemaker_definition', 'resolve_sagemaker', 'processing_steps', 'check_sagemaker_definition',
-           'sfn_job_prefix', 'stepfunctions_definition', 'resolve_stepfunctions', 'stepfunctions_state',
-           'check_stepfunctions_definition', 'cloudformation_template', 'export_definition', 'execution_values',
-           'upload_code', 'upsert', 'start', 'show', 'pipeline_parser', 'cmd_pipeline']
+__all__ = ['LOCAL_ONLY', 'PARAM_TYPES', 'SOURCE_RECORD', 'SERVING_SOURCE', 'SM_VERSION', 'GATE_STEP', 'FAIL_STEP',
+           'PROPERTY_FILE', 'SM_CONDITIONS', 'SM_REGISTER', 'EXPORTED_ACTIONS', 'SFN_SYNC', 'SFN_GET_OBJECT',
+           'SFN_CREATE_MODEL_PACKAGE', 'SFN_CHOICES', 'READ_METRIC', 'GATE_STATE', 'ROLE_TOKEN', 'FORMATS',
+           'param_name', 'Target', 'partition_of', 'in_partition', 'check_partition', 'export_parameters',
+           'pipeline_code', 'code_digest', 's3_layout', 'output_uri', 'step_request', 'Ref', 'step_template',
+           'message_parts', 'register_template', 'exported_actions', 'sagemaker_definition', 'resolve_sagemaker',
+           'processing_steps', 'check_sagemaker_definition', 'sfn_job_prefix', 'stepfunctions_definition',
+           'resolve_stepfunctions', 'stepfunctions_state', 'check_stepfunctions_definition', 'cloudformation_template',
+           'export_definition', 'execution_values', 'upload_code', 'upsert', 'start', 'show', 'pipeline_parser',
+           'cmd_pipeline']
 
 # %% ../nbs/92_export.ipynb #92-export-005
 def param_name(key:str)->str:
@@ -103,13 +104,16 @@ def code_digest(engine:str='notebook', p:Pipeline=PIPELINE)->str:
     "The name of the code channel's folder: a digest of `pipeline_code` (computed once per process)."
     return code_dir(pipeline_code(engine, p), '/').name
 
+SERVING_SOURCE = 'serving/sourcedir.tar.gz'   # the registered model's serving code, under the code folder
+
 def s3_layout(t:Target, p:Pipeline=PIPELINE)->dict:
-    "The S3 locations of an exported pipeline: code, default inputs, and the runs folder (nothing is uploaded)."
+    "The S3 locations of an exported pipeline: code (and the serving code), default inputs, and the runs folder (nothing is uploaded)."
     base = s3_join(t.bucket, t.prefix, p.name)
     for ch, uri in t.inputs.items():
         if ch not in p.inputs: raise SpecError(f"--input {ch}: the pipeline's inputs are {', '.join(p.inputs)}")
         if not str(uri).startswith('s3://'): raise SpecError(f'--input {ch}={uri}: an exported pipeline reads its inputs from S3; give an s3:// URI')
-    return {'base': base, 'code': f"{base}code/{code_digest(t.engine, p)}/",
+    code = f"{base}code/{code_digest(t.engine, p)}/"
+    return {'base': base, 'code': code, 'serving': f'{code}{SERVING_SOURCE}',
             'inputs': {ch: t.inputs.get(ch) or f'{base}input/{ch}/' for ch in p.inputs}, 'runs': f'{base}runs/'}
 
 # %% ../nbs/92_export.ipynb #92-export-014
@@ -203,9 +207,11 @@ SM_REGISTER = 'RegisterModel'      # the SageMaker Pipelines step type of a mode
 def register_template(t:Target, p:Pipeline=PIPELINE)->dict:
     "The `CreateModelPackage` request of the register step, with a `Ref` for each parameter (group, status) and each file (the model, the gate's metrics)."
     from mlproj.registry import CONTENT_TYPES, MODEL
+    from mlproj.endpoint import CONTAINER_ENV
+    env = {**CONTAINER_ENV, 'SAGEMAKER_SUBMIT_DIRECTORY': s3_layout(t, p)['serving']}   # the handlers: source dir on S3, as the SDK's framework models
     return {'ModelPackageGroupName': Ref('param', 'register.group'), 'ModelApprovalStatus': Ref('param', 'register.approval_status'),
             'ModelPackageDescription': f'the model of an execution of pipeline {p.name} that passed its quality gate (exported by mlproj)',
-            'InferenceSpecification': {'Containers': [{'Image': t.image_uri, 'ModelDataUrl': Ref('file', f"{producers()['model']}/model/{MODEL}")}],
+            'InferenceSpecification': {'Containers': [{'Image': t.image_uri, 'ModelDataUrl': Ref('file', f"{producers()['model']}/model/{MODEL}"), 'Environment': env}],
                                        'SupportedContentTypes': list(CONTENT_TYPES), 'SupportedResponseMIMETypes': list(CONTENT_TYPES)},
             'ModelMetrics': {'ModelQuality': {'Statistics': {'ContentType': 'application/json', 'S3Uri': Ref('file', f'{p.gate.step}/{p.gate.channel}/{p.gate.file}')}}},
             'MetadataProperties': {'GeneratedBy': 'mlproj'}, 'CustomerMetadataProperties': {'mlproj:pipeline': p.name}}
@@ -512,14 +518,20 @@ def upload_code(t:Target, s3, p:Pipeline=PIPELINE, wheels:bool=True, dependencie
     from mlproj import storage
     from mlproj.data import bundled_path
     from mlproj.sagemaker_backend import build_wheels
+    from mlproj.endpoint import serving_code, write_tar_gz
     lay = s3_layout(t, p)
     with tempfile.TemporaryDirectory() as d:
         for n, b in pipeline_code(t.engine, p).items(): (Path(d)/n).write_bytes(b)
         say(f"uploaded {len(storage.upload(Path(d), lay['code'], s3))} code file(s) -> {lay['code']}")
-    if wheels:
-        with tempfile.TemporaryDirectory() as w:
-            build_wheels(w, dependencies, say=say)
+    with tempfile.TemporaryDirectory() as w:
+        own = None
+        if wheels:
+            built = build_wheels(w, dependencies, say=say)
             say(f"uploaded {len(storage.upload(Path(w), lay['code'] + 'wheels/', s3))} wheel(s) -> {lay['code']}wheels/")
+            own = next(x for x in built if x.name.startswith('mlproj-'))
+        code = serving_code(own)                                  # the register step's serving code: entry script, requirements, wheel
+        storage.upload([(SERVING_SOURCE, write_tar_gz(code, Path(w)/'serving'/Path(SERVING_SOURCE).name))], lay['code'], s3)
+        say(f"uploaded the serving code ({', '.join(code)}) -> {lay['serving']}")
     for ch, uri in lay['inputs'].items():
         if ch not in t.inputs: say(f"uploaded {len(storage.upload(Path(bundled_path()), uri, s3))} file(s) of the bundled table -> {uri}")
     return lay

@@ -107,7 +107,7 @@ def build_wheels(dest, # folder to put the wheels in
     say(f'building the mlproj wheel from {project_root()}')
     with tempfile.TemporaryDirectory() as tmp:       # a clean copy: a stale build/ of the checkout must not leak into the wheel
         src = Path(tmp)/'src'
-        shutil.copytree(project_root(), src, symlinks=True, ignore=shutil.ignore_patterns('.git', '.venv', 'outputs', 'build', 'dist', '*.egg-info', '__pycache__'))
+        shutil.copytree(project_root(), src, symlinks=True, ignore=shutil.ignore_patterns('.git', '.venv', 'outputs', 'build', 'dist', '*.egg-info', '__pycache__', 'node_modules'))
         _pip(['wheel', '--quiet', '--no-deps', '--no-build-isolation', '-w', str(dest), str(src)], 'building the mlproj wheel', say)
     if dependencies:
         cache = Path(cache or outputs_root()/'wheels'/f'py{python_version}-{platform}')

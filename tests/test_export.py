@@ -349,6 +349,7 @@ def test_upsert_start_show_sagemaker(moto_server):
     code_prefix = lay['code'].split(MOTO_BUCKET + '/', 1)[1]
     assert {'entry.py', 'preprocess.ipynb', 'train.ipynb', 'evaluate.ipynb', 'batch_inference.ipynb', 'mlproj-source.sha256'} <= {k[len(code_prefix):] for k in keys(code_prefix)}
     assert not any('/wheels/' in k for k in keys('team/'))            # a prebuilt image: no wheels
+    assert code_prefix + 'serving/sourcedir.tar.gz' in keys(code_prefix)  # the serving code: its requirements name mlproj's version (tested with the stock image)
     assert keys('team/mlproj/input/raw/') == ['team/mlproj/input/raw/penguins.csv']
     sm = boto3.client('sagemaker')
     stored = json.loads(sm.describe_pipeline(PipelineName='mlproj')['PipelineDefinition'])
@@ -404,12 +405,33 @@ def test_upsert_start_show_stepfunctions(moto_server):
     assert isinstance(shown['steps'], list)
 
 
-def test_upsert_stock_image_ships_the_wheel(moto_server):
-    "Without --image-uri the code channel carries the mlproj wheel, as `mlproj job run --backend sagemaker` ships it."
+def test_upsert_stock_image_ships_the_wheel(moto_server, tmp_path):
+    "Without --image-uri the code channel carries the mlproj wheel, as `mlproj job run --backend sagemaker` ships it; the registered model's serving code carries it too."
     code, _, err = cli('pipeline', 'upsert', '--backend', 'sagemaker', '--bucket', MOTO_BUCKET, '--role', ROLE, '--prefix', 'stock', '--no-dependency-wheels')
     assert code == 0, err
     wheels = [k for k in keys('stock/mlproj/code/') if '/wheels/' in k]
     assert len(wheels) == 1 and wheels[0].split('/wheels/')[1].startswith('mlproj-') and wheels[0].endswith('.whl'), wheels
+    # the register step's serving code: the handlers' entry script, requirements naming that very wheel, and the wheel
+    import boto3, io, tarfile
+    from mlproj.export import Target, s3_layout, sagemaker_definition
+    from mlproj.endpoint import INFERENCE_PY, load_program
+    s3 = boto3.client('s3')
+    t = Target(MOTO_BUCKET, ROLE, 'img', 'stock')
+    src_key = s3_layout(t)['serving'].split(MOTO_BUCKET + '/', 1)[1]
+    wheel = wheels[0].split('/wheels/')[1]
+    with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=MOTO_BUCKET, Key=src_key)['Body'].read())) as tar:
+        assert tar.getnames() == ['inference.py', 'requirements.txt', wheel]
+        assert tar.extractfile('inference.py').read().decode() == INFERENCE_PY
+        assert tar.extractfile('requirements.txt').read().decode() == f'./{wheel}\n'
+        assert tar.extractfile(wheel).read() == s3.get_object(Bucket=MOTO_BUCKET, Key=wheels[0])['Body'].read()
+        tar.extractall(tmp_path/'code', filter='data')
+    # found and imported as the serving container finds its entry script: the notebook's handlers
+    import mlproj.serve
+    assert load_program(tmp_path, {'SAGEMAKER_SUBMIT_DIRECTORY': str(tmp_path/'code')})['predict_fn'] is mlproj.serve.predict_fn
+    stored = json.loads(boto3.client('sagemaker').describe_pipeline(PipelineName='mlproj')['PipelineDefinition'])
+    cond = next(x for x in stored['Steps'] if x['Type'] == 'Condition')
+    env = next(x for x in cond['Arguments']['IfSteps'] if x['Type'] == 'RegisterModel')['Arguments']['InferenceSpecification']['Containers'][0]['Environment']
+    assert env == {'SAGEMAKER_PROGRAM': 'inference.py', 'SAGEMAKER_SUBMIT_DIRECTORY': f's3://{MOTO_BUCKET}/{src_key}'}
     for k in keys('stock/'):                                          # the fake credentials went nowhere near S3
         import boto3
         assert FAKE_KEY_ID.encode() not in boto3.client('s3').get_object(Bucket=MOTO_BUCKET, Key=k)['Body'].read()
