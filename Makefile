@@ -41,7 +41,7 @@ sync-check: $(VENV)/.installed-dev
 	else echo "nbdev sync check: notebooks and package agree"; fi
 
 nbdev-test: $(VENV)/.installed-dev
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags aws
 
 pytest: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -n 2 tests

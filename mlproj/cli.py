@@ -8,7 +8,7 @@ import argparse, json, os, signal, sys
 from .errors import MlprojError, SpecError, quote
 from .params import parse_pairs, read_param_files
 from .steps import BUNDLED, STEPS, get_step, step_sources
-from .jobs import ENGINES, REPORT_CHANNEL, step_job, render_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
+from .jobs import CODE_CHANNEL, ENGINES, REPORT_CHANNEL, step_job, render_request, validate_request, outputs_root, job_name, code_files, code_dir, write_code_bundle, mask_secrets
 
 # %% auto #0
 __all__ = ['default_inputs', 'model_package_input', 'build_spec', 'cold_flag', 'apply_cold', 'serve_parser', 'transform_parser',
@@ -325,8 +325,12 @@ def cmd_job(a)->int:
     if a.jobcmd == 'params': return cmd_params(a.step)
     spec = build_spec(a)
     if a.jobcmd == 'request': _print_json(render_request(spec)); return 0
+    req = render_request(spec)
+    validate_request(req)                     # a request refused is refused before anything is written (the code bundle included)
+    local.check_local_sources({**req, 'ProcessingInputs': [i for i in req['ProcessingInputs'] if i['InputName'] != CODE_CHANNEL]})
+    local.check_local_destinations(req)
     write_code_bundle(a.step, a.engine, outputs_root()/'code')
-    d = local.run_local(render_request(spec), jobs_dir=outputs_root()/'jobs', stream=sys.stderr)
+    d = local.run_local(req, jobs_dir=outputs_root()/'jobs', stream=sys.stderr)
     _print_json(d)
     if d['ProcessingJobStatus'] == 'Completed': return 0
     return 130 if d.get('FailureReason', '').startswith('Stopped by user') else 1

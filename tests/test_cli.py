@@ -144,7 +144,7 @@ def test_refusals_are_one_line(tmp_path, monkeypatch, capsys, keep_sigterm_handl
     assert message in err, err
     assert err.startswith('mlproj: error: ') and err.strip().count('\n') == 0, err
     assert out == ''
-    assert not (tmp_path/'jobs').exists()         # refused before any job was created
+    assert list(tmp_path.iterdir()) == []         # refused before anything was written: no job, no code bundle, no run
 
 
 def test_refusal_through_the_console_script(tmp_path, monkeypatch, capsys, keep_sigterm_handler):

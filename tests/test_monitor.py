@@ -71,7 +71,10 @@ def test_statistics_constraints_and_violations_have_model_monitor_fields(opt_ml_
     assert shape(ours_str) == shape(real_str['features'][0])
     # constraints: every field of the real file, the same types; mlproj adds only the SDK's categorical drift settings
     theirs_c, ours_c = shape(real_cons), shape(cons)
-    assert ours_c['features'][0] == shape(next(f for f in cons['features'] if f['name'] == 'island')) and theirs_c['version'] == ours_c['version']
+    assert cons['version'] == real_cons['version']
+    real_str_c = json.loads((FIXTURES/'constraints_string.json').read_text())
+    island_c = next(f for f in cons['features'] if f['name'] == 'island')
+    assert shape(island_c) == shape(real_str_c['features'][1])                   # a string feature's constraint, as Model Monitor writes it
     num_c = next(f for f in cons['features'] if f['name'] == 'bill_length_mm')
     assert shape(num_c) == shape(real_cons['features'][0])
     mc_theirs, mc_ours = theirs_c['monitoring_config'], ours_c['monitoring_config']
@@ -140,7 +143,7 @@ def test_each_drift_is_flagged_on_its_feature_and_nothing_else(opt_ml_trained, o
 
 # --- broken rows: what batch inference refuses, the monitor counts ----------------------------------------------
 
-def test_rows_batch_inference_refuses_are_violations_with_counts(opt_ml_trained, opt_ml_tree, opt_ml_tree_factory, tmp_path):
+def test_rows_batch_inference_refuses_are_violations_with_counts(opt_ml_trained, opt_ml_tree, opt_ml_tree_factory, opt_ml_assert_failed, tmp_path):
     from mlproj.data import synthetic_penguins
     d = synthetic_penguins(400, seed=9).astype(object)
     d.loc[[5, 6, 7], 'bill_depth_mm'] = 'n/a?'                   # text in a numeric column
@@ -157,12 +160,15 @@ def test_rows_batch_inference_refuses_are_violations_with_counts(opt_ml_trained,
                       ('flipper_length_mm', 'range_check'), ('sex', 'missing_column_check')}, v
     assert "3 of " in v[('bill_depth_mm', 'data_type_check')] and "(first: a.csv row 7: 'n/a?')" in v[('bill_depth_mm', 'data_type_check')]
     assert "2 of " in v[('island', 'categorical_values_check')] and "'Atlantis' (2)" in v[('island', 'categorical_values_check')]
-    assert '1 value(s) outside the plausible range [130, 260]' in v[('flipper_length_mm', 'range_check')]
+    from mlproj.data import SCHEMA
+    col = SCHEMA.column('flipper_length_mm')
+    assert f'1 value(s) outside the plausible range [{col.lo:g}, {col.hi:g}]' in v[('flipper_length_mm', 'range_check')]
     assert 'column missing from 1 of 2 file(s) (first: b.csv)' in v[('sex', 'missing_column_check')]
     # the same rows make batch inference fail: that is what the monitor is for
     bi = opt_ml_tree_factory(tmp_path/'bi')
     bi.stage('model', opt_ml_trained['model']); bi.stage_text('data', 'a.csv', d.iloc[:300].to_csv(index=False))
-    assert bi.run('batch_inference').returncode == 1
+    line = opt_ml_assert_failed(bi.run('batch_inference'), bi, 'batch_inference', [bi.output('predictions')])
+    assert "a.csv row 12, column 'island': unknown category 'Atlantis'" in line, line   # the first bad column's first bad cell (row 1 is the header)
 
 
 def test_fail_on_violation_fails_with_the_first_violation(opt_ml_trained, opt_ml_tree):
