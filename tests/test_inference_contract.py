@@ -89,7 +89,7 @@ def test_many_small_files_make_a_short_summary(opt_ml_tree, opt_ml_trained, opt_
     assert pred['penguin_id'].tolist() == df['penguin_id'].iloc[:120].tolist()
 
 
-def test_inference_obeys_the_schema_the_model_carries(tmp_path, opt_ml_tree, opt_ml_penguins):
+def test_inference_obeys_the_schema_the_model_carries(tmp_path, opt_ml_tree, opt_ml_penguins, opt_ml_assert_failed):
     "A model trained with another declaration scores by its own rules, not the code's current ones."
     from dataclasses import replace
     from mlproj.data import SCHEMA, Column, load_table
@@ -110,5 +110,5 @@ def test_inference_obeys_the_schema_the_model_carries(tmp_path, opt_ml_tree, opt
     assert p.returncode == 0, p.stderr[-2000:]
     heavy = rows.copy(); heavy.loc[heavy.index[0], 'body_mass_g'] = '6000'   # plausible for the code, not for the model
     t.stage_text('data', 'rows.csv', heavy.to_csv(index=False))
-    p = t.run('batch_inference', '--predictions', str(t.output('p2')))
-    assert p.returncode == 1 and "row 2, column 'body_mass_g': 6000 is outside the plausible range [1500, 5000]" in p.stderr, p.stderr[-500:]
+    line = opt_ml_assert_failed(t.run('batch_inference', '--predictions', str(t.output('p2'))), t, 'batch_inference', [t.output('p2')])
+    assert "row 2, column 'body_mass_g': 6000 is outside the plausible range [1500, 5000]" in line, line

@@ -11,10 +11,11 @@ import pytest
 
 @pytest.fixture(scope='module')
 def wheel_venv(tmp_path_factory, fresh_venv):
+    import mlproj
     from mlproj.sagemaker_backend import build_wheels
     base = tmp_path_factory.mktemp('wheel')
     wheels = build_wheels(base/'wheels', dependencies=False, say=lambda m: None)
-    assert [w.name for w in wheels] == ['mlproj-0.1.0-py3-none-any.whl']
+    assert [w.name for w in wheels] == [f'mlproj-{mlproj.__version__}-py3-none-any.whl']
     venv, jupyter = fresh_venv(wheels[0], base)
     work = base/'work'; work.mkdir()
     return venv, work, jupyter

@@ -203,7 +203,7 @@ def test_checks_that_need_no_data_come_before_the_job(args, message, tmp_path, m
     finally: signal.signal(signal.SIGTERM, old)
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count('\n') == 1, err
-    assert not (tmp_path/'out/jobs').exists()
+    assert not (tmp_path/'out').exists()                       # nothing written: no job, no code bundle
 
 
 def test_a_runtime_script_checks_ranges_first(opt_ml_tree, opt_ml_penguins, opt_ml_assert_failed):
@@ -237,15 +237,19 @@ def test_a_job_that_fails_writing_one_channel_leaves_no_output(tmp_path, monkeyp
     import errno, shutil
     import mlproj.local as local
     from mlproj.jobs import render_request, step_job, write_code_bundle
-    real = shutil.copyfile
-    def failing(src, dst, *a, **k):
-        if Path(dst).parent.name == 'te': raise OSError(errno.ENOSPC, 'No space left on device')
+    real, seen = shutil.copyfile, []
+    def failing(src, dst, *a, **k):               # whichever channel is copied second fails: the first one is complete by then
+        ch = next((c for c in ('tr', 'te') if Path(dst).is_relative_to(tmp_path/c)), None)
+        if ch is None: return real(src, dst, *a, **k)   # staging the inputs
+        if ch not in seen: seen.append(ch)
+        if len(seen) == 2 and ch == seen[1]: raise OSError(errno.ENOSPC, 'No space left on device')
         return real(src, dst, *a, **k)
     monkeypatch.setattr(local.shutil, 'copyfile', failing)
     req = render_request(step_job('preprocess', {'raw': str(opt_ml_penguins)}, {'train': str(tmp_path/'tr'), 'test': str(tmp_path/'te')},
                                   code=str(write_code_bundle('preprocess', 'script', tmp_path/'code'))))
     d = local.run_local(req, jobs_dir=tmp_path/'jobs', stream=None)
     assert d['ProcessingJobStatus'] == 'Failed' and 'No space left on device writing to' in d['FailureReason'], d.get('FailureReason')
+    assert len(seen) == 2, seen                                                            # the first channel was copied, then undone
     assert [p for p in tmp_path.glob('t*/**/*')] == [], list(tmp_path.glob('t*/**/*'))     # neither train nor test, not even hidden temp files
 
 
