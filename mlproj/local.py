@@ -10,7 +10,7 @@ from .contract import ROOT_ENV, OPT_ML, OutputSet, atomic_path, clip_utf8, stop_
 from .errors import SpecError, StorageError
 from .storage import list_objects, download, upload, uri_path
 from .jobs import validate_request, outputs_root, mask_secrets
-from .runner import WarmServer, spawn, warm_stop, warm_children, is_cold, WARM_ENV, INSTANCE_ENV
+from .runner import WarmProcess, WarmServer, spawn, warm_stop, warm_children, is_cold, WARM_ENV, INSTANCE_ENV
 
 # %% auto #0
 __all__ = ['check_local_sources', 'check_local_destinations', 'shard_objects', 'default_jobs_dir', 'host_names', 'local_arn',
@@ -280,8 +280,9 @@ def run_local(req:dict, # a CreateProcessingJob request document
         return save_describe(job_dir, describe(req, 'Failed', FailureReason=f'ClientError: {e}', ProcessingEndTime=_now(), **base))
     limit = req['StoppingCondition']['MaxRuntimeInSeconds']
     app = req['AppSpecification']
-    say(f"starting {len(roots)} instance(s): {' '.join(app.get('ContainerEntrypoint', []) + app.get('ContainerArguments', []))}")
     warm = server.path if server is not None and server.ready() else None   # before the clock starts: importing is the server's, not the job's
+    why = ' (the fork server could not start)' if not warm and not is_cold() else ''
+    say(f"starting {len(roots)} instance(s), {'warm' if warm else 'cold'}{why}: {' '.join(app.get('ContainerEntrypoint', []) + app.get('ContainerArguments', []))}")
     start, t0 = _now(), time.monotonic()
     envs = [{**instance_env(req, r), INSTANCE_ENV: f'{name}:{r.name}:{os.getpid()}', **({WARM_ENV: warm} if warm else {})} for r in roots]
     insts = [Instance(r.name, r, container_argv(req, r), e, job_dir/f'{r.name}.log', stream, warm) for r, e in zip(roots, envs)]
@@ -304,7 +305,8 @@ def run_local(req:dict, # a CreateProcessingJob request document
         for i in insts: i.pump.join(5)
     end = _now()
     for i in insts:
-        info['instances'].append({'host': i.host, 'exit_code': i.proc.returncode, 'log': str(i.log.resolve()), 'exit_message': i.exit_message()})
+        info['instances'].append({'host': i.host, 'exit_code': i.proc.returncode, 'log': str(i.log.resolve()), 'exit_message': i.exit_message(),
+                                  'start': 'warm' if isinstance(i.proc, WarmProcess) else 'cold'})   # forked from the fork server, or a fresh interpreter
     exit_message = next((f"{x['host']}: {x['exit_message']}" for x in info['instances'] if x['exit_message']), None)
     if status == 'Completed':
         try: info['uploaded'] = upload_outputs(req, collect_outputs(req, roots), say)
