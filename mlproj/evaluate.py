@@ -318,5 +318,6 @@ def metric_value(doc:dict, # a parsed metrics document, e.g. evaluation.json
     for part in path.split('.'):
         if not isinstance(cur, dict) or part not in cur: raise SpecError(f'{where or "metrics"}: no {path!r} (missing {part!r})')
         cur = cur[part]
+    if cur == 'NaN': raise SpecError(f'{where or "metrics"}: {path} is NaN, undefined on these rows (e.g. AUC of rows of one class, R² of one target value)')
     if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {quote(cur, quoted=isinstance(cur, str))}, not a number')
     return float(cur)
