@@ -397,13 +397,13 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
             bad = num.isna() & ~isna
             if bad.any():
                 i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: {quote(text[i])} is not a number")
-            big = num.abs() > NUMBER_LIMIT
-            if big.any():
-                i = big.idxmax()
-                raise InputError(f"{where(i, c.name)}: {quote(text[i], quoted=False)} is " + ('not a finite number' if np.isinf(num[i]) else f'beyond ±{NUMBER_LIMIT:.3g}, the largest number a model holds'))
             out_of = (num < (-np.inf if c.lo is None else c.lo)) | (num > (np.inf if c.hi is None else c.hi))
             if out_of.any():
                 i = out_of.idxmax(); raise InputError(f"{where(i, c.name)}: {quote(text[i], quoted=False)} is outside the plausible range [{_bound(c.lo, '-inf')}, {_bound(c.hi, 'inf')}]")
+            big = num.abs() > NUMBER_LIMIT                             # within the declared bounds (or none), beyond what a model holds
+            if big.any():
+                i = big.idxmax(); literal = 'inf' in text[i].lower()
+                raise InputError(f"{where(i, c.name)}: {quote(text[i], quoted=False)} is " + ('not a finite number' if literal else f'beyond ±{NUMBER_LIMIT:.3g}, the largest number a model holds'))
             out[c.name] = num
         elif c.kind == 'category':
             bad = ~isna & ~text.isin(c.categories)

@@ -94,6 +94,7 @@ MAX_BASELINE_BYTES = 64 * 2**20
 TRUSTED_TYPES = ['mlproj.data.Column', 'mlproj.data.Schema', 'mlproj.features.TableFeatures',   # the feature transform and its schema
                  'sklearn.tree._tree.Tree',          # the trees of forests, extra trees and gradient boosting
                  'sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor',   # the trees of histogram gradient boosting
+                 'sklearn.calibration._CalibratedClassifier', 'sklearn.calibration._SigmoidCalibration',   # CalibratedClassifierCV's parts: an estimator, calibrators, two numbers
                 ] + ESTIMATOR_TRUSTED_TYPES          # linear and logistic models need none; another library's: beside `make_estimator`
 
 def library_versions()->dict:

@@ -222,6 +222,16 @@ def test_an_estimator_that_cannot_serve_a_classification_task_is_refused_before_
     assert not list(tmp_path.iterdir())
 
 
+def test_the_advice_for_a_classifier_without_probabilities_works(monkeypatch, tmp_path):
+    "What the LinearSVC message says to do: wrap it in CalibratedClassifierCV; it trains, loads with the reviewed types and predicts."
+    from sklearn.calibration import CalibratedClassifierCV
+    from mlproj.inference import predict_task
+    cell(monkeypatch, lambda task, seed: CalibratedClassifierCV(LinearSVC(random_state=seed)))
+    m, manifest, _ = train_and_write(tmp_path)
+    pred = predict_task(m, table(20, ['no'] * 20), BIN)
+    assert type(m[-1]).__name__ == 'CalibratedClassifierCV' and pred['proba_yes'].between(0, 1).all() and pred['proba_yes'].nunique() > 1
+
+
 def test_a_classifier_declared_for_a_number_is_refused(monkeypatch, tmp_path):
     cell(monkeypatch, lambda task, seed: LogisticRegression())
     refused(lambda: train_and_write(tmp_path, REG, table(60, lambda x: 2 * x)), 'returned LogisticRegression, a classifier, for a regression target (a number); return a regressor')
