@@ -141,6 +141,13 @@ def test_two_hundred_classes_train_and_the_messages_stay_short(tmp_path):
     assert (len(tr), len(te)) == (800, 200) and set(te['y']) == set(classes)       # one row of each class held out
     m = T.train_model(tr, n_estimators=3, schema=many)
     assert len(m.classes_) == 200
+    from mlproj.evaluate import score_table, metrics_of, write_plots
+    scored = score_table(m, te, many)
+    report = strict_json(json.dumps(metrics_of(scored, many), allow_nan=False))
+    block = report['multiclass_classification_metrics']
+    assert len(block['confusion_matrix']) == 200 and all(len(r) == 200 for r in block['confusion_matrix'].values())
+    assert write_plots(report, scored, 'multiclass', lambda n: tmp_path / n) == ['confusion_matrix.png', 'per_class.png']
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ('confusion_matrix.png', 'per_class.png'))
     f = csv(tmp_path, 'y,x,site\nclass_200,0.1,a\n')
     msg = refused(lambda: load_table(f, schema=many), "unknown category 'class_200' (expected one of class_000,", 'class_009 and 190 more)')
     assert len(msg) < 300
