@@ -342,7 +342,11 @@ def main(argv=None)->int:
     "Entry point of the `mlproj` command: exit 0 done, 1 a job that did not complete, 2 refused (one line), 130 interrupted, 141 its output pipe closed."
     from mlproj.runner import skip_optional_imports
     skip_optional_imports()                   # the driver reads job notebooks too (see mlproj.runner)
-    a = make_parser().parse_args(argv)
+    try: a = make_parser().parse_args(argv)   # imports the declarations: a SCHEMA or step that cannot be is one line, before any job
+    except MlprojError as e:
+        print(f'mlproj: error: {e}', file=sys.stderr)
+        if argv is None: sys.exit(2)
+        return 2
     apply_cold(a)                             # --cold: every job process a fresh interpreter
     signal.signal(signal.SIGTERM, _sigterm)   # a terminated CLI stops its job's instances like Ctrl-C
     try:

@@ -13,13 +13,32 @@ from .errors import InputError, SpecError, StorageError, quote
 from .storage import check_links
 
 # %% auto #0
-__all__ = ['TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES', 'DATA_SUFFIXES',
-           'REGRESSION_BINS', 'BODY_TYPES', 'Column', 'Schema', 'bundled_path', 'synthetic_penguins', 'list_data_files',
-           'check_header', 'csv_header', 'read_csv_chunks', 'read_parquet_chunks', 'read_chunks', 'check_columns',
-           'validate', 'Chunk', 'iter_tables', 'load_table', 'split_strata', 'split_table', 'describe_target',
-           'media_type', 'body_records', 'records_table', 'capture_table', 'read_jsonl_chunks']
+__all__ = ['KINDS', 'TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES',
+           'DATA_SUFFIXES', 'NUMBER_LIMIT', 'REGRESSION_BINS', 'BODY_TYPES', 'Column', 'Schema', 'bundled_path',
+           'synthetic_penguins', 'list_data_files', 'check_header', 'csv_header', 'read_csv_chunks',
+           'read_parquet_chunks', 'read_chunks', 'check_columns', 'validate', 'Chunk', 'iter_tables', 'load_table',
+           'split_strata', 'split_table', 'describe_target', 'check_target', 'media_type', 'body_records',
+           'records_table', 'capture_table', 'read_jsonl_chunks']
 
 # %% ../nbs/10_data.ipynb #10-data-005
+KINDS = ('number', 'category', 'id')   # what a column may be
+_NA = {'', 'NA', 'N/A', 'NaN', 'nan', 'null', 'NULL', 'None'}   # text read as a missing value
+
+def _check_categories(c)->tuple:
+    "The categories of column `c` as a tuple of distinct names, or the one line that says why they are not."
+    name, cats = quote(c.name, 40), c.categories
+    if isinstance(cats, (str, bytes)) or not isinstance(cats, (tuple, list)):
+        raise SpecError(f"column {name}: categories {quote(cats, 40)} is not a tuple of names (one category is written ('yes',), with its comma)")
+    if c.kind != 'category' and cats: raise SpecError(f'column {name}: categories are listed, but it is a {c.kind} column, not a category column')
+    if c.kind == 'category' and not cats: raise SpecError(f'column {name}: a category column lists its categories, e.g. categories=(\'no\', \'yes\')')
+    for v in cats:
+        if not isinstance(v, str):
+            raise SpecError(f"column {name}: category {quote(v, 40, quoted=False)} is not text ({type(v).__name__}); files hold text, so list categories as text "
+                            f"(e.g. {quote(tuple(str(x) for x in cats), 60, quoted=False)})")
+        if v.strip() in _NA: raise SpecError(f'column {name}: category {quote(v, 40)} reads as a missing value; name it otherwise')
+    if dup := next((v for i, v in enumerate(cats) if v in cats[:i]), None): raise SpecError(f'column {name}: category {quote(dup, 40)} is listed twice')
+    return tuple(cats)
+
 @dataclass(frozen=True)
 class Column:
     "One column of a table: its kind, and what values it may hold."
@@ -30,6 +49,8 @@ class Column:
     hi: float|None = None            # largest plausible value of a number
     nullable: bool = True            # may the value be missing?
     def __post_init__(self):
+        if self.kind not in KINDS: raise SpecError(f'column {quote(self.name, 40)}: kind {quote(self.kind, 40)} is not one of {", ".join(KINDS)}')
+        object.__setattr__(self, 'categories', _check_categories(self))
         for side in ('lo', 'hi'):                  # a NaN bound would switch its check off, and an infinite one is no bound
             v = getattr(self, side)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v)):
@@ -51,20 +72,29 @@ class Schema:
     data_file: str = ''              # the bundled table, under mlproj/assets/
     positive: str|None = None        # binary targets: the positive class (default: the last category listed)
     def __post_init__(self):
+        for f in ('columns', 'features'):                    # ('x') is a string, not a tuple of one name
+            v = getattr(self, f)
+            if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)):
+                raise SpecError(f"schema {self.name}: {f}={quote(v, 40)} is not a tuple (one name is written ('x',), with its comma)")
+            object.__setattr__(self, f, tuple(v))
         names = [c.name for c in self.columns]
         dup = sorted({n for n in names if names.count(n) > 1})
-        if dup: raise SpecError(f'schema {self.name}: column {dup[0]!r} declared twice')
+        if dup: raise SpecError(f'schema {self.name}: column {quote(dup[0], 40)} declared twice')
         for role, n in [('target', self.target), ('id', self.id)] + [('feature', f) for f in self.features]:
-            if n is not None and n not in names: raise SpecError(f'schema {self.name}: {role} {n!r} is not one of its columns')
+            if n is not None and n not in names: raise SpecError(f'schema {self.name}: {role} {quote(n, 40)} is not one of its columns')
+        if self.id == self.target: raise SpecError(f'schema {self.name}: {quote(self.id, 40)} is both the id and the target')
         t = self.column(self.target)
-        if not (t.kind == 'number' or (t.kind == 'category' and len(set(t.categories)) >= 2)):
-            raise SpecError(f'schema {self.name}: target {self.target!r} must be a number column (regression) '
+        if not (t.kind == 'number' or (t.kind == 'category' and len(t.categories) >= 2)):
+            raise SpecError(f'schema {self.name}: target {quote(self.target, 40)} must be a number column (regression) '
                             'or a category column with at least two classes listed (classification)')
         if self.positive is not None and (len(t.categories) != 2 or self.positive not in t.categories):
-            raise SpecError(f'schema {self.name}: positive={self.positive!r} must be one of the two classes of a binary target'
-                            + (f' ({", ".join(t.categories)})' if len(t.categories) == 2 else f'; {self.target!r} is not binary'))
+            raise SpecError(f'schema {self.name}: positive={quote(self.positive, 40)} must be one of the two classes of a binary target'
+                            + (f' ({", ".join(t.categories)})' if len(t.categories) == 2 else f'; {quote(self.target, 40)} is not binary'))
+        if not self.features: raise SpecError(f'schema {self.name}: no features; list the columns the model reads')
+        if dup := next((f for i, f in enumerate(self.features) if f in self.features[:i]), None):
+            raise SpecError(f'schema {self.name}: feature {quote(dup, 40)} is listed twice')
         bad = [f for f in self.features if self.column(f).kind not in ('number', 'category') or f in (self.target, self.id)]
-        if bad: raise SpecError(f'schema {self.name}: feature {bad[0]!r} must be a number or category column, not the target or id')
+        if bad: raise SpecError(f'schema {self.name}: feature {quote(bad[0], 40)} must be a number or category column, not the target or id')
     def column(self, name:str)->Column: return next(c for c in self.columns if c.name == name)
     @property
     def names(self)->list: return [c.name for c in self.columns]
@@ -264,8 +294,6 @@ def read_chunks(path:Path, chunksize:int|None=None)->Iterator[pd.DataFrame]:
     return (read_parquet_chunks if sfx == '.parquet' else read_jsonl_chunks if sfx == '.jsonl' else read_csv_chunks)(Path(path), chunksize)
 
 # %% ../nbs/10_data.ipynb #10-data-020
-_NA = {'', 'NA', 'N/A', 'NaN', 'nan', 'null', 'NULL', 'None'}
-
 def _as_text(s:pd.Series)->pd.Series:
     "Values as stripped strings, '' where missing (string columns stay in their fast string dtype)."
     if s.dtype != object and pd.api.types.is_string_dtype(s): return s.fillna('').str.strip()
@@ -277,6 +305,13 @@ def _parse_numbers(text:pd.Series, isna:pd.Series)->pd.Series:
     except (ValueError, TypeError): return pd.to_numeric(text.where(~isna), errors='coerce').astype('float64')
 
 def _bound(v, none:str)->str: return none if v is None else f'{v:g}'
+
+def _same_number(a:str, b:str)->bool:
+    "Do the texts `a` and `b` differ, yet read as the same number (0.0 and 0)?"
+    try: return a != b and float(a) == float(b)
+    except ValueError: return False
+
+NUMBER_LIMIT = float(np.finfo(np.float32).max)   # ±3.4e38: the largest magnitude a model's float32 features hold (trees cast to float32)
 
 def _list_names(names:list, most:int=10)->str:
     shown = ', '.join(map(str, names[:most]))
@@ -321,7 +356,7 @@ def _typed_column(c:Column, s:pd.Series, required:bool)->pd.Series|None:
         try: num = pc.cast(pc.if_else(isna, pa.scalar(None, pa.string()), a), pa.float64())
         except pa.lib.ArrowException: return None
         if pc.any(pc.is_nan(num)).as_py(): return None                          # 'NAN', '-nan': not numbers to the precise path
-        lo, hi = (-np.inf if c.lo is None else c.lo), (np.inf if c.hi is None else c.hi)
+        lo, hi = max(-NUMBER_LIMIT, -np.inf if c.lo is None else c.lo), min(NUMBER_LIMIT, np.inf if c.hi is None else c.hi)   # inf, or beyond: the precise path says which
         if pc.any(pc.or_(pc.less(num, lo), pc.greater(num, hi))).as_py(): return None
         return pd.Series(num.to_numpy(zero_copy_only=False).astype('float64'), index=s.index)
     text = a.to_numpy(zero_copy_only=False)
@@ -348,15 +383,16 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
     for c in schema.columns:
         if c.name not in raw.columns: continue
         s = raw[c.name]
-        fast = _typed_column(c, s, not c.nullable and (c.name != schema.target or require_target))
+        required = (c.name == schema.target and require_target) or (not c.nullable and c.name != schema.target)   # no row learns or scores without its target
+        fast = _typed_column(c, s, required)
         if fast is not None: out[c.name] = fast; continue                 # every value plain: no per-value Python work
         if c.kind == 'number' and pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
             num = s.astype('float64'); isna = num.isna(); text = num.astype(str)      # typed input (Parquet)
         else:
             text = _as_text(s); isna = text.isin(_NA)
             num = _parse_numbers(text, isna) if c.kind == 'number' else None
-        if not c.nullable and (c.name != schema.target or require_target):
-            if isna.any(): raise InputError(f"{where(isna.idxmax(), c.name)}: value is missing")
+        if required and isna.any():
+            raise InputError(f"{where(isna.idxmax(), c.name)}: value is missing" + (' (the target, which every row to learn from or evaluate on needs)' if c.name == schema.target else ''))
         if c.kind == 'number':
             bad = num.isna() & ~isna
             if bad.any():
@@ -364,11 +400,18 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
             out_of = (num < (-np.inf if c.lo is None else c.lo)) | (num > (np.inf if c.hi is None else c.hi))
             if out_of.any():
                 i = out_of.idxmax(); raise InputError(f"{where(i, c.name)}: {quote(text[i], quoted=False)} is outside the plausible range [{_bound(c.lo, '-inf')}, {_bound(c.hi, 'inf')}]")
+            big = num.abs() > NUMBER_LIMIT                             # within the declared bounds (or none), beyond what a model holds
+            if big.any():
+                i = big.idxmax(); literal = 'inf' in text[i].lower()
+                raise InputError(f"{where(i, c.name)}: {quote(text[i], quoted=False)} is " + ('not a finite number' if literal else f'beyond ±{NUMBER_LIMIT:.3g}, the largest number a model holds'))
             out[c.name] = num
         elif c.kind == 'category':
             bad = ~isna & ~text.isin(c.categories)
             if bad.any():
-                i = bad.idxmax(); raise InputError(f"{where(i, c.name)}: unknown category {quote(text[i])} (expected one of {', '.join(c.categories)})")
+                i = bad.idxmax()
+                same = next((k for k in c.categories if _same_number(text[i], k)), None)    # 0.0 written for the category '0'
+                raise InputError(f"{where(i, c.name)}: unknown category {quote(text[i])} (expected one of {_list_names(list(c.categories))})"
+                                 + (f'; categories are matched as text: {quote(text[i], 20)} is not {quote(same, 20)}' if same is not None else ''))
             out[c.name] = text.where(~isna, np.nan).astype(object)
         else:
             out[c.name] = text.astype(object)
@@ -446,6 +489,9 @@ def split_table(df:pd.DataFrame, test_size:float=0.2, seed:int=42,
             raise InputError(f"test_size={test_size:g} leaves {what} ({len(g)} rows) with {'no held-out' if k == 0 else 'no training'} row; "
                              + (f'use a test_size between {0.5 / len(g):.3g} and {1 - 0.5 / len(g):.3g}' if len(g) > 1 else 'it needs at least 2 rows'))
         test_idx.extend(rng.choice(g.index.to_numpy(), size=k, replace=False))
+    if schema.task == 'regression' and len(test_idx) < 2:         # one held-out row: no R², no spread of errors
+        raise InputError(f'test_size={test_size:g} of {len(df)} rows holds out {len(test_idx)} row; evaluating a regression needs at least 2 '
+                         f'held-out rows (use a table of at least {int(np.ceil(2 / test_size))} rows, or a larger test_size)')
     is_test = df.index.isin(test_idx)
     return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
 
@@ -456,6 +502,25 @@ def describe_target(y:pd.Series, # the target column of a validated table
     "What a table holds of its target, for reports: rows per class (classification), or its range (regression)."
     if schema.task != 'regression': return {'class_counts': {str(k): int(v) for k, v in y.value_counts().sort_index().items()}}
     return {'target_range': {'min': float(y.min()), 'max': float(y.max()), 'mean': float(y.mean()), 'median': float(y.median())}}
+
+# %% ../nbs/10_data.ipynb #10-data-030f
+def check_target(y:pd.Series, # the target column of a validated table
+                 schema:Schema=SCHEMA, # its schema: the target's name, task and classes
+                 where:str='the table', # named in the message, e.g. the input folder
+                )->list:
+    "Refuse a target no model can learn from (one class; one value); returns notes on rarer shapes."
+    name, present = quote(schema.target, 40), y.dropna()
+    if schema.task == 'regression':
+        if present.nunique() < 2: raise InputError(f'{where}: target {name} is {present.iloc[0]:g} in every row; a regression target must vary' if len(present) else f'{where}: no row has a target {name}')
+        if set(present.unique()) <= {0.0, 1.0}:
+            return [f"target {name} holds only 0 and 1: declared a number, it is learned as regression (declare Column({name}, 'category', ('0', '1')) for a binary model)"]
+        return []
+    seen = set(present.astype(str))
+    if len(seen) < 2:
+        only = f'only {quote(next(iter(seen)), 40)}' if seen else 'no class'
+        raise InputError(f'{where}: target {name} holds {only}; a {schema.task} model needs rows of at least two of its classes ({_list_names(list(schema.classes))})')
+    absent = [c for c in schema.classes if c not in seen]
+    return [f'class{"es" * (len(absent) > 1)} {_list_names(absent)} of {name} ha{"ve" if len(absent) > 1 else "s"} no row in {where}: the model cannot predict {"them" if len(absent) > 1 else "it"}'] if absent else []
 
 # %% ../nbs/10_data.ipynb #10-data-032
 BODY_TYPES = ('text/csv', 'application/json', 'application/jsonlines')

@@ -13,7 +13,7 @@ from .inference import THRESHOLD, predict_task, prediction_column
 
 # %% auto #0
 __all__ = ['MIN_ROWS_FOR_STD', 'N_RESAMPLES', 'RESAMPLE_SHARE', 'ERROR_METRICS', 'CURVE_POINTS', 'METRICS_BLOCK', 'HEADLINE',
-           'EVALUATION_PLOTS', 'scalar', 'resampled_std', 'regression_values', 'fbeta', 'binary_counts',
+           'PLOT_CLASSES', 'EVALUATION_PLOTS', 'scalar', 'resampled_std', 'regression_values', 'fbeta', 'binary_counts',
            'binary_values', 'binary_curves', 'multiclass_values', 'compute_metrics', 'score_table', 'metrics_of',
            'evaluate_model', 'metrics_table', 'headline', 'plot_confusion', 'plot_per_class', 'plot_roc',
            'plot_precision_recall', 'plot_predicted_vs_actual', 'plot_residuals', 'write_plots', 'metric_value']
@@ -228,24 +228,30 @@ def _done(fig, dest):
     if dest is not None: fig.savefig(dest, format='png', dpi=100); plt.close(fig)
     return fig
 
+PLOT_CLASSES = 20   # up to this many classes a picture names each and writes its counts; beyond, it stays legible and quick (200 classes: about 1 s)
+
 def plot_confusion(report:dict, scored=None, dest=None):
     "Confusion-matrix heat map (binary: 0 negative, 1 positive); saved to `dest` if given. Returns the figure."
     import matplotlib.pyplot as plt
     cm = pd.DataFrame(_task_block(report)['confusion_matrix']).T
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    n = len(cm.index)
+    fig, ax = plt.subplots(figsize=(4.5, 4) if n <= PLOT_CLASSES else (9, 8))
     ax.imshow(cm.to_numpy(), cmap='Blues')
-    ax.set_xticks(range(len(cm.columns)), cm.columns); ax.set_yticks(range(len(cm.index)), cm.index)
+    if n <= 4 * PLOT_CLASSES: ax.set_xticks(range(n), cm.columns, rotation=0 if n <= PLOT_CLASSES else 90, fontsize=None if n <= PLOT_CLASSES else 5); ax.set_yticks(range(n), cm.index, fontsize=None if n <= PLOT_CLASSES else 5)
+    else: ax.set_xticks([]); ax.set_yticks([])                 # hundreds of classes: the colours say it, in the schema's order
     ax.set_xlabel('predicted'); ax.set_ylabel('actual'); ax.set_title('Confusion matrix')
-    for i in range(len(cm.index)):
-        for j in range(len(cm.columns)): ax.text(j, i, int(cm.iat[i, j]), ha='center', va='center')
+    if n <= PLOT_CLASSES:                                      # counts written in the cells while they stay readable
+        for i in range(n):
+            for j in range(n): ax.text(j, i, int(cm.iat[i, j]), ha='center', va='center')
     return _done(fig, dest)
 
 def plot_per_class(report:dict, scored=None, dest=None):
     "Per-class precision and recall bars (multiclass); saved to `dest` if given. Returns the figure."
     import matplotlib.pyplot as plt
     t = metrics_table(report)[['precision', 'recall']]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    t.plot.bar(ax=ax, ylim=(0, 1.05), rot=0); ax.set_title('Per-class precision and recall')
+    many = len(t) > PLOT_CLASSES
+    fig, ax = plt.subplots(figsize=(min(16, 5 + len(t) / 10), 3.5) if many else (5, 3.5))
+    t.plot.bar(ax=ax, ylim=(0, 1.05), rot=90 if many else 0, fontsize=5 if many else None, width=0.9 if many else 0.5); ax.set_title('Per-class precision and recall')
     return _done(fig, dest)
 
 # %% ../nbs/40_evaluate.ipynb #40-evaluate-038
@@ -318,5 +324,6 @@ def metric_value(doc:dict, # a parsed metrics document, e.g. evaluation.json
     for part in path.split('.'):
         if not isinstance(cur, dict) or part not in cur: raise SpecError(f'{where or "metrics"}: no {path!r} (missing {part!r})')
         cur = cur[part]
+    if cur == 'NaN': raise SpecError(f'{where or "metrics"}: {path} is NaN, undefined on these rows (e.g. AUC of rows of one class, R² of one target value)')
     if isinstance(cur, bool) or not isinstance(cur, (int, float)): raise SpecError(f'{where or "metrics"}: {path} is {quote(cur, quoted=isinstance(cur, str))}, not a number')
     return float(cur)

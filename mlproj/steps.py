@@ -137,10 +137,11 @@ def preprocess(raw=input_dir('raw'), # raw data: a CSV/Parquet file or a folder 
                seed:int=42, # random seed of the split
               )->dict:
     "Validate the raw table and split it into train/test."
-    from mlproj.data import load_table, split_table, describe_target, SCHEMA
+    from mlproj.data import load_table, split_table, describe_target, check_target, SCHEMA
     raw = existing_dir(raw, 'raw input')
     notes = []
     df = load_table(raw, notes=notes)
+    notes += check_target(df[SCHEMA.target], SCHEMA, str(raw))     # one class, or a constant number: refused before anything is written
     for n in notes: log('preprocess', f'note: {n}')
     tr, te = split_table(df, test_size, seed, SCHEMA)
     host = current_host()

@@ -10,18 +10,18 @@ import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.pipeline import Pipeline
-from .data import SCHEMA, Schema, quote
+from .data import SCHEMA, Schema, check_target, quote
 from .errors import InputError
 from .features import TableFeatures
 from .storage import sha256_file, sha256_stream
 
 # %% auto #0
-__all__ = ['ESTIMATOR_TRUSTED_TYPES', 'MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT', 'MAX_MODEL_BYTES',
-           'MAX_MANIFEST_BYTES', 'BASELINE_FILES', 'MAX_BASELINE_BYTES', 'TRUSTED_TYPES', 'ESTIMATOR_CELL',
-           'make_estimator', 'train_model', 'library_versions', 'build_manifest', 'model_schema', 'model_bytes',
-           'write_model_artifact', 'tree_shape_problem', 'tree_depth', 'sklearn_tree_problem', 'predictor_problem',
-           'check_trees', 'schema_difference', 'check_manifest', 'load_model', 'untrusted_types', 'check_artifact',
-           'load_baseline']
+__all__ = ['ESTIMATOR_TRUSTED_TYPES', 'MAKE_ESTIMATOR_CELL', 'MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT',
+           'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'BASELINE_FILES', 'MAX_BASELINE_BYTES', 'TRUSTED_TYPES',
+           'ESTIMATOR_CELL', 'make_estimator', 'ready_estimator', 'train_model', 'library_versions', 'build_manifest',
+           'model_schema', 'model_bytes', 'write_model_artifact', 'tree_shape_problem', 'tree_depth',
+           'sklearn_tree_problem', 'predictor_problem', 'check_trees', 'schema_difference', 'check_manifest',
+           'load_model', 'untrusted_types', 'check_artifact', 'load_baseline']
 
 # %% ../nbs/30_train.ipynb #30-train-003b
 from sklearn.ensemble import ExtraTreesClassifier, ExtraTreesRegressor
@@ -37,6 +37,29 @@ def make_estimator(task:str, # the schema's task (`Schema.task`): 'binary', 'mul
 
 ESTIMATOR_TRUSTED_TYPES = []   # exact type names this estimator's artifact needs beyond TRUSTED_TYPES (another library's), reviewed
 
+# %% ../nbs/30_train.ipynb #30-train-003e
+MAKE_ESTIMATOR_CELL = 'make_estimator in nbs/30_train.ipynb'   # the cell a message about the estimator points to
+
+def ready_estimator(est, # what make_estimator returned
+                    task:str, # the schema's task
+                    seed:int=42, # the train step's seed: every random_state left None gets it
+                   ):
+    "`est` checked to fit `task` (a classifier with predict_proba for a class, a regressor for a number), its unset random_state seeded."
+    from sklearn.base import is_classifier, is_regressor
+    name, cell = quote(getattr(est, '__name__', type(est).__name__), 60, quoted=False), MAKE_ESTIMATOR_CELL
+    if isinstance(est, type): raise InputError(f'{cell} returned the class {name}, not an estimator: call it, {name}(...)')
+    if not (hasattr(est, 'fit') and hasattr(est, 'get_params')): raise InputError(f'{cell} returned a {name}, not a scikit-learn estimator (no fit and get_params)')
+    if task == 'regression' and not is_regressor(est):
+        raise InputError(f'{cell} returned {name}, {"a classifier" if is_classifier(est) else "not a regressor"}, for a regression target (a number); return a regressor')
+    if task != 'regression' and not is_classifier(est):
+        raise InputError(f'{cell} returned {name}, {"a regressor" if is_regressor(est) else "not a classifier"}, for a {task} target (a category); return a classifier')
+    if task != 'regression' and not hasattr(est, 'predict_proba'):
+        raise InputError(f'{cell} returned {name}, which has no predict_proba: a {task} model gives class probabilities (AUC, the threshold, proba_ columns); '
+                         'choose a classifier that has it, or wrap this one in CalibratedClassifierCV')
+    unset = sorted(k for k, v in est.get_params(deep=True).items() if k.split('__')[-1] == 'random_state' and v is None)
+    if unset: est.set_params(**{k: seed for k in unset})
+    return est
+
 # %% ../nbs/30_train.ipynb #30-train-004
 def train_model(train:pd.DataFrame, # validated training table, with the target column
                 seed:int=42, # random seed of the estimator
@@ -50,12 +73,14 @@ def train_model(train:pd.DataFrame, # validated training table, with the target 
     if target not in train.columns: raise InputError(f"training data has no '{target}' column")
     y = train[target]
     if y.isna().any(): raise InputError(f"training data: {int(y.isna().sum())} row(s) have no '{target}' value")
-    if y.nunique() < 2: raise InputError(f"training data holds {y.nunique()} distinct '{target}' value; need at least 2")
-    est = make_estimator(schema.task, seed, n_estimators, max_depth)
+    check_target(y, schema, 'training data')              # two classes at least, or a number that varies
+    est = ready_estimator(make_estimator(schema.task, seed, n_estimators, max_depth), schema.task, seed)
     jobs = 'n_jobs' in est.get_params(deep=False)
     if jobs: est.set_params(n_jobs=max(1, cpus))
     model = Pipeline([('features', TableFeatures(schema)), ('estimator', est)])
-    model.fit(train[list(schema.features)], y.astype(float) if schema.task == 'regression' else y.astype(str))
+    try: model.fit(train[list(schema.features)], y.astype(float) if schema.task == 'regression' else y.astype(str))
+    except (ValueError, TypeError) as e:                  # the estimator refuses these rows: one line, the cell named
+        raise InputError(f'{type(est).__name__} ({MAKE_ESTIMATOR_CELL}) could not be fitted: {type(e).__name__}: {quote(" ".join(str(e).split()), 200, quoted=False)}') from None
     if jobs: est.set_params(n_jobs=1)     # stored as 1: the artifact does not depend on the machine that trained it
     return model
 
@@ -69,6 +94,7 @@ MAX_BASELINE_BYTES = 64 * 2**20
 TRUSTED_TYPES = ['mlproj.data.Column', 'mlproj.data.Schema', 'mlproj.features.TableFeatures',   # the feature transform and its schema
                  'sklearn.tree._tree.Tree',          # the trees of forests, extra trees and gradient boosting
                  'sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor',   # the trees of histogram gradient boosting
+                 'sklearn.calibration._CalibratedClassifier', 'sklearn.calibration._SigmoidCalibration',   # CalibratedClassifierCV's parts: an estimator, calibrators, two numbers
                 ] + ESTIMATOR_TRUSTED_TYPES          # linear and logistic models need none; another library's: beside `make_estimator`
 
 def library_versions()->dict:
@@ -365,7 +391,16 @@ def untrusted_types(blob:bytes)->list:
 def check_artifact(path, # the model.tar.gz just written
                   )->tuple[Pipeline, dict]:
     "Load the artifact at `path` as every step will; refuse one asking for untrusted types, naming them and where to allow them."
-    with tarfile.open(path, 'r:gz') as tar: bad = untrusted_types(tar.extractfile(MODEL_FILE).read())
+    with tarfile.open(path, 'r:gz') as tar:
+        size = tar.getmember(MODEL_FILE).size
+        if size > MAX_MODEL_BYTES:             # every step refuses a bigger one: say so here, where the estimator is chosen
+            raise InputError(f'the trained model is {size:,} bytes, over the {MAX_MODEL_BYTES:,} every step loads (MAX_MODEL_BYTES); an estimator that keeps '
+                             f'its training rows (k-nearest neighbours) grows with the table: train on fewer rows, or choose another in {MAKE_ESTIMATOR_CELL}')
+        bad = untrusted_types(tar.extractfile(MODEL_FILE).read())
+    if code := [t for t in bad if '<lambda>' in t or '<locals>' in t]:
+        raise InputError(f'the trained model holds {quote(code[0], 80, quoted=False)}, a function without a name of its own (a lambda, or one defined inside '
+                         f'another): skops stores functions by name and could not find it again; define it with def at the top of the cell of {MAKE_ESTIMATOR_CELL}, '
+                         f'then allow its name in {ESTIMATOR_CELL}')
     if bad:
         names = ', '.join(bad[:8]) + (f' and {len(bad) - 8} more' if len(bad) > 8 else '')
         raise InputError(f'the trained model needs types this mlproj does not trust, so no step could load it: {names}; '
