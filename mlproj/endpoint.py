@@ -10,13 +10,14 @@ from pathlib import Path
 
 from .errors import InputError, SpecError
 from .data import media_type, quote
-from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body
+from .serve import MAX_PAYLOAD_BYTES, THRESHOLD_ENV, RequestError, error_body, serving_threshold
 
 # %% auto #0
-__all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'package_model', 'build_package', 'is_package',
-           'extract_package', 'package_artifact', 'load_program', 'Capture', 'Endpoint', 'server_settings', 'run_model',
-           'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests', 'deploy', 'transform_request',
-           'LocalServer', 'run_transform', 'submit_transform']
+__all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'READ_TIMEOUT_ENV', 'PREDICT_STEP', 'package_model',
+           'build_package', 'is_package', 'extract_package', 'package_artifact', 'threshold_environment',
+           'load_program', 'Capture', 'Endpoint', 'server_settings', 'sync_worker', 'run_model', 'recorded_threshold',
+           'run_threshold', 'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests', 'deploy',
+           'transform_request', 'LocalServer', 'run_transform', 'submit_transform']
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-006
 PROGRAM = 'inference.py'
@@ -73,7 +74,9 @@ def build_package(source, # the model artifact (model.tar.gz, or a folder holdin
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-009
 def is_package(path)->bool:
-    "Is `path` (a .tar.gz) a model package with a code/ folder, rather than a bare model artifact?"
+    "Is `path` (a .tar.gz, or a folder holding model.tar.gz) a model package with a code/ folder, rather than a bare model artifact?"
+    from mlproj.train import ARTIFACT
+    if Path(path).is_dir(): path = Path(path)/ARTIFACT
     try:
         with tarfile.open(path, 'r:gz') as tar: return any(n.startswith('code/') for n in tar.getnames())
     except (tarfile.TarError, OSError, EOFError) as e: raise InputError(f'{path}: not a readable .tar.gz ({type(e).__name__})') from None
@@ -105,6 +108,19 @@ def package_artifact(source, # a model package or a bare model artifact (.tar.gz
     except (tarfile.TarError, OSError, EOFError) as e: raise InputError(f'{p}: cannot read the model package ({type(e).__name__}: {quote(e, 120, False)})') from None
     return dest/ARTIFACT
 
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-010d
+def threshold_environment(threshold, # the decision threshold (None: not set, batch inference's default applies)
+                          source, # the model package or artifact it is for
+                          where:str='--threshold', # what set it, for the message
+                          strict:bool=True, # refuse a threshold for a model that is not binary (False: drop it, as batch inference ignores it)
+                         )->dict:
+    "{MLPROJ_THRESHOLD: value} of the serving container's Environment for `threshold` on the model `source`, checked; {} if it is None."
+    if threshold is None: return {}
+    from mlproj.train import load_model, model_schema
+    with tempfile.TemporaryDirectory(prefix='mlproj-threshold-') as tmp: schema = model_schema(load_model(package_artifact(source, tmp))[1])
+    if schema.task != 'binary' and not strict: return {}
+    return {THRESHOLD_ENV: repr(serving_threshold(threshold, schema, where))}
+
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-012
 def load_program(model_dir, env:dict|None=None)->dict:
     "{handler: function} of the entry script of the package extracted at `model_dir`, found as the serving container finds it."
@@ -121,7 +137,13 @@ def load_program(model_dir, env:dict|None=None)->dict:
     if str(code) not in sys.path: sys.path.insert(0, str(code))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec); sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    try: spec.loader.exec_module(mod)
+    except (Exception, SystemExit) as e:    # the package's own code: its failure named in one line (the traceback helps no caller)
+        import traceback
+        lines = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == str(path)]
+        if isinstance(e, SyntaxError) and e.filename == str(path): lines.append(e.lineno)
+        where = f' line {lines[-1]}' if lines else ''
+        raise SpecError(f'{path}{where} does not import ({type(e).__name__}: {quote(e, 160, False)}); fix the package\'s entry script') from None
     fns = {h: getattr(mod, h, None) for h in HANDLERS + ('transform_fn', 'execution_parameters_fn')}
     if fns['model_fn'] is None: raise SpecError(f'{path} defines no model_fn(model_dir)')
     if fns['transform_fn'] and any(fns[h] for h in HANDLERS[1:]):
@@ -189,7 +211,8 @@ class Endpoint:
         return [body]
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-019
-_REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not Allowed', 406: 'Not Acceptable', 413: 'Payload Too Large',
+_REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not Allowed', 406: 'Not Acceptable', 408: 'Request Timeout', 413: 'Payload Too Large',
+            414: 'URI Too Long', 431: 'Request Header Fields Too Large',
             415: 'Unsupported Media Type', 424: 'Failed Dependency', 500: 'Internal Server Error'}
 
 def _route(self:Endpoint, environ)->tuple:
@@ -208,29 +231,48 @@ def _route(self:Endpoint, environ)->tuple:
 Endpoint.route = _route
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-020
-def _drain(f, size:int, most:int=8 * MAX_PAYLOAD_BYTES):
-    "Read and drop up to `most` bytes of a refused body, so the client reads the 413 instead of a reset connection."
-    left = min(size, most)
-    while left > 0 and (got := f.read(min(left, 1 << 20))): left -= len(got)
+def _drain(f, size:int|None, most:int=8 * MAX_PAYLOAD_BYTES):
+    "Read and drop up to `most` bytes of a refused body (`size` None: chunked, to its end), so the client reads the 413 instead of a reset connection."
+    left = most if size is None else min(size, most)
+    try:
+        while left > 0 and (got := f.read(min(left, 1 << 20))): left -= len(got)
+    except OSError: pass                  # a client that stalls or breaks its chunks gets the 413 as it is
+
+def _read(f, n:int)->bytes:
+    "Up to `n` bytes of the body; a client that stalls (the socket's read timeout) or breaks its chunked encoding is the caller's error."
+    try: return f.read(n)
+    except TimeoutError: raise RequestError('the request body stopped arriving before its end (read timeout)', 408, 'request_timeout') from None
+    except OSError as e:                  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, NoMoreData are IOErrors
+        raise RequestError(f'the request body is not readable HTTP ({type(e).__name__}: {quote(e, 80, False)})') from None
 
 def _read_body(environ)->bytes:
     "The request body, refused (413) over the payload limit before it is read when its length is declared."
-    n = environ.get('CONTENT_LENGTH') or ''
+    n, f = environ.get('CONTENT_LENGTH') or '', environ['wsgi.input']
     if n.strip():
         try: size = int(n)
         except ValueError: raise RequestError(f'Content-Length {quote(n, 20)} is not a number') from None
         if size > MAX_PAYLOAD_BYTES:
-            _drain(environ['wsgi.input'], size)
+            _drain(f, size)
             raise RequestError(f'request body of {size:,} bytes is over the limit of {MAX_PAYLOAD_BYTES:,} bytes (6 MB)', 413, 'payload_too_large')
-        return environ['wsgi.input'].read(size)
-    body = environ['wsgi.input'].read(MAX_PAYLOAD_BYTES + 1)
-    if len(body) > MAX_PAYLOAD_BYTES: raise RequestError(f'request body over the limit of {MAX_PAYLOAD_BYTES:,} bytes (6 MB)', 413, 'payload_too_large')
+        body = _read(f, size)
+        if len(body) < size: raise RequestError(f'the request body ended after {len(body):,} of the {size:,} bytes its Content-Length declares')
+        return body
+    body = _read(f, MAX_PAYLOAD_BYTES + 1)
+    if len(body) > MAX_PAYLOAD_BYTES:
+        _drain(f, None)
+        raise RequestError(f'request body over the limit of {MAX_PAYLOAD_BYTES:,} bytes (6 MB)', 413, 'payload_too_large')
     return body
+
+def _content_coding(environ):
+    "Refuse (415) a body sent compressed: the runtime API and the handlers take plain bodies."
+    ce = (environ.get('HTTP_CONTENT_ENCODING') or '').strip().lower()
+    if ce not in ('', 'identity'): raise RequestError(f'Content-Encoding {quote(ce, 40)} is not supported; send the body uncompressed', 415, 'unsupported_media_type')
 
 def _invoke(self:Endpoint, environ, runtime:bool=False)->tuple:
     "Run the handlers on one request; the caller's errors as 4xx JSON, anything else as a bare 500 with the traceback logged."
     body, ctype = b'', environ.get('CONTENT_TYPE') or 'application/json'
     try:
+        _content_coding(environ)
         body = _read_body(environ)
         accept = environ.get('HTTP_ACCEPT') or ''
         if accept.strip() in ('', '*/*'): accept = self.default_accept
@@ -244,7 +286,9 @@ def _invoke(self:Endpoint, environ, runtime:bool=False)->tuple:
         else: log.info('invocation refused (%d): %s', status, payload['message'])
         if runtime: return _model_error(status, payload)
         return _json(status, payload)
-    if self.capture: self.capture.record(body, ctype, out, out_type)
+    if self.capture:
+        try: self.capture.record(body, ctype, out, out_type)
+        except OSError as e: log.warning('data capture skipped a record: %s', e)   # capture never fails a request (SageMaker pauses it when the disk fills)
     return 200, [('Content-Type', out_type), ('X-Amzn-Invoked-Production-Variant', 'AllTraffic')], out
 
 def _model_error(status:int, payload:dict)->tuple:
@@ -257,8 +301,10 @@ def _model_error(status:int, payload:dict)->tuple:
 Endpoint.invoke = _invoke
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-024
+READ_TIMEOUT_ENV = 'MLPROJ_SERVE_READ_TIMEOUT'   # seconds a client may stay silent in the middle of its request (default 10)
+
 def server_settings(env:dict|None=None, port:int|None=None, workers:int|None=None, timeout:int|None=None)->dict:
-    "{'port', 'workers', 'timeout'}: the arguments, else SAGEMAKER_BIND_TO_PORT / _MODEL_SERVER_WORKERS / _MODEL_SERVER_TIMEOUT, else 8080, the usable cores, 60 s."
+    "{'port', 'workers', 'timeout', 'read_timeout'}: the arguments, else SAGEMAKER_BIND_TO_PORT / _MODEL_SERVER_WORKERS / _MODEL_SERVER_TIMEOUT / MLPROJ_SERVE_READ_TIMEOUT, else 8080, the usable cores, 60 s, 10 s."
     from mlproj.contract import usable_cpus
     env = os.environ if env is None else env
     def pick(given, var, default, lo):
@@ -268,20 +314,75 @@ def server_settings(env:dict|None=None, port:int|None=None, workers:int|None=Non
         if v < lo: raise SpecError(f'{var}: {v} is below {lo}')
         return v
     return {'port': pick(port, 'SAGEMAKER_BIND_TO_PORT', 8080, 0), 'workers': pick(workers, 'SAGEMAKER_MODEL_SERVER_WORKERS', usable_cpus(), 1),
-            'timeout': pick(timeout, 'SAGEMAKER_MODEL_SERVER_TIMEOUT', 60, 1)}
+            'timeout': pick(timeout, 'SAGEMAKER_MODEL_SERVER_TIMEOUT', 60, 1), 'read_timeout': pick(None, READ_TIMEOUT_ENV, 10, 1)}
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-025b
+def _send_json(client, status:int, code:str, message:str):
+    "Write a whole JSON error response on a raw client socket (the worker's own refusals); a client already gone is left."
+    body = json.dumps({'error': code, 'message': message}).encode()
+    head = f'HTTP/1.1 {status} {_REASONS.get(status, "Error")}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'
+    try: client.sendall(head.encode('latin-1') + body)
+    except OSError: pass
+
+def sync_worker(read_timeout:float)->type:
+    "gunicorn's sync worker class with a read timeout on every connection and JSON answers to the requests its parser refuses."
+    import errno
+    from gunicorn import http, util
+    from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine, ParseException
+    from gunicorn.workers.sync import SyncWorker
+    class Worker(SyncWorker):
+        def handle(self, listener, client, addr):
+            req = None
+            client.settimeout(read_timeout)
+            try:
+                req = next(http.RequestParser(self.cfg, client, addr))
+                self.handle_request(listener, req, client, addr)
+            except (http.errors.NoMoreData, StopIteration, ConnectionError): pass     # the client left, or sent nothing
+            except TimeoutError:
+                if req is None: _send_json(client, 408, 'request_timeout', f'the request headers did not arrive within {read_timeout:g} s')
+            except OSError as e:
+                if e.errno != errno.ENOTCONN: self.log.exception('socket error processing a request')
+            except BaseException as e: self.handle_error(req, client, addr, e)
+            finally: util.close(client)
+        def handle_error(self, req, client, addr, exc):
+            if not isinstance(exc, ParseException):
+                self.log.exception('error handling a request')
+                status, payload = error_body(exc)
+                return _send_json(client, status, payload['error'], payload['message'])
+            status = 431 if isinstance(exc, LimitRequestHeaders) else 414 if isinstance(exc, LimitRequestLine) else 400
+            self.log.info('refused a malformed request (%d): %s', status, exc)
+            _send_json(client, status, 'bad_request', f'malformed HTTP request: {quote(exc, 160, False)}')
+    return Worker
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-026
+PREDICT_STEP = 'batch_inference'     # the step whose `threshold` parameter a run's model is served with
+
+def _run_record(run_id:str, outputs_dir)->dict:
+    p = Path(outputs_dir)/run_id/'run.json'
+    if not p.is_file(): raise InputError(f'no run {quote(run_id, 60)} under {outputs_dir} (no {p.name})')
+    try: rec = json.loads(p.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e: raise InputError(f'{p}: not a readable run record ({type(e).__name__})') from None
+    if not isinstance(rec, dict): raise InputError(f'{p}: not a run record')
+    return rec
+
 def run_model(run_id:str, outputs_dir)->Path:
     "The model artifact a completed local run trained (`outputs/<run_id>/run.json`)."
     from mlproj.storage import uri_path
-    p = Path(outputs_dir)/run_id/'run.json'
-    if not p.is_file(): raise InputError(f'no run {quote(run_id, 60)} under {outputs_dir} (no {p.name})')
-    rec = json.loads(p.read_text())
+    rec = _run_record(run_id, outputs_dir)
     if rec.get('status') != 'Completed': raise InputError(f"run {quote(run_id, 60)} did not complete (status {quote(rec.get('status'), 40)}); serve a completed run's model")
     for s in rec.get('steps', []):
         uri = s.get('outputs', {}).get('model', {}).get('uri')
         if uri and uri_path(uri): return uri_path(uri)
     raise InputError(f'run {quote(run_id, 60)} records no model output')
+
+def recorded_threshold(rec:dict)->float|None:
+    "The decision threshold a run record's parameters give its batch inference (`-p batch_inference.threshold=...`), None if not given."
+    given = (rec.get('parameters') or {}).get(PREDICT_STEP) or {}
+    return given.get('threshold') if isinstance(given, dict) else None
+
+def run_threshold(run_id:str, outputs_dir)->float|None:
+    "The decision threshold run `run_id` gave its batch inference (`recorded_threshold` of its run.json), None if not given."
+    return recorded_threshold(_run_record(run_id, outputs_dir))
 
 def prepare_model_dir(source, # a model package or a bare model artifact (.tar.gz, or a folder holding model.tar.gz)
                       sandbox, # an empty folder for the package and its extracted model_dir
@@ -299,11 +400,12 @@ def prepare_model_dir(source, # a model package or a bare model artifact (.tar.g
 def serve(source, # model package or artifact (see prepare_model_dir)
           host:str='127.0.0.1', port:int|None=None, workers:int|None=None, timeout:int|None=None,
           capture:dict|None=None, # Capture's arguments (root, endpoint, sampling, ...) to capture traffic; None: no capture
-          env:dict|None=None, # the container environment (default: this process's)
+          env:dict|None=None, # more variables of the container's environment (a Model's Environment, e.g. MLPROJ_THRESHOLD): set in this process, where the handlers read them
           say=print)->int:
     "Serve `source` on host:port with gunicorn workers until SIGTERM or Ctrl-C; returns the arbiter's exit status."
     from gunicorn.app.base import BaseApplication
-    env = dict(os.environ if env is None else env)
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})   # this process is the container: its environment is the handlers'
+    env = dict(os.environ)
     st = server_settings(env, port, workers, timeout)
     if capture: Capture(**capture)                          # refuse bad capture settings now
     sandbox, master = Path(tempfile.mkdtemp(prefix='mlproj-serve-')), os.getpid()
@@ -316,8 +418,9 @@ def serve(source, # model package or artifact (see prepare_model_dir)
             def load(self): return Endpoint(model_dir, env, Capture(**capture) if capture else None, st['workers'])
         def when_ready(server):
             h, p = server.LISTENERS[0].sock.getsockname()[:2]
-            say(f"mlproj serve: listening on http://{h}:{p} with {st['workers']} worker(s); model_dir {model_dir}")
-        opts = {'bind': f"{host}:{st['port']}", 'workers': st['workers'], 'worker_class': 'sync', 'timeout': st['timeout'],
+            say(f"mlproj serve: listening on http://{h}:{p} with {st['workers']} worker(s); model_dir {model_dir}"
+                + (f'; {THRESHOLD_ENV}={env[THRESHOLD_ENV]}' if env.get(THRESHOLD_ENV) is not None else ''))
+        opts = {'bind': f"{host}:{st['port']}", 'workers': st['workers'], 'worker_class': sync_worker(st['read_timeout']), 'timeout': st['timeout'],
                 'graceful_timeout': 30, 'when_ready': when_ready, 'loglevel': 'info', 'proc_name': 'mlproj-serve'}
         try: App().run()
         except SystemExit as e: return e.code or 0
@@ -344,12 +447,16 @@ def endpoint_requests(name:str, # the endpoint's name
                       role:str, image:str, region:str,
                       instance_type:str='ml.m5.large', instance_count:int=1,
                       capture_uri:str|None=None, sampling:int=100, # DataCaptureConfig: destination and InitialSamplingPercentage
+                      environment:dict|None=None, # more of the container's Environment (threshold_environment)
                      )->dict:
     "{operation: request} of CreateModel, CreateEndpointConfig and CreateEndpoint for the package, validated."
-    ref = f'{name[:45]}-{package_sha256[:16]}'
+    import hashlib
+    env = dict(environment or {})
+    tag = hashlib.sha256((package_sha256 + json.dumps(env, sort_keys=True)).encode()).hexdigest() if env else package_sha256
+    ref = f'{name[:45]}-{tag[:16]}'        # the package and its settings name the model: another threshold is another model
     model = {'ModelName': ref, 'ExecutionRoleArn': role,
              'PrimaryContainer': {'Image': image, 'ModelDataUrl': model_data_url, 'Mode': 'SingleModel',
-                                  'Environment': {**CONTAINER_ENV, 'SAGEMAKER_CONTAINER_LOG_LEVEL': '20', 'SAGEMAKER_REGION': region}}}
+                                  'Environment': {**CONTAINER_ENV, 'SAGEMAKER_CONTAINER_LOG_LEVEL': '20', 'SAGEMAKER_REGION': region, **env}}}
     config = {'EndpointConfigName': ref, 'ProductionVariants': [{'VariantName': 'AllTraffic', 'ModelName': ref, 'InitialInstanceCount': int(instance_count),
                                                                   'InstanceType': instance_type, 'InitialVariantWeight': 1.0}]}
     if capture_uri:
@@ -363,12 +470,14 @@ def endpoint_requests(name:str, # the endpoint's name
 def deploy(package, # the model package (see build_package)
            name:str, bucket:str, role:str, boto_session, image:str,
            prefix:str='mlproj', instance_type:str='ml.m5.large', instance_count:int=1,
-           capture_uri:str|None=None, sampling:int=100, say=print)->dict:
+           capture_uri:str|None=None, sampling:int=100,
+           environment:dict|None=None, # more of the container's Environment (threshold_environment)
+           say=print)->dict:
     "Upload the package and create (or update) the endpoint `name`; returns the requests sent and DescribeEndpoint."
     from mlproj.storage import sha256_file, upload
     sha = sha256_file(package)
     url = f's3://{bucket}/{prefix}/models/{sha[:16]}/model.tar.gz'
-    reqs = endpoint_requests(name, url, sha, role, image, boto_session.region_name, instance_type, instance_count, capture_uri, sampling)
+    reqs = endpoint_requests(name, url, sha, role, image, boto_session.region_name, instance_type, instance_count, capture_uri, sampling, environment)
     s3, sm = boto_session.client('s3'), boto_session.client('sagemaker')
     say(f'uploading the model package to {url}'); upload([('model.tar.gz', str(package))], url.rsplit('/', 1)[0], s3)
     def exists(describe, **kw):
@@ -489,14 +598,20 @@ def _invoke_batches(server:LocalServer, batches:list, ctype:str, accept:str, con
         first += len(b)
     return [body for _, body in answers]
 
-def _assemble(batches:list, answers:list, assemble:str, join:bool, where:str)->bytes:
-    "The .out bytes: answers joined (a newline after each with AssembleWith Line), or appended to their input lines (JoinSource Input)."
+def _join_json(record:bytes, answer:bytes, where:str)->bytes:
+    "SageMaker's JoinSource Input for JSON: the output under `SageMakerOutput` of the input object, or {SageMakerInput, SageMakerOutput}."
+    try: i, o = json.loads(record), json.loads(answer)
+    except ValueError as e: raise InputError(f'{where}: JoinSource Input: a record or its answer is not one JSON document ({type(e).__name__})') from None
+    return json.dumps({**i, 'SageMakerOutput': o} if isinstance(i, dict) else {'SageMakerInput': i, 'SageMakerOutput': o}).encode()
+
+def _assemble(batches:list, answers:list, assemble:str, join:bool, where:str, csv:bool=True)->bytes:
+    "The .out bytes: answers joined (a newline after each with AssembleWith Line), or joined to their input records (JoinSource Input: CSV lines appended, JSON as SageMaker joins it)."
     if not join: return b''.join(a if assemble != 'Line' or a.endswith(b'\n') else a + b'\n' for a in answers)
     out = []
     for b, a in zip(batches, answers):
         lines = a.splitlines()
-        if len(lines) != len(b): raise InputError(f'{where}: {len(b)} input lines got {len(lines)} output lines; JoinSource Input needs one per line')
-        out += [i.rstrip(b'\r\n') + b',' + o + b'\n' for i, o in zip(b, lines)]
+        if len(lines) != len(b): raise InputError(f'{where}: {len(b)} input records got {len(lines)} output lines; JoinSource Input needs one per record')
+        out += [(i.rstrip(b'\r\n') + b',' + o if csv else _join_json(i, o, where)) + b'\n' for i, o in zip(b, lines)]
     return b''.join(out)
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-042
@@ -512,6 +627,9 @@ def run_transform(req:dict, # a CreateTransformJob request (transform_request), 
     if src is None or dst is None: raise SpecError('a local transform reads and writes local paths (file:// URIs); submit s3:// ones with --backend sagemaker')
     if ti.get('SplitType', 'None') not in ('None', 'Line'): raise SpecError(f"SplitType {ti['SplitType']} is not supported locally (None or Line)")
     if not src.exists(): raise InputError(f'transform input not found: {src}')
+    if dst.exists() and not dst.is_dir(): raise InputError(f'transform output {dst} is a file, not a folder')
+    if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):
+        raise InputError(f'transform output {dst} is inside the input folder {src}: its .out files would be read as input by the next run')
     files = [src] if src.is_file() else sorted(f for f in src.rglob('*') if f.is_file() and not f.name.startswith('.'))
     if not files: raise InputError(f'{src}: no input objects')
     env = {'SAGEMAKER_BATCH': 'true', **req.get('Environment', {})}
@@ -537,11 +655,13 @@ def run_transform(req:dict, # a CreateTransformJob request (transform_request), 
                 batches = _batches(_records(data, ti.get('SplitType', 'None')), strategy, limit, rel)
                 answers = _invoke_batches(server, batches, ti.get('ContentType', 'application/json'), to.get('Accept') or 'application/json',
                                           concurrent, timeout, retries, rel)
-                out = _assemble(batches, answers, to.get('AssembleWith', 'None'), join, rel)
+                out = _assemble(batches, answers, to.get('AssembleWith', 'None'), join, rel, media_type(ti.get('ContentType', ''))[0] == 'text/csv')
                 target = dst/(rel + '.out'); target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f'.{target.name}.tmp'); tmp.write_bytes(out); tmp.replace(target)
                 results[rel] = {'status': 'Completed', 'records': sum(len(b) for b in batches), 'requests': len(batches)}
             except InputError as e:
+                stale = dst/(rel + '.out')
+                if stale.is_file(): stale.unlink()      # an earlier job's .out of this file must not pass for this job's
                 results[rel] = {'status': 'Failed', 'message': str(e)}; say(f'transform: {e}')
     failed = [r['message'] for r in results.values() if r['status'] == 'Failed']
     d = {'TransformJobName': req['TransformJobName'], 'ModelName': req['ModelName'], 'TransformJobStatus': 'Failed' if failed else 'Completed',
