@@ -132,7 +132,7 @@ def load_program(model_dir, env:dict|None=None)->dict:
     path = code/f'{name}.py'
     if not path.is_file(): raise SpecError(f'no entry script {path} (SAGEMAKER_PROGRAM={quote(prog, 60)}, SAGEMAKER_SUBMIT_DIRECTORY={code})')
     reqs = code/'requirements.txt'
-    pins = re.findall(r'^mlproj==(\S+)', reqs.read_text(), re.M) if reqs.is_file() else []
+    pins = re.findall(r'^(?:mlproj==|\./mlproj-)([^\s-]+)', reqs.read_text(errors='replace'), re.M) if reqs.is_file() else []   # a pin, or the bundled wheel's version
     if pins and pins[0] != mlproj.__version__: raise SpecError(f'{reqs} asks for mlproj {quote(pins[0], 40)}, this is mlproj {mlproj.__version__}')
     if str(code) not in sys.path: sys.path.insert(0, str(code))
     spec = importlib.util.spec_from_file_location(name, path)
@@ -160,6 +160,10 @@ class Capture:
                  mode:str='InputAndOutput'): # CaptureMode: Input, Output or InputAndOutput
         if not 0 <= float(sampling) <= 100: raise SpecError(f'sampling must be a percentage in [0, 100], got {sampling}')
         if mode not in ('Input', 'Output', 'InputAndOutput'): raise SpecError(f'capture mode {quote(mode, 40)} is not Input, Output or InputAndOutput')
+        for what, name in (('endpoint', endpoint), ('variant', variant)):      # folder names under root: never a path out of it
+            if not re.fullmatch(r'[A-Za-z0-9](?:-*[A-Za-z0-9]){0,62}', str(name)): raise SpecError(f'{what} name {quote(name, 70)}: expected 1 to 63 letters, digits and inner hyphens')
+        try: Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise SpecError(f'capture folder {root}: cannot be created ({type(e).__name__}: {e.strerror or e})') from None
         self.root, self.endpoint, self.variant, self.sampling, self.mode = Path(root), endpoint, variant, float(sampling), mode
         self.csv, self.json, self.files, self.lock = set(csv_types), set(json_types), {}, threading.Lock()
     def _encode(self, body:bytes, ctype:str)->tuple[str, str]:
@@ -408,6 +412,12 @@ def serve(source, # model package or artifact (see prepare_model_dir)
     env = dict(os.environ)
     st = server_settings(env, port, workers, timeout)
     if capture: Capture(**capture)                          # refuse bad capture settings now
+    if st['port']:                                          # a port in use: one line now, not gunicorn's five retries and a bare exit 1
+        import socket
+        with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as gunicorn binds
+            try: s.bind((host, st['port']))
+            except OSError as e: raise SpecError(f"cannot listen on {host}:{st['port']}: {e.strerror or e}") from None
     sandbox, master = Path(tempfile.mkdtemp(prefix='mlproj-serve-')), os.getpid()
     try:
         model_dir = prepare_model_dir(source, sandbox)
@@ -518,6 +528,10 @@ def transform_request(name:str, # TransformJobName
     if join_source != 'None': r['DataProcessing'] = {'JoinSource': join_source}
     if environment: r['Environment'] = dict(environment)
     if r.get('BatchStrategy') and split_type == 'None' and batch_strategy == 'MultiRecord': pass   # SageMaker sends the whole object either way
+    mb, n = r.get('MaxPayloadInMB'), r.get('MaxConcurrentTransforms')
+    if mb is not None and mb > 100: raise SpecError(f'invalid CreateTransformJob request: MaxPayloadInMB is at most 100, got {mb}')
+    if mb and n and mb * n > 100:      # SageMaker's documented limit, not in botocore's model
+        raise SpecError(f'invalid CreateTransformJob request: MaxConcurrentTransforms × MaxPayloadInMB is at most 100, got {n} × {mb}')
     if join_source == 'Input' and content_type.split(';')[0].strip() == 'text/csv' and (split_type != 'Line' or assemble_with != 'Line'):
         raise SpecError('invalid CreateTransformJob request: JoinSource Input on CSV needs SplitType Line and AssembleWith Line')
     return validate_operation('CreateTransformJob', r, local_uris=True)

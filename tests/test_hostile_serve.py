@@ -430,3 +430,34 @@ def test_a_malformed_capture_line_fails_the_monitor_naming_file_and_line(opt_ml_
     d = json.loads(r.stdout)
     assert d['ProcessingJobStatus'] == 'Failed' and 'a.jsonl line 2 is not valid JSON' in d['ExitMessage'], d
     assert not list(tmp_path.glob('mlproj-monitor-*/monitoring/*'))          # no half-written output
+
+
+# --- the command line around the endpoint -------------------------------------------------------------------------------
+
+def test_serve_refuses_what_it_cannot_honour_before_serving(opt_ml_trained, tmp_path):
+    "A capture endpoint name that is a path, a capture folder that is a file, a port in use: one line each, nothing written outside."
+    model = opt_ml_trained['model']
+    one_line_error(mlproj(tmp_path, 'serve', '--model', model, '--port', '0', '--capture', tmp_path/'cap', '--endpoint-name', '../../escaped'),
+                   "endpoint name '../../escaped'")
+    assert not (tmp_path/'escaped').exists() and not (tmp_path.parent/'escaped').exists()
+    (tmp_path/'afile').write_text('x')
+    one_line_error(mlproj(tmp_path, 'serve', '--model', model, '--port', '0', '--capture', tmp_path/'afile'), 'capture folder', 'cannot be created')
+    one_line_error(mlproj(tmp_path, 'serve', '--model', model, '--port', '0', '--sampling', 'nan', '--capture', tmp_path/'cap'), 'sampling must be a percentage')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); s.listen()
+        one_line_error(mlproj(tmp_path, 'serve', '--model', model, '--port', s.getsockname()[1]), f'cannot listen on 127.0.0.1:{s.getsockname()[1]}')
+
+
+def test_a_package_made_for_another_mlproj_is_refused(opt_ml_trained, tmp_path):
+    pkg = package_with(tmp_path, opt_ml_trained['model'], 'other', replace={'code/requirements.txt': b'./mlproj-9.9.9-py3-none-any.whl\n'})
+    one_line_error(mlproj(tmp_path, 'serve', '--model', pkg, '--port', '0'), "asks for mlproj '9.9.9'")
+
+
+@pytest.mark.parametrize('args, words', [
+    (('--max-payload', '101'), 'MaxPayloadInMB is at most 100'), (('--max-payload', '50', '--max-concurrent', '3'), '3 × 50'),
+    (('--split-type', 'RecordIO'), 'SplitType RecordIO is not supported locally'), (('--name', 'bad name!'), "TransformJobName: 'bad name!'"),
+    (('--join-source', 'Input', '--split-type', 'None'), 'JoinSource Input on CSV needs SplitType Line')])
+def test_transform_requests_sagemaker_would_refuse(opt_ml_trained, tmp_path, args, words):
+    (tmp_path/'in').mkdir(); (tmp_path/'in'/'a.csv').write_bytes(ROW)
+    one_line_error(mlproj(tmp_path, 'transform', 'run', '--model', opt_ml_trained['model'], '--input', tmp_path/'in', '--output', tmp_path/'out', *args), words)
+    assert not (tmp_path/'out').exists()
