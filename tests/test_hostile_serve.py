@@ -461,3 +461,22 @@ def test_transform_requests_sagemaker_would_refuse(opt_ml_trained, tmp_path, arg
     (tmp_path/'in').mkdir(); (tmp_path/'in'/'a.csv').write_bytes(ROW)
     one_line_error(mlproj(tmp_path, 'transform', 'run', '--model', opt_ml_trained['model'], '--input', tmp_path/'in', '--output', tmp_path/'out', *args), words)
     assert not (tmp_path/'out').exists()
+
+
+def test_a_request_outliving_the_timeout_is_told_so(opt_ml_trained, tmp_path):
+    "A model slower than SAGEMAKER_MODEL_SERVER_TIMEOUT (an entry script that sleeps): a 504 naming the timeout, and the endpoint answers again."
+    slow = (b'import time\nfrom mlproj.serve import model_fn, input_fn, output_fn\nfrom mlproj.serve import predict_fn as _predict\n'
+            b'def predict_fn(data, model):\n    if len(data.rows) == 2: time.sleep(30)\n    return _predict(data, model)\n')
+    pkg = package_with(tmp_path, opt_ml_trained['model'], 'slow', replace={'code/inference.py': slow})
+    p, url, err = start_endpoint([MLPROJ, 'serve', '--model', pkg, '--port', '0', '--workers', '1', '--timeout', '3'], tmp_path/'o')
+    try:
+        u = urlparse(url); at = (u.hostname, u.port)
+        refused(*request(at, 'POST', '/invocations', ROW * 2, {'Content-Type': 'text/csv'}), 504, 'did not answer within the model server timeout (3 s')
+        import time
+        for _ in range(600):                     # the arbiter boots a new worker, which loads the model
+            try:
+                if request(at, 'POST', '/invocations', ROW, {'Content-Type': 'text/csv'})[0] == 200: break
+            except OSError: pass
+            time.sleep(0.1)
+        else: raise AssertionError('the endpoint did not answer again')
+    finally: stop_endpoint(p, err)
