@@ -216,7 +216,7 @@ class Endpoint:
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-019
 _REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not Allowed', 406: 'Not Acceptable', 408: 'Request Timeout', 413: 'Payload Too Large',
-            414: 'URI Too Long', 431: 'Request Header Fields Too Large', 504: 'Gateway Timeout',
+            414: 'URI Too Long', 431: 'Request Header Fields Too Large', 503: 'Service Unavailable', 504: 'Gateway Timeout',
             415: 'Unsupported Media Type', 424: 'Failed Dependency', 500: 'Internal Server Error'}
 
 def _route(self:Endpoint, environ)->tuple:
@@ -349,7 +349,9 @@ def sync_worker(read_timeout:float)->type:
             except BaseException as e: self.handle_error(req, client, addr, e)
             finally: util.close(client)
         def handle_error(self, req, client, addr, exc):
-            if isinstance(exc, SystemExit):       # the arbiter aborted this worker: the request outlived the model server timeout
+            if isinstance(exc, SystemExit) and exc.code != 1:    # SIGQUIT/SIGINT: a quick shutdown, not this request's fault
+                return _send_json(client, 503, 'unavailable', 'the endpoint is shutting down; send the request again')
+            if isinstance(exc, SystemExit):       # SIGABRT from the arbiter (exit 1): the request outlived the model server timeout
                 self.log.warning('a request outlived the model server timeout (%s s); the worker restarts', self.cfg.timeout)
                 return _send_json(client, 504, 'timeout', f'the model did not answer within the model server timeout ({self.cfg.timeout:g} s, '
                                                           'SAGEMAKER_MODEL_SERVER_TIMEOUT); send fewer rows per request')
