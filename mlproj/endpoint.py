@@ -413,9 +413,16 @@ def serve(source, # model package or artifact (see prepare_model_dir)
           env:dict|None=None, # more variables of the container's environment (a Model's Environment, e.g. MLPROJ_THRESHOLD): set in this process, where the handlers read them
           say=print)->int:
     "Serve `source` on host:port with gunicorn workers until SIGTERM or Ctrl-C; returns the arbiter's exit status."
-    from gunicorn.app.base import BaseApplication
+    saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update({k: str(v) for k, v in (env or {}).items()})   # this process is the container: its environment is the handlers'
-    env = dict(os.environ)
+    try: return _serve(source, host, port, workers, timeout, capture, dict(os.environ), say)
+    finally:                                                          # a caller's process gets its environment back
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def _serve(source, host, port, workers, timeout, capture, env:dict, say)->int:
+    from gunicorn.app.base import BaseApplication
     st = server_settings(env, port, workers, timeout)
     if capture: Capture(**capture)                          # refuse bad capture settings now
     if st['port']:                                          # a port in use: one line now, not gunicorn's five retries and a bare exit 1
