@@ -43,11 +43,16 @@ def package_model(artifact, # the model artifact: model.tar.gz, or a folder hold
     reqs = f'./{Path(wheel).name}\n' if wheel else f'mlproj=={__version__}\n'
     members = {ARTIFACT: p.read_bytes(), 'code/' + PROGRAM: INFERENCE_PY.encode(), 'code/requirements.txt': reqs.encode()}
     if wheel: members['code/' + Path(wheel).name] = Path(wheel).read_bytes()
-    dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = Path(dest)
+    if dest.is_dir(): dest = dest/ARTIFACT                   # a folder: the package is its model.tar.gz
+    if dest.exists() and dest.resolve() == p.resolve(): raise InputError(f'{dest} is the model artifact itself: write the package elsewhere')
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f'.{dest.name}.tmp')
-    with open(tmp, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
-        for n, b in members.items(): _tar_bytes(tar, n, b)
-    tmp.replace(dest)
+    try:
+        with open(tmp, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
+            for n, b in members.items(): _tar_bytes(tar, n, b)
+        tmp.replace(dest)
+    finally: tmp.unlink(missing_ok=True)                     # nothing half-written is left (a dest that cannot be replaced, a full disk)
     return {n: len(b) for n, b in members.items()}
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-008
@@ -65,6 +70,7 @@ def build_package(source, # the model artifact (model.tar.gz, or a folder holdin
     if p.is_dir(): p = p/ARTIFACT
     if p.is_file() and is_package(p): raise InputError(f'{p} is already a model package')
     dest = Path(dest) if dest else outputs_root()/'packages'/(sha256_file(p)[:16] if p.is_file() else 'x')/ARTIFACT
+    if dest.is_dir(): dest = dest/ARTIFACT
     with tempfile.TemporaryDirectory() as tmp:
         if wheel:
             from mlproj.sagemaker_backend import build_wheels

@@ -480,3 +480,16 @@ def test_a_request_outliving_the_timeout_is_told_so(opt_ml_trained, tmp_path):
             time.sleep(0.1)
         else: raise AssertionError('the endpoint did not answer again')
     finally: stop_endpoint(p, err)
+
+
+def test_serve_package_never_overwrites_the_model_and_takes_a_folder(opt_ml_trained, tmp_path):
+    import shutil
+    model = tmp_path/'m'/'model.tar.gz'; model.parent.mkdir(); shutil.copy(opt_ml_trained['model'], model)
+    before = model.read_bytes()
+    one_line_error(mlproj(tmp_path, 'serve', 'package', '--model', model, '--no-wheel', '--dest', model), 'is the model artifact itself')
+    assert model.read_bytes() == before and sorted(p.name for p in model.parent.iterdir()) == ['model.tar.gz']
+    (tmp_path/'dir').mkdir()
+    r = mlproj(tmp_path, 'serve', 'package', '--model', model, '--no-wheel', '--dest', tmp_path/'dir')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)['package'] == str(tmp_path/'dir'/'model.tar.gz')
+    assert sorted(p.name for p in (tmp_path/'dir').iterdir()) == ['model.tar.gz'] and not list(tmp_path.glob('.*.tmp'))
