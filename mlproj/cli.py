@@ -13,8 +13,8 @@ from .jobs import CODE_CHANNEL, ENGINES, REPORT_CHANNEL, step_job, render_reques
 # %% auto #0
 __all__ = ['default_inputs', 'model_package_input', 'build_spec', 'cold_flag', 'apply_cold', 'serve_parser', 'transform_parser',
            'model_parser', 'model_registry', 'cmd_model', 'make_parser', 'run_params', 'cmd_run', 'cmd_sagemaker',
-           'cmd_params', 'cmd_job', 'main', 'package_model_source', 'model_source', 'cmd_serve', 'cmd_deploy',
-           'cmd_transform']
+           'cmd_params', 'cmd_job', 'main', 'package_model_source', 'package_environment', 'model_source', 'cmd_serve',
+           'cmd_deploy', 'cmd_transform']
 
 # %% ../nbs/95_cli.ipynb #95-cli-005
 def default_inputs(step:str, given:dict)->dict:
@@ -128,6 +128,7 @@ def serve_parser(sub):
     src.add_argument('--model', help='model package or artifact: model.tar.gz, or a folder holding it')
     src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
     src.add_argument('--model-package', metavar='GROUP/VERSION', help='an Approved package of outputs/registry (GROUP/VERSION or GROUP/latest-approved), its files checked by sha256')
+    s.add_argument('--threshold', type=float, metavar='P', help="binary models: the positive class's probability from which it is predicted, set as MLPROJ_THRESHOLD in the container's Environment (default: the run's -p batch_inference.threshold with --run, the package's with --model-package, else 0.5)")
     s.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1)')
     s.add_argument('--port', type=int, help='port (default $SAGEMAKER_BIND_TO_PORT, else 8080; 0: any free port)')
     s.add_argument('--workers', type=int, help='worker processes (default $SAGEMAKER_MODEL_SERVER_WORKERS, else the usable cores)')
@@ -150,6 +151,7 @@ def transform_parser(sub):
     src.add_argument('--model', help='model artifact (model.tar.gz, or a folder holding it); locally also a model package')
     src.add_argument('--run', metavar='RUN_ID', help="a completed run's model (default: the newest completed run)")
     src.add_argument('--model-package', metavar='GROUP/VERSION', help='an Approved package of outputs/registry (GROUP/VERSION or GROUP/latest-approved), its files checked by sha256')
+    t.add_argument('--threshold', type=float, metavar='P', help="binary models: the positive class's probability from which it is predicted, set as MLPROJ_THRESHOLD in the container's Environment (default: the run's -p batch_inference.threshold with --run, the package's with --model-package, else 0.5)")
     t.add_argument('--input', required=True, help='input: a file or a folder of objects (file://, or s3:// with --backend sagemaker)')
     t.add_argument('--output', help='output folder for <input name>.out (default outputs/<job name>/output)')
     t.add_argument('--name', help='TransformJobName (default mlproj-transform-<time>)')
@@ -382,34 +384,48 @@ def package_model_source(ref:str, # GROUP/VERSION, GROUP/latest or GROUP/latest-
     print(f"model: package {ref} ({desc['ModelApprovalStatus']}), {served}", file=sys.stderr, flush=True)
     return desc, served, reg.files_dir(desc['ModelPackageGroupName'], desc['ModelPackageVersion'])/MODEL
 
+def package_environment(desc:dict)->dict:
+    "The serving settings a registered package records in its container's Environment (MLPROJ_THRESHOLD), to serve it as registered."
+    from mlproj.serve import THRESHOLD_ENV
+    env = ((desc.get('InferenceSpecification') or {}).get('Containers') or [{}])[0].get('Environment') or {}
+    return {k: v for k, v in env.items() if k == THRESHOLD_ENV}
+
 # %% ../nbs/95_cli.ipynb #95-cli-030
-def model_source(a)->"Path":
-    "The model a `serve` or `transform` command line names: --model, else --run's, else --model-package's, else the newest completed run's."
-    from mlproj.endpoint import run_model
+def model_source(a)->tuple:
+    "(model, environment) a `serve` or `transform` command line names: --model, else --run's, else --model-package's, else the newest completed run's; the threshold from --threshold, else the run's or the package's."
+    from mlproj.endpoint import run_model, run_threshold, threshold_environment
     from mlproj.lab import completed_runs
     from pathlib import Path
-    if a.model: return Path(a.model)
-    if a.run: return run_model(a.run, outputs_root())
-    if a.model_package: return package_model_source(a.model_package)[1]
-    runs = completed_runs(outputs_root())
-    if not runs: raise SpecError(f'no model to serve: give --model or --run (no completed run under {outputs_root()})')
-    return run_model(runs[0]['run_id'], outputs_root())
+    run, env = a.run, {}
+    if a.model: src = Path(a.model)
+    elif a.model_package:
+        desc, src, _ = package_model_source(a.model_package)
+        env = package_environment(desc)
+    else:
+        if not run:
+            runs = completed_runs(outputs_root())
+            if not runs: raise SpecError(f'no model to serve: give --model or --run (no completed run under {outputs_root()})')
+            run = runs[0]['run_id']
+        src = run_model(run, outputs_root())
+        if a.threshold is None: env = threshold_environment(run_threshold(run, outputs_root()), src, f'-p batch_inference.threshold of run {run}', strict=False)
+    if a.threshold is not None: env = threshold_environment(a.threshold, src, '--threshold')
+    return src, env
 
 def cmd_serve(a)->int:
     "`mlproj serve [package|request|deploy]`."
     from mlproj import endpoint
-    src = model_source(a)
-    if a.action in ('request', 'deploy'): return cmd_deploy(a, src)
+    src, env = model_source(a)
+    if a.action in ('request', 'deploy'): return cmd_deploy(a, src, env)
     if a.action == 'package' and endpoint.is_package(src):      # a registered serving package: that file, as registered
         from mlproj.storage import sha256_file
-        _print_json({'package': str(src), 'sha256': sha256_file(src), 'environment': endpoint.CONTAINER_ENV}); return 0
+        _print_json({'package': str(src), 'sha256': sha256_file(src), 'environment': {**endpoint.CONTAINER_ENV, **env}}); return 0
     if a.action == 'package':
         out = endpoint.build_package(src, a.dest, wheel=not a.no_wheel, say=lambda m: print(m, file=sys.stderr, flush=True))
-        _print_json(out); return 0
+        _print_json({**out, 'environment': {**out['environment'], **env}}); return 0
     cap = {'root': a.capture, 'endpoint': a.endpoint_name or 'local', 'sampling': a.sampling} if a.capture else None
-    return endpoint.serve(src, a.host, a.port, a.workers, a.timeout, cap, say=lambda m: print(m, flush=True))
+    return endpoint.serve(src, a.host, a.port, a.workers, a.timeout, cap, env, say=lambda m: print(m, flush=True))
 
-def cmd_deploy(a, src)->int:
+def cmd_deploy(a, src, env:dict|None=None)->int:
     "`mlproj serve request|deploy`: the SageMaker endpoint's requests, printed or sent (the package built and uploaded)."
     from mlproj import endpoint
     from mlproj.sagemaker_backend import aws_session, check_target, stock_image_uri
@@ -425,21 +441,22 @@ def cmd_deploy(a, src)->int:
     if a.action == 'request':
         sha = sha256_file(pkg)
         _print_json(endpoint.endpoint_requests(name, f's3://{a.bucket}/{a.prefix}/models/{sha[:16]}/model.tar.gz', sha, a.role, image, bs.region_name,
-                                               a.instance_type, a.instance_count, a.capture_uri, int(a.sampling)))
+                                               a.instance_type, a.instance_count, a.capture_uri, int(a.sampling), environment=env))
         return 0
-    _print_json(endpoint.deploy(pkg, name, a.bucket, a.role, bs, image, a.prefix, a.instance_type, a.instance_count, a.capture_uri, int(a.sampling), say))
+    _print_json(endpoint.deploy(pkg, name, a.bucket, a.role, bs, image, a.prefix, a.instance_type, a.instance_count, a.capture_uri, int(a.sampling),
+                                environment=env, say=say))
     return 0
 
 def cmd_transform(a)->int:
     "`mlproj transform request|run`: exit 0 when the job completes, 1 when a file failed."
     import datetime as dt
     from mlproj import endpoint
-    src = model_source(a)
+    src, env = model_source(a)
     name = a.name or f"mlproj-transform-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     out = a.output or (str(outputs_root()/name/'output') if a.backend == 'local' or a.action == 'request' else None)
     req = endpoint.transform_request(name, 'mlproj-model', a.input, out or 's3://placeholder/output', a.content_type, a.split_type, a.compression,
                                      a.batch_strategy, a.max_payload, a.max_concurrent, a.accept, a.assemble_with, a.join_source,
-                                     a.instance_type, a.instance_count)
+                                     a.instance_type, a.instance_count, environment=env)
     if a.action == 'request': _print_json(req); return 0
     say = lambda m: print(m, file=sys.stderr, flush=True)
     if a.backend == 'sagemaker':

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from .errors import InputError, SpecError
 from .data import media_type, quote
-from .serve import MAX_PAYLOAD_BYTES, RequestError, error_body
+from .serve import MAX_PAYLOAD_BYTES, THRESHOLD_ENV, RequestError, error_body, serving_threshold
 
 # %% auto #0
-__all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'serving_code', 'write_tar_gz', 'package_model',
-           'build_package', 'is_package', 'extract_package', 'package_artifact', 'load_program', 'Capture', 'Endpoint',
-           'server_settings', 'run_model', 'prepare_model_dir', 'serve', 'validate_operation', 'endpoint_requests',
-           'deploy', 'transform_request', 'LocalServer', 'run_transform', 'submit_transform']
+__all__ = ['PROGRAM', 'HANDLERS', 'INFERENCE_PY', 'CONTAINER_ENV', 'log', 'READ_TIMEOUT_ENV', 'PREDICT_STEP', 'serving_code',
+           'write_tar_gz', 'package_model', 'build_package', 'is_package', 'extract_package', 'package_artifact',
+           'threshold_environment', 'load_program', 'Capture', 'Endpoint', 'server_settings', 'sync_worker',
+           'run_model', 'recorded_threshold', 'run_threshold', 'prepare_model_dir', 'serve', 'validate_operation',
+           'endpoint_requests', 'deploy', 'transform_request', 'LocalServer', 'run_transform', 'submit_transform']
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-006
 PROGRAM = 'inference.py'
@@ -34,7 +35,6 @@ def serving_code(wheel=None, # the mlproj wheel to ship beside the entry script 
     if wheel: files[Path(wheel).name] = Path(wheel).read_bytes()
     return files
 
-
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-006b
 def write_tar_gz(members:dict, # {name inside the archive: bytes}
                  dest, # the .tar.gz to write (atomically: a reader sees the old file or the whole new one)
@@ -42,11 +42,13 @@ def write_tar_gz(members:dict, # {name inside the archive: bytes}
     "Write `members` as a reproducible .tar.gz: regular files only, mtime 0, mode 0644, in the given order — the same bytes for the same members."
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f'.{dest.name}.tmp')
-    with open(tmp, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
-        for n, b in members.items():
-            info = tarfile.TarInfo(n); info.size = len(b); info.mtime = 0; info.mode = 0o644
-            tar.addfile(info, io.BytesIO(b))
-    tmp.replace(dest)
+    try:
+        with open(tmp, 'wb') as raw, gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0) as gz, tarfile.open(fileobj=gz, mode='w') as tar:
+            for n, b in members.items():
+                info = tarfile.TarInfo(n); info.size = len(b); info.mtime = 0; info.mode = 0o644
+                tar.addfile(info, io.BytesIO(b))
+        tmp.replace(dest)
+    finally: tmp.unlink(missing_ok=True)                     # nothing half-written is left (a dest that cannot be replaced, a full disk)
     return dest
 
 
@@ -61,6 +63,9 @@ def package_model(artifact, # the model artifact: model.tar.gz, or a folder hold
     if p.is_dir(): p = p/ARTIFACT
     load_model(p)                                   # refuse a damaged artifact now, not at the endpoint's boot
     members = {ARTIFACT: p.read_bytes()} | {'code/' + n: b for n, b in serving_code(wheel).items()}
+    dest = Path(dest)
+    if dest.is_dir(): dest = dest/ARTIFACT                   # a folder: the package is its model.tar.gz
+    if dest.exists() and dest.resolve() == p.resolve(): raise InputError(f'{dest} is the model artifact itself: write the package elsewhere')
     write_tar_gz(members, dest)
     return {n: len(b) for n, b in members.items()}
 
@@ -80,6 +85,7 @@ def build_package(source, # the model artifact (model.tar.gz, or a folder holdin
     if p.is_dir(): p = p/ARTIFACT
     if p.is_file() and is_package(p): raise InputError(f'{p} is already a model package')
     dest = Path(dest) if dest else outputs_root()/'packages'/(sha256_file(p)[:16] if p.is_file() else 'x')/ARTIFACT
+    if dest.is_dir(): dest = dest/ARTIFACT
     with tempfile.TemporaryDirectory() as tmp:
         if wheel:
             from mlproj.sagemaker_backend import build_wheels
@@ -89,7 +95,9 @@ def build_package(source, # the model artifact (model.tar.gz, or a folder holdin
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-009
 def is_package(path)->bool:
-    "Is `path` (a .tar.gz) a model package with a code/ folder, rather than a bare model artifact?"
+    "Is `path` (a .tar.gz, or a folder holding model.tar.gz) a model package with a code/ folder, rather than a bare model artifact?"
+    from mlproj.train import ARTIFACT
+    if Path(path).is_dir(): path = Path(path)/ARTIFACT
     try:
         with tarfile.open(path, 'r:gz') as tar: return any(n.startswith('code/') for n in tar.getnames())
     except (tarfile.TarError, OSError, EOFError) as e: raise InputError(f'{path}: not a readable .tar.gz ({type(e).__name__})') from None
@@ -121,6 +129,19 @@ def package_artifact(source, # a model package or a bare model artifact (.tar.gz
     except (tarfile.TarError, OSError, EOFError) as e: raise InputError(f'{p}: cannot read the model package ({type(e).__name__}: {quote(e, 120, False)})') from None
     return dest/ARTIFACT
 
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-010d
+def threshold_environment(threshold, # the decision threshold (None: not set, batch inference's default applies)
+                          source, # the model package or artifact it is for
+                          where:str='--threshold', # what set it, for the message
+                          strict:bool=True, # refuse a threshold for a model that is not binary (False: drop it, as batch inference ignores it)
+                         )->dict:
+    "{MLPROJ_THRESHOLD: value} of the serving container's Environment for `threshold` on the model `source`, checked; {} if it is None."
+    if threshold is None: return {}
+    from mlproj.train import load_model, model_schema
+    with tempfile.TemporaryDirectory(prefix='mlproj-threshold-') as tmp: schema = model_schema(load_model(package_artifact(source, tmp))[1])
+    if schema.task != 'binary' and not strict: return {}
+    return {THRESHOLD_ENV: repr(serving_threshold(threshold, schema, where))}
+
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-012
 def load_program(model_dir, env:dict|None=None)->dict:
     "{handler: function} of the entry script of the package extracted at `model_dir`, found as the serving container finds it."
@@ -132,12 +153,18 @@ def load_program(model_dir, env:dict|None=None)->dict:
     path = code/f'{name}.py'
     if not path.is_file(): raise SpecError(f'no entry script {path} (SAGEMAKER_PROGRAM={quote(prog, 60)}, SAGEMAKER_SUBMIT_DIRECTORY={code})')
     reqs = code/'requirements.txt'
-    pins = re.findall(r'^mlproj==(\S+)', reqs.read_text(), re.M) if reqs.is_file() else []
+    pins = re.findall(r'^(?:mlproj==|\./mlproj-)([^\s-]+)', reqs.read_text(errors='replace'), re.M) if reqs.is_file() else []   # a pin, or the bundled wheel's version
     if pins and pins[0] != mlproj.__version__: raise SpecError(f'{reqs} asks for mlproj {quote(pins[0], 40)}, this is mlproj {mlproj.__version__}')
     if str(code) not in sys.path: sys.path.insert(0, str(code))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec); sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    try: spec.loader.exec_module(mod)
+    except (Exception, SystemExit) as e:    # the package's own code: its failure named in one line (the traceback helps no caller)
+        import traceback
+        lines = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == str(path)]
+        if isinstance(e, SyntaxError) and e.filename == str(path): lines.append(e.lineno)
+        where = f' line {lines[-1]}' if lines else ''
+        raise SpecError(f'{path}{where} does not import ({type(e).__name__}: {quote(e, 160, False)}); fix the package\'s entry script') from None
     fns = {h: getattr(mod, h, None) for h in HANDLERS + ('transform_fn', 'execution_parameters_fn')}
     if fns['model_fn'] is None: raise SpecError(f'{path} defines no model_fn(model_dir)')
     if fns['transform_fn'] and any(fns[h] for h in HANDLERS[1:]):
@@ -154,6 +181,10 @@ class Capture:
                  mode:str='InputAndOutput'): # CaptureMode: Input, Output or InputAndOutput
         if not 0 <= float(sampling) <= 100: raise SpecError(f'sampling must be a percentage in [0, 100], got {sampling}')
         if mode not in ('Input', 'Output', 'InputAndOutput'): raise SpecError(f'capture mode {quote(mode, 40)} is not Input, Output or InputAndOutput')
+        for what, name in (('endpoint', endpoint), ('variant', variant)):      # folder names under root: never a path out of it
+            if not re.fullmatch(r'[A-Za-z0-9](?:-*[A-Za-z0-9]){0,62}', str(name)): raise SpecError(f'{what} name {quote(name, 70)}: expected 1 to 63 letters, digits and inner hyphens')
+        try: Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise SpecError(f'capture folder {root}: cannot be created ({type(e).__name__}: {e.strerror or e})') from None
         self.root, self.endpoint, self.variant, self.sampling, self.mode = Path(root), endpoint, variant, float(sampling), mode
         self.csv, self.json, self.files, self.lock = set(csv_types), set(json_types), {}, threading.Lock()
     def _encode(self, body:bytes, ctype:str)->tuple[str, str]:
@@ -205,7 +236,8 @@ class Endpoint:
         return [body]
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-019
-_REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not Allowed', 406: 'Not Acceptable', 413: 'Payload Too Large',
+_REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not Allowed', 406: 'Not Acceptable', 408: 'Request Timeout', 413: 'Payload Too Large',
+            414: 'URI Too Long', 431: 'Request Header Fields Too Large', 503: 'Service Unavailable', 504: 'Gateway Timeout',
             415: 'Unsupported Media Type', 424: 'Failed Dependency', 500: 'Internal Server Error'}
 
 def _route(self:Endpoint, environ)->tuple:
@@ -224,29 +256,48 @@ def _route(self:Endpoint, environ)->tuple:
 Endpoint.route = _route
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-020
-def _drain(f, size:int, most:int=8 * MAX_PAYLOAD_BYTES):
-    "Read and drop up to `most` bytes of a refused body, so the client reads the 413 instead of a reset connection."
-    left = min(size, most)
-    while left > 0 and (got := f.read(min(left, 1 << 20))): left -= len(got)
+def _drain(f, size:int|None, most:int=8 * MAX_PAYLOAD_BYTES):
+    "Read and drop up to `most` bytes of a refused body (`size` None: chunked, to its end), so the client reads the 413 instead of a reset connection."
+    left = most if size is None else min(size, most)
+    try:
+        while left > 0 and (got := f.read(min(left, 1 << 20))): left -= len(got)
+    except OSError: pass                  # a client that stalls or breaks its chunks gets the 413 as it is
+
+def _read(f, n:int)->bytes:
+    "Up to `n` bytes of the body; a client that stalls (the socket's read timeout) or breaks its chunked encoding is the caller's error."
+    try: return f.read(n)
+    except TimeoutError: raise RequestError('the request body stopped arriving before its end (read timeout)', 408, 'request_timeout') from None
+    except OSError as e:                  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, NoMoreData are IOErrors
+        raise RequestError(f'the request body is not readable HTTP ({type(e).__name__}: {quote(e, 80, False)})') from None
 
 def _read_body(environ)->bytes:
     "The request body, refused (413) over the payload limit before it is read when its length is declared."
-    n = environ.get('CONTENT_LENGTH') or ''
+    n, f = environ.get('CONTENT_LENGTH') or '', environ['wsgi.input']
     if n.strip():
         try: size = int(n)
         except ValueError: raise RequestError(f'Content-Length {quote(n, 20)} is not a number') from None
         if size > MAX_PAYLOAD_BYTES:
-            _drain(environ['wsgi.input'], size)
+            _drain(f, size)
             raise RequestError(f'request body of {size:,} bytes is over the limit of {MAX_PAYLOAD_BYTES:,} bytes (6 MB)', 413, 'payload_too_large')
-        return environ['wsgi.input'].read(size)
-    body = environ['wsgi.input'].read(MAX_PAYLOAD_BYTES + 1)
-    if len(body) > MAX_PAYLOAD_BYTES: raise RequestError(f'request body over the limit of {MAX_PAYLOAD_BYTES:,} bytes (6 MB)', 413, 'payload_too_large')
+        body = _read(f, size)
+        if len(body) < size: raise RequestError(f'the request body ended after {len(body):,} of the {size:,} bytes its Content-Length declares')
+        return body
+    body = _read(f, MAX_PAYLOAD_BYTES + 1)
+    if len(body) > MAX_PAYLOAD_BYTES:
+        _drain(f, None)
+        raise RequestError(f'request body over the limit of {MAX_PAYLOAD_BYTES:,} bytes (6 MB)', 413, 'payload_too_large')
     return body
+
+def _content_coding(environ):
+    "Refuse (415) a body sent compressed: the runtime API and the handlers take plain bodies."
+    ce = (environ.get('HTTP_CONTENT_ENCODING') or '').strip().lower()
+    if ce not in ('', 'identity'): raise RequestError(f'Content-Encoding {quote(ce, 40)} is not supported; send the body uncompressed', 415, 'unsupported_media_type')
 
 def _invoke(self:Endpoint, environ, runtime:bool=False)->tuple:
     "Run the handlers on one request; the caller's errors as 4xx JSON, anything else as a bare 500 with the traceback logged."
     body, ctype = b'', environ.get('CONTENT_TYPE') or 'application/json'
     try:
+        _content_coding(environ)
         body = _read_body(environ)
         accept = environ.get('HTTP_ACCEPT') or ''
         if accept.strip() in ('', '*/*'): accept = self.default_accept
@@ -260,7 +311,9 @@ def _invoke(self:Endpoint, environ, runtime:bool=False)->tuple:
         else: log.info('invocation refused (%d): %s', status, payload['message'])
         if runtime: return _model_error(status, payload)
         return _json(status, payload)
-    if self.capture: self.capture.record(body, ctype, out, out_type)
+    if self.capture:
+        try: self.capture.record(body, ctype, out, out_type)
+        except OSError as e: log.warning('data capture skipped a record: %s', e)   # capture never fails a request (SageMaker pauses it when the disk fills)
     return 200, [('Content-Type', out_type), ('X-Amzn-Invoked-Production-Variant', 'AllTraffic')], out
 
 def _model_error(status:int, payload:dict)->tuple:
@@ -273,8 +326,10 @@ def _model_error(status:int, payload:dict)->tuple:
 Endpoint.invoke = _invoke
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-024
+READ_TIMEOUT_ENV = 'MLPROJ_SERVE_READ_TIMEOUT'   # seconds a client may stay silent in the middle of its request (default 10)
+
 def server_settings(env:dict|None=None, port:int|None=None, workers:int|None=None, timeout:int|None=None)->dict:
-    "{'port', 'workers', 'timeout'}: the arguments, else SAGEMAKER_BIND_TO_PORT / _MODEL_SERVER_WORKERS / _MODEL_SERVER_TIMEOUT, else 8080, the usable cores, 60 s."
+    "{'port', 'workers', 'timeout', 'read_timeout'}: the arguments, else SAGEMAKER_BIND_TO_PORT / _MODEL_SERVER_WORKERS / _MODEL_SERVER_TIMEOUT / MLPROJ_SERVE_READ_TIMEOUT, else 8080, the usable cores, 60 s, 10 s."
     from mlproj.contract import usable_cpus
     env = os.environ if env is None else env
     def pick(given, var, default, lo):
@@ -284,20 +339,81 @@ def server_settings(env:dict|None=None, port:int|None=None, workers:int|None=Non
         if v < lo: raise SpecError(f'{var}: {v} is below {lo}')
         return v
     return {'port': pick(port, 'SAGEMAKER_BIND_TO_PORT', 8080, 0), 'workers': pick(workers, 'SAGEMAKER_MODEL_SERVER_WORKERS', usable_cpus(), 1),
-            'timeout': pick(timeout, 'SAGEMAKER_MODEL_SERVER_TIMEOUT', 60, 1)}
+            'timeout': pick(timeout, 'SAGEMAKER_MODEL_SERVER_TIMEOUT', 60, 1), 'read_timeout': pick(None, READ_TIMEOUT_ENV, 10, 1)}
+
+# %% ../nbs/89_endpoint.ipynb #89-endpoint-025b
+def _send_json(client, status:int, code:str, message:str):
+    "Write a whole JSON error response on a raw client socket (the worker's own refusals); a client already gone is left."
+    body = json.dumps({'error': code, 'message': message}).encode()
+    head = f'HTTP/1.1 {status} {_REASONS.get(status, "Error")}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n'
+    try: client.sendall(head.encode('latin-1') + body)
+    except OSError: pass
+
+def sync_worker(read_timeout:float)->type:
+    "gunicorn's sync worker class with a read timeout on every connection and JSON answers to the requests its parser refuses."
+    import errno
+    from gunicorn import http, util
+    from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine, ParseException
+    from gunicorn.workers.sync import SyncWorker
+    class Worker(SyncWorker):
+        def handle(self, listener, client, addr):
+            req = None
+            client.settimeout(read_timeout)
+            try:
+                req = next(http.RequestParser(self.cfg, client, addr))
+                self.handle_request(listener, req, client, addr)
+            except (http.errors.NoMoreData, StopIteration, ConnectionError): pass     # the client left, or sent nothing
+            except TimeoutError:
+                if req is None: _send_json(client, 408, 'request_timeout', f'the request headers did not arrive within {read_timeout:g} s')
+            except OSError as e:
+                if e.errno != errno.ENOTCONN: self.log.exception('socket error processing a request')
+            except BaseException as e: self.handle_error(req, client, addr, e)
+            finally: util.close(client)
+        def handle_error(self, req, client, addr, exc):
+            if isinstance(exc, SystemExit) and exc.code != 1:    # SIGQUIT/SIGINT: a quick shutdown, not this request's fault
+                return _send_json(client, 503, 'unavailable', 'the endpoint is shutting down; send the request again')
+            if isinstance(exc, SystemExit):       # SIGABRT from the arbiter (exit 1): the request outlived the model server timeout
+                self.log.warning('a request outlived the model server timeout (%s s); the worker restarts', self.cfg.timeout)
+                return _send_json(client, 504, 'timeout', f'the model did not answer within the model server timeout ({self.cfg.timeout:g} s, '
+                                                          'SAGEMAKER_MODEL_SERVER_TIMEOUT); send fewer rows per request')
+            if not isinstance(exc, ParseException):
+                self.log.exception('error handling a request')
+                status, payload = error_body(exc)
+                return _send_json(client, status, payload['error'], payload['message'])
+            status = 431 if isinstance(exc, LimitRequestHeaders) else 414 if isinstance(exc, LimitRequestLine) else 400
+            self.log.info('refused a malformed request (%d): %s', status, exc)
+            _send_json(client, status, 'bad_request', f'malformed HTTP request: {quote(exc, 160, False)}')
+    return Worker
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-026
+PREDICT_STEP = 'batch_inference'     # the step whose `threshold` parameter a run's model is served with
+
+def _run_record(run_id:str, outputs_dir)->dict:
+    p = Path(outputs_dir)/run_id/'run.json'
+    if not p.is_file(): raise InputError(f'no run {quote(run_id, 60)} under {outputs_dir} (no {p.name})')
+    try: rec = json.loads(p.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e: raise InputError(f'{p}: not a readable run record ({type(e).__name__})') from None
+    if not isinstance(rec, dict): raise InputError(f'{p}: not a run record')
+    return rec
+
 def run_model(run_id:str, outputs_dir)->Path:
     "The model artifact a completed local run trained (`outputs/<run_id>/run.json`)."
     from mlproj.storage import uri_path
-    p = Path(outputs_dir)/run_id/'run.json'
-    if not p.is_file(): raise InputError(f'no run {quote(run_id, 60)} under {outputs_dir} (no {p.name})')
-    rec = json.loads(p.read_text())
+    rec = _run_record(run_id, outputs_dir)
     if rec.get('status') != 'Completed': raise InputError(f"run {quote(run_id, 60)} did not complete (status {quote(rec.get('status'), 40)}); serve a completed run's model")
     for s in rec.get('steps', []):
         uri = s.get('outputs', {}).get('model', {}).get('uri')
         if uri and uri_path(uri): return uri_path(uri)
     raise InputError(f'run {quote(run_id, 60)} records no model output')
+
+def recorded_threshold(rec:dict)->float|None:
+    "The decision threshold a run record's parameters give its batch inference (`-p batch_inference.threshold=...`), None if not given."
+    given = (rec.get('parameters') or {}).get(PREDICT_STEP) or {}
+    return given.get('threshold') if isinstance(given, dict) else None
+
+def run_threshold(run_id:str, outputs_dir)->float|None:
+    "The decision threshold run `run_id` gave its batch inference (`recorded_threshold` of its run.json), None if not given."
+    return recorded_threshold(_run_record(run_id, outputs_dir))
 
 def prepare_model_dir(source, # a model package or a bare model artifact (.tar.gz, or a folder holding model.tar.gz)
                       sandbox, # an empty folder for the package and its extracted model_dir
@@ -315,13 +431,27 @@ def prepare_model_dir(source, # a model package or a bare model artifact (.tar.g
 def serve(source, # model package or artifact (see prepare_model_dir)
           host:str='127.0.0.1', port:int|None=None, workers:int|None=None, timeout:int|None=None,
           capture:dict|None=None, # Capture's arguments (root, endpoint, sampling, ...) to capture traffic; None: no capture
-          env:dict|None=None, # the container environment (default: this process's)
+          env:dict|None=None, # more variables of the container's environment (a Model's Environment, e.g. MLPROJ_THRESHOLD): set in this process, where the handlers read them
           say=print)->int:
     "Serve `source` on host:port with gunicorn workers until SIGTERM or Ctrl-C; returns the arbiter's exit status."
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})   # this process is the container: its environment is the handlers'
+    try: return _serve(source, host, port, workers, timeout, capture, dict(os.environ), say)
+    finally:                                                          # a caller's process gets its environment back
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def _serve(source, host, port, workers, timeout, capture, env:dict, say)->int:
     from gunicorn.app.base import BaseApplication
-    env = dict(os.environ if env is None else env)
     st = server_settings(env, port, workers, timeout)
     if capture: Capture(**capture)                          # refuse bad capture settings now
+    if st['port']:                                          # a port in use: one line now, not gunicorn's five retries and a bare exit 1
+        import socket
+        with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as gunicorn binds
+            try: s.bind((host, st['port']))
+            except OSError as e: raise SpecError(f"cannot listen on {host}:{st['port']}: {e.strerror or e}") from None
     sandbox, master = Path(tempfile.mkdtemp(prefix='mlproj-serve-')), os.getpid()
     try:
         model_dir = prepare_model_dir(source, sandbox)
@@ -332,8 +462,9 @@ def serve(source, # model package or artifact (see prepare_model_dir)
             def load(self): return Endpoint(model_dir, env, Capture(**capture) if capture else None, st['workers'])
         def when_ready(server):
             h, p = server.LISTENERS[0].sock.getsockname()[:2]
-            say(f"mlproj serve: listening on http://{h}:{p} with {st['workers']} worker(s); model_dir {model_dir}")
-        opts = {'bind': f"{host}:{st['port']}", 'workers': st['workers'], 'worker_class': 'sync', 'timeout': st['timeout'],
+            say(f"mlproj serve: listening on http://{h}:{p} with {st['workers']} worker(s); model_dir {model_dir}"
+                + (f'; {THRESHOLD_ENV}={env[THRESHOLD_ENV]}' if env.get(THRESHOLD_ENV) is not None else ''))
+        opts = {'bind': f"{host}:{st['port']}", 'workers': st['workers'], 'worker_class': sync_worker(st['read_timeout']), 'timeout': st['timeout'],
                 'graceful_timeout': 30, 'when_ready': when_ready, 'loglevel': 'info', 'proc_name': 'mlproj-serve'}
         try: App().run()
         except SystemExit as e: return e.code or 0
@@ -360,12 +491,16 @@ def endpoint_requests(name:str, # the endpoint's name
                       role:str, image:str, region:str,
                       instance_type:str='ml.m5.large', instance_count:int=1,
                       capture_uri:str|None=None, sampling:int=100, # DataCaptureConfig: destination and InitialSamplingPercentage
+                      environment:dict|None=None, # more of the container's Environment (threshold_environment)
                      )->dict:
     "{operation: request} of CreateModel, CreateEndpointConfig and CreateEndpoint for the package, validated."
-    ref = f'{name[:45]}-{package_sha256[:16]}'
+    import hashlib
+    env = dict(environment or {})
+    tag = hashlib.sha256((package_sha256 + json.dumps(env, sort_keys=True)).encode()).hexdigest() if env else package_sha256
+    ref = f'{name[:45]}-{tag[:16]}'        # the package and its settings name the model: another threshold is another model
     model = {'ModelName': ref, 'ExecutionRoleArn': role,
              'PrimaryContainer': {'Image': image, 'ModelDataUrl': model_data_url, 'Mode': 'SingleModel',
-                                  'Environment': {**CONTAINER_ENV, 'SAGEMAKER_CONTAINER_LOG_LEVEL': '20', 'SAGEMAKER_REGION': region}}}
+                                  'Environment': {**CONTAINER_ENV, 'SAGEMAKER_CONTAINER_LOG_LEVEL': '20', 'SAGEMAKER_REGION': region, **env}}}
     config = {'EndpointConfigName': ref, 'ProductionVariants': [{'VariantName': 'AllTraffic', 'ModelName': ref, 'InitialInstanceCount': int(instance_count),
                                                                   'InstanceType': instance_type, 'InitialVariantWeight': 1.0}]}
     if capture_uri:
@@ -379,12 +514,14 @@ def endpoint_requests(name:str, # the endpoint's name
 def deploy(package, # the model package (see build_package)
            name:str, bucket:str, role:str, boto_session, image:str,
            prefix:str='mlproj', instance_type:str='ml.m5.large', instance_count:int=1,
-           capture_uri:str|None=None, sampling:int=100, say=print)->dict:
+           capture_uri:str|None=None, sampling:int=100,
+           environment:dict|None=None, # more of the container's Environment (threshold_environment)
+           say=print)->dict:
     "Upload the package and create (or update) the endpoint `name`; returns the requests sent and DescribeEndpoint."
     from mlproj.storage import sha256_file, upload
     sha = sha256_file(package)
     url = f's3://{bucket}/{prefix}/models/{sha[:16]}/model.tar.gz'
-    reqs = endpoint_requests(name, url, sha, role, image, boto_session.region_name, instance_type, instance_count, capture_uri, sampling)
+    reqs = endpoint_requests(name, url, sha, role, image, boto_session.region_name, instance_type, instance_count, capture_uri, sampling, environment)
     s3, sm = boto_session.client('s3'), boto_session.client('sagemaker')
     say(f'uploading the model package to {url}'); upload([('model.tar.gz', str(package))], url.rsplit('/', 1)[0], s3)
     def exists(describe, **kw):
@@ -425,6 +562,10 @@ def transform_request(name:str, # TransformJobName
     if join_source != 'None': r['DataProcessing'] = {'JoinSource': join_source}
     if environment: r['Environment'] = dict(environment)
     if r.get('BatchStrategy') and split_type == 'None' and batch_strategy == 'MultiRecord': pass   # SageMaker sends the whole object either way
+    mb, n = r.get('MaxPayloadInMB'), r.get('MaxConcurrentTransforms')
+    if mb is not None and mb > 100: raise SpecError(f'invalid CreateTransformJob request: MaxPayloadInMB is at most 100, got {mb}')
+    if mb and n and mb * n > 100:      # SageMaker's documented limit, not in botocore's model
+        raise SpecError(f'invalid CreateTransformJob request: MaxConcurrentTransforms × MaxPayloadInMB is at most 100, got {n} × {mb}')
     if join_source == 'Input' and content_type.split(';')[0].strip() == 'text/csv' and (split_type != 'Line' or assemble_with != 'Line'):
         raise SpecError('invalid CreateTransformJob request: JoinSource Input on CSV needs SplitType Line and AssembleWith Line')
     return validate_operation('CreateTransformJob', r, local_uris=True)
@@ -505,14 +646,20 @@ def _invoke_batches(server:LocalServer, batches:list, ctype:str, accept:str, con
         first += len(b)
     return [body for _, body in answers]
 
-def _assemble(batches:list, answers:list, assemble:str, join:bool, where:str)->bytes:
-    "The .out bytes: answers joined (a newline after each with AssembleWith Line), or appended to their input lines (JoinSource Input)."
+def _join_json(record:bytes, answer:bytes, where:str)->bytes:
+    "SageMaker's JoinSource Input for JSON: the output under `SageMakerOutput` of the input object, or {SageMakerInput, SageMakerOutput}."
+    try: i, o = json.loads(record), json.loads(answer)
+    except ValueError as e: raise InputError(f'{where}: JoinSource Input: a record or its answer is not one JSON document ({type(e).__name__})') from None
+    return json.dumps({**i, 'SageMakerOutput': o} if isinstance(i, dict) else {'SageMakerInput': i, 'SageMakerOutput': o}).encode()
+
+def _assemble(batches:list, answers:list, assemble:str, join:bool, where:str, csv:bool=True)->bytes:
+    "The .out bytes: answers joined (a newline after each with AssembleWith Line), or joined to their input records (JoinSource Input: CSV lines appended, JSON as SageMaker joins it)."
     if not join: return b''.join(a if assemble != 'Line' or a.endswith(b'\n') else a + b'\n' for a in answers)
     out = []
     for b, a in zip(batches, answers):
         lines = a.splitlines()
-        if len(lines) != len(b): raise InputError(f'{where}: {len(b)} input lines got {len(lines)} output lines; JoinSource Input needs one per line')
-        out += [i.rstrip(b'\r\n') + b',' + o + b'\n' for i, o in zip(b, lines)]
+        if len(lines) != len(b): raise InputError(f'{where}: {len(b)} input records got {len(lines)} output lines; JoinSource Input needs one per record')
+        out += [(i.rstrip(b'\r\n') + b',' + o if csv else _join_json(i, o, where)) + b'\n' for i, o in zip(b, lines)]
     return b''.join(out)
 
 # %% ../nbs/89_endpoint.ipynb #89-endpoint-042
@@ -528,6 +675,9 @@ def run_transform(req:dict, # a CreateTransformJob request (transform_request), 
     if src is None or dst is None: raise SpecError('a local transform reads and writes local paths (file:// URIs); submit s3:// ones with --backend sagemaker')
     if ti.get('SplitType', 'None') not in ('None', 'Line'): raise SpecError(f"SplitType {ti['SplitType']} is not supported locally (None or Line)")
     if not src.exists(): raise InputError(f'transform input not found: {src}')
+    if dst.exists() and not dst.is_dir(): raise InputError(f'transform output {dst} is a file, not a folder')
+    if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):
+        raise InputError(f'transform output {dst} is inside the input folder {src}: its .out files would be read as input by the next run')
     files = [src] if src.is_file() else sorted(f for f in src.rglob('*') if f.is_file() and not f.name.startswith('.'))
     if not files: raise InputError(f'{src}: no input objects')
     env = {'SAGEMAKER_BATCH': 'true', **req.get('Environment', {})}
@@ -553,11 +703,13 @@ def run_transform(req:dict, # a CreateTransformJob request (transform_request), 
                 batches = _batches(_records(data, ti.get('SplitType', 'None')), strategy, limit, rel)
                 answers = _invoke_batches(server, batches, ti.get('ContentType', 'application/json'), to.get('Accept') or 'application/json',
                                           concurrent, timeout, retries, rel)
-                out = _assemble(batches, answers, to.get('AssembleWith', 'None'), join, rel)
+                out = _assemble(batches, answers, to.get('AssembleWith', 'None'), join, rel, media_type(ti.get('ContentType', ''))[0] == 'text/csv')
                 target = dst/(rel + '.out'); target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f'.{target.name}.tmp'); tmp.write_bytes(out); tmp.replace(target)
                 results[rel] = {'status': 'Completed', 'records': sum(len(b) for b in batches), 'requests': len(batches)}
             except InputError as e:
+                stale = dst/(rel + '.out')
+                if stale.is_file(): stale.unlink()      # an earlier job's .out of this file must not pass for this job's
                 results[rel] = {'status': 'Failed', 'message': str(e)}; say(f'transform: {e}')
     failed = [r['message'] for r in results.values() if r['status'] == 'Failed']
     d = {'TransformJobName': req['TransformJobName'], 'ModelName': req['ModelName'], 'TransformJobStatus': 'Failed' if failed else 'Completed',

@@ -14,12 +14,13 @@ from .storage import digests, download, sha256_file, to_uri, upload, uri_path
 from .jobs import outputs_root
 
 # %% auto #0
-__all__ = ['STATUSES', 'PENDING', 'APPROVED', 'REJECTED', 'TRANSITIONS', 'GROUP_NAME', 'LATEST', 'LATEST_APPROVED', 'MODEL',
-           'EVALUATION', 'STATISTICS', 'CONSTRAINTS', 'SERVING', 'CONTENT_TYPES', 'SERVING_ENVIRONMENT', 'SHA256_KEY',
-           'PACKAGE_KEY', 'check_transition', 'check_group', 'parse_ref', 'package_request', 'api_shape',
-           'validate_package_request', 'LocalRegistry', 'recorded_sha256', 'check_files', 'resolve',
-           'approved_champion', 'package_evaluation', 'metric_values', 'deployable', 'compare_with_champion',
-           'read_run', 'register_run', 'package_key', 'lineage', 'SageMakerRegistry', 'review_table']
+__all__ = ['STATUSES', 'PENDING', 'APPROVED', 'REJECTED', 'TRANSITIONS', 'GROUP_NAME', 'LATEST', 'LATEST_APPROVED',
+           'MAX_DESCRIPTION', 'MODEL', 'EVALUATION', 'STATISTICS', 'CONSTRAINTS', 'SERVING', 'CONTENT_TYPES',
+           'SERVING_ENVIRONMENT', 'SHA256_KEY', 'PACKAGE_KEY', 'check_transition', 'check_group', 'check_description',
+           'parse_ref', 'package_request', 'api_shape', 'validate_package_request', 'LocalRegistry', 'recorded_sha256',
+           'check_files', 'resolve', 'approved_champion', 'package_evaluation', 'metric_values', 'deployable',
+           'compare_with_champion', 'read_run', 'register_run', 'package_key', 'lineage', 'SageMakerRegistry',
+           'review_table']
 
 # %% ../nbs/94_registry.ipynb #94-registry-006
 STATUSES = ('PendingManualApproval', 'Approved', 'Rejected')
@@ -46,6 +47,19 @@ def check_group(name:str)->str:
         raise SpecError(f'model package group {quote(name)}: expected 1 to 63 letters, digits and inner hyphens')
     return name
 
+# %% ../nbs/94_registry.ipynb #94-registry-009a
+MAX_DESCRIPTION = 1024    # ApprovalDescription's limit in SageMaker's API
+
+def check_description(text:str, # the why of an approval or rejection (-m)
+                     )->str:
+    "`text` if it can be an ApprovalDescription: at most 1,024 characters, one line, no control characters (they would reach every terminal that shows it)."
+    import unicodedata
+    if not isinstance(text, str): raise SpecError('the approval description must be text')
+    if len(text) > MAX_DESCRIPTION: raise SpecError(f'the approval description has {len(text):,} characters, over the limit of {MAX_DESCRIPTION:,}')
+    bad = next(((i, c) for i, c in enumerate(text) if unicodedata.category(c) in ('Cc', 'Cf', 'Zl', 'Zp')), None)
+    if bad: raise SpecError(f'the approval description holds a control character (U+{ord(bad[1]):04X} at position {bad[0] + 1}); write it on one line of plain text')
+    return text
+
 # %% ../nbs/94_registry.ipynb #94-registry-011
 def parse_ref(ref:str)->tuple:
     "(group, version) of `GROUP/VERSION`, with version an int or 'latest' / 'latest-approved'."
@@ -71,11 +85,13 @@ def package_request(group:str, # the model package group
                     metadata:dict|None=None, # more CustomerMetadataProperties (lineage), {str: str}
                     commit:str|None=None, # MetadataProperties.CommitId
                     generated_by:str='mlproj', # MetadataProperties.GeneratedBy
+                    environment:dict|None=None, # serving settings of the container's Environment (e.g. MLPROJ_THRESHOLD), served with the package
                    )->dict:
     "The `CreateModelPackage` request of one version (not yet validated)."
     if status not in STATUSES: raise SpecError(f"unknown approval status {quote(status)}; one of {', '.join(STATUSES)}")
     container = {'Image': image, 'ModelDataUrl': uris[SERVING if SERVING in uris else MODEL]}
-    if SERVING in uris: container['Environment'] = dict(SERVING_ENVIRONMENT)
+    env = {**(SERVING_ENVIRONMENT if SERVING in uris else {}), **(environment or {})}
+    if env: container['Environment'] = env
     baseline = {'Statistics': _source(uris[STATISTICS], sha256[STATISTICS]), 'Constraints': _source(uris[CONSTRAINTS], sha256[CONSTRAINTS])}
     req = {'ModelPackageGroupName': check_group(group), 'ModelPackageDescription': description, 'ModelApprovalStatus': status,
            'InferenceSpecification': {'Containers': [container], 'SupportedContentTypes': list(CONTENT_TYPES),
@@ -169,14 +185,26 @@ def versions(self:LocalRegistry, group:str)->list:
     if not (d/'group.json').exists():
         known = self.groups()
         raise SpecError(f'no model package group {group!r} in {self.root}' + (f" (groups: {', '.join(known)})" if known else ' (it holds none yet)'))
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p/'package.json').exists())
+    return sorted(int(p.name) for p in d.iterdir() if re.fullmatch(r'[1-9][0-9]{0,8}', p.name) and (p/'package.json').exists())   # '03' is not version 3
+
+# %% ../nbs/94_registry.ipynb #94-registry-022a
+def _version_record(d:Path, ref:str)->tuple:
+    "(package.json, approval history) of the version folder `d`, refused in one line when either is not what the registry writes."
+    try: doc, history = (json.loads((d/n).read_text(encoding='utf-8')) for n in ('package.json', 'approvals.json'))
+    except (OSError, ValueError) as e:
+        raise InputError(f'model package {ref}: its record is not readable ({type(e).__name__}: {quote(e, 80, False)}); the package cannot be used') from None
+    entry = lambda h: isinstance(h, dict) and h.get('ModelApprovalStatus') in STATUSES and all(isinstance(h.get(k), str) for k in ('By', 'Time', 'ApprovalDescription'))
+    if not (isinstance(doc, dict) and isinstance(doc.get('Request'), dict) and isinstance(doc.get('ModelPackageArn'), str) and isinstance(doc.get('CreationTime'), str)
+            and isinstance(history, list) and history and all(entry(h) for h in history)):
+        raise InputError(f'model package {ref}: package.json or approvals.json is not a record this registry writes (edited by hand?); the package cannot be used')
+    return doc, history
 
 # %% ../nbs/94_registry.ipynb #94-registry-025
 @patch
 def find_key(self:LocalRegistry, group:str, key:str)->int|None:
     "The version registered with package key `key`, if any."
     for v in self.versions(group):
-        doc = json.loads((self.root/group/str(v)/'package.json').read_text())
+        doc, _ = _version_record(self.root/group/str(v), f'{group}/{v}')
         if doc['Request'].get('CustomerMetadataProperties', {}).get(PACKAGE_KEY) == key: return v
     return None
 
@@ -234,7 +262,7 @@ def describe(self:LocalRegistry, group:str, version:int, verify:bool=True)->dict
     if version not in self.versions(group):
         vs = self.versions(group)
         raise SpecError(f'model package {group}/{version} does not exist' + (f' (versions 1 to {vs[-1]})' if vs else f' (group {group} has no versions yet)'))
-    doc, history = json.loads((d/'package.json').read_text()), json.loads((d/'approvals.json').read_text())
+    doc, history = _version_record(d, f'{group}/{version}')
     req = doc['Request']
     out = {'ModelPackageGroupName': group, 'ModelPackageVersion': version, 'ModelPackageArn': doc['ModelPackageArn'],
            'ModelPackageName': group, 'CreationTime': doc['CreationTime'], 'CreatedBy': doc['CreatedBy'], 'ModelPackageStatus': 'Completed',
@@ -259,6 +287,8 @@ def files_dir(self:LocalRegistry, group:str, version:int)->Path:
 @patch
 def update_status(self:LocalRegistry, group:str, version:int, status:str, description:str='', by:str|None=None)->dict:
     "Set the approval status of `group`/`version` (why: `description`); returns the new description."
+    check_description(description)
+    self.describe(group, version, verify=False)      # an unknown group or version is refused before the lock makes a folder for it
     with self.lock(group) as d:
         desc = self.describe(group, version)
         check_transition(f'{group}/{version}', desc['ModelApprovalStatus'], status)
@@ -385,7 +415,9 @@ def register_run(run_dir, # the run's folder (holds run.json)
     model, train = _run_file(rec, model_channel, None, run_dir)     # the model artifact: the channel's one file
     evaluation, evaluate = _run_file(rec, metrics_channel, EVALUATION, run_dir)
     content = {MODEL: model, EVALUATION: evaluation, **({SERVING: Path(serving)} if serving is not None else {})}
-    key = package_key({n: sha256_file(p) for n, p in content.items()})
+    from mlproj.endpoint import recorded_threshold, threshold_environment
+    env = threshold_environment(recorded_threshold(rec), model, f"-p batch_inference.threshold of run {rec.get('run_id', run_dir.name)}", strict=False)
+    key = package_key({n: sha256_file(p) for n, p in content.items()}, env)      # the same model served at another threshold is another package
     reg = registry or LocalRegistry()
     if group in reg.groups() and (v := reg.find_key(group, key)) is not None:     # registered before: nothing to read or copy
         return {**reg.describe(group, v), 'Created': False}
@@ -398,7 +430,7 @@ def register_run(run_dir, # the run's folder (holds run.json)
         image = (train.get('request') or {}).get('AppSpecification', {}).get('ImageUri', 'mlproj-local')
         commit = (rec.get('source') or {}).get('commit')
         text = description or f"run {rec.get('run_id', run_dir.name)} of pipeline {rec.get('pipeline', group)}"
-        desc, created = reg.register(group, files, lambda uris, sha: package_request(group, uris, sha, image, approval_status, text, meta, commit), key)
+        desc, created = reg.register(group, files, lambda uris, sha: package_request(group, uris, sha, image, approval_status, text, meta, commit, environment=env), key)
     return {**desc, 'Created': created}
 
 # %% ../nbs/94_registry.ipynb #94-registry-053
@@ -410,10 +442,12 @@ def _staged(baseline:dict):
         for n in (STATISTICS, CONSTRAINTS): (Path(d)/n).write_text(json.dumps(baseline[n], indent=2), encoding='utf-8')
         yield Path(d)
 
-def package_key(sha256:dict)->str:
-    "The idempotency key of a package: sha256 over its content files' digests (model, metrics, serving package)."
+def package_key(sha256:dict, # {file name: sha256} of the content files (model, metrics, serving package)
+                environment:dict|None=None, # the serving settings recorded with it (MLPROJ_THRESHOLD); none: the key of the files alone
+               )->str:
+    "The idempotency key of a package: sha256 over its content files' digests and its serving settings."
     import hashlib
-    return hashlib.sha256(json.dumps(sorted(sha256.items())).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(sorted(sha256.items()) + ([sorted(environment.items())] if environment else [])).encode()).hexdigest()[:32]
 
 def lineage(rec:dict, run_dir:Path, steps:list)->dict:
     "CustomerMetadataProperties of a run's lineage: run id, pipeline, git commit, the cache key of each step in `steps`."
@@ -555,6 +589,7 @@ def register(self:SageMakerRegistry, group:str, files:dict, make_request, key:st
 @patch
 def update_status(self:SageMakerRegistry, group:str, version:int, status:str, description:str='', by:str|None=None)->dict:
     "UpdateModelPackage: set the approval status of `group`/`version` (why: `description`)."
+    check_description(description)
     desc = self.describe(group, version)
     check_transition(f'{group}/{version}', desc['ModelApprovalStatus'], status)
     self.sm.update_model_package(ModelPackageArn=desc['ModelPackageArn'], ModelApprovalStatus=status, ApprovalDescription=description,

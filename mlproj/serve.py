@@ -4,17 +4,17 @@
 
 # %% ../nbs/55_serve.ipynb #55-serve-003
 from __future__ import annotations
-import io, json
+import io, json, math, os
 from dataclasses import dataclass, field
 import pandas as pd
 from .data import BODY_TYPES, Schema, body_records, media_type, quote, records_table, validate
-from .errors import InputError
-from .inference import PROBA_DECIMALS, predict_frame
+from .errors import InputError, SpecError
+from .inference import PROBA_DECIMALS, THRESHOLD, predict_frame
 
 # %% auto #0
-__all__ = ['MAX_PAYLOAD_BYTES', 'CSV', 'JSON', 'JSONL', 'CONTENT_TYPES', 'ACCEPTS', 'RequestError', 'error_body', 'request_text',
-           'Request', 'input_fn', 'request_frame', 'ServedModel', 'model_fn', 'predict_fn', 'choose_accept',
-           'prediction_csv', 'output_fn']
+__all__ = ['MAX_PAYLOAD_BYTES', 'CSV', 'JSON', 'JSONL', 'CONTENT_TYPES', 'THRESHOLD_ENV', 'ACCEPTS', 'RequestError', 'error_body',
+           'request_text', 'Request', 'input_fn', 'request_frame', 'serving_threshold', 'ServedModel', 'model_fn',
+           'predict_fn', 'choose_accept', 'prediction_csv', 'output_fn']
 
 # %% ../nbs/55_serve.ipynb #55-serve-006
 MAX_PAYLOAD_BYTES = 6_291_456   # InvokeEndpoint's Body limit (6 MB), what SageMaker's runtime accepts
@@ -62,7 +62,12 @@ def input_fn(request_body, # str or bytes, as the serving container passes it
     kind, params = media_type(content_type or JSON)
     if kind not in CONTENT_TYPES:
         raise RequestError(f'content type {quote(content_type, 60)} is not supported; send one of {", ".join(CONTENT_TYPES)}', 415, 'unsupported_media_type')
-    rows, header = body_records(request_text(request_body, params), kind)
+    try: rows, header = body_records(request_text(request_body, params), kind)
+    except RecursionError: raise RequestError('request body: JSON nested too deeply to read') from None
+    except ValueError as e:                 # Python's own limits of json.loads (InputError, a ValueError, is the caller's already)
+        if isinstance(e, InputError): raise
+        raise RequestError('request body: a JSON number has more digits than can be read' if 'digits' in str(e) else
+                           f'request body is not JSON this endpoint reads ({type(e).__name__})') from None
     return Request(rows, kind, header)
 
 # %% ../nbs/55_serve.ipynb #55-serve-016
@@ -70,30 +75,48 @@ def request_frame(req:Request, schema:Schema)->pd.DataFrame:
     "The request's rows as a raw table (columns by name, cells unconverted), ready for `validate` (`mlproj.data.records_table`)."
     return records_table(req.rows, req.header, schema.features, 'request')
 
+# %% ../nbs/55_serve.ipynb #55-serve-018a
+THRESHOLD_ENV = 'MLPROJ_THRESHOLD'   # the serving container's variable: binary models' decision threshold (batch inference's `threshold`)
+
+def serving_threshold(value, # the threshold as set (text from the environment, or a number); None: not set
+                      schema:Schema, # the model's schema: a threshold applies to binary models only
+                      where:str=THRESHOLD_ENV, # what set it, for the message
+                     )->float:
+    "The decision threshold the handlers use: `value` checked (a number in [0, 1], a binary model), else batch inference's default."
+    if value is None: return THRESHOLD
+    try: t = float(str(value).strip())
+    except ValueError: raise SpecError(f'{where}={quote(value, 40)} is not a number; set a probability in [0, 1]') from None
+    if not (math.isfinite(t) and 0 <= t <= 1): raise SpecError(f'{where}={quote(value, 40)} is outside [0, 1]; set a probability in [0, 1]')
+    if schema.task != 'binary':
+        raise SpecError(f'{where}={quote(value, 40)}: a decision threshold applies to binary models only, this model is {schema.task}; unset it')
+    return t
+
 # %% ../nbs/55_serve.ipynb #55-serve-019
 @dataclass
 class ServedModel:
-    "What `model_fn` returns: the fitted pipeline, its manifest and its schema."
+    "What `model_fn` returns: the fitted pipeline, its manifest, its schema and the decision threshold of binary models."
     pipeline: object
     manifest: dict
     schema: Schema = field(repr=False)
+    threshold: float = THRESHOLD
 
 def model_fn(model_dir:str)->ServedModel:
-    "Load the model artifact from `model_dir` (the folder SageMaker extracts the model package into) and its schema."
+    "Load the model artifact from `model_dir` (the folder SageMaker extracts the model package into), its schema, and `MLPROJ_THRESHOLD` (checked)."
     from mlproj.train import load_model, model_schema
     pipeline, manifest = load_model(model_dir)
-    return ServedModel(pipeline, manifest, model_schema(manifest))
+    schema = model_schema(manifest)
+    return ServedModel(pipeline, manifest, schema, serving_threshold(os.environ.get(THRESHOLD_ENV), schema))
 
 # %% ../nbs/55_serve.ipynb #55-serve-022
 def predict_fn(data:Request, # what input_fn decoded
                model:ServedModel, # what model_fn loaded
               )->pd.DataFrame:
-    "Validate the request's rows by the model's schema and predict them with `predict_frame`."
+    "Validate the request's rows by the model's schema and predict them with `predict_frame` (at the model's threshold)."
     schema = model.schema
     raw = request_frame(data, schema)
     df = validate(raw, 'request', require_target=False, first_line=1, schema=schema)
     lead = df[[schema.id]].astype(str).reset_index(drop=True) if schema.id and schema.id in raw.columns else pd.DataFrame(index=range(len(df)))
-    out = predict_frame(model.pipeline, df, schema, lead)
+    out = predict_frame(model.pipeline, df, schema, lead, threshold=model.threshold)
     out.attrs['schema'] = schema
     out.attrs['header'] = not (data.content_type == CSV and data.header is not None and not set(schema.features) <= set(data.header))
     return out
@@ -108,7 +131,9 @@ def choose_accept(accept:str|None)->str:
     for n, part in enumerate(accept.split(',')):
         kind, ps = media_type(part)
         try: q = float(ps.get('q', 1))
-        except ValueError: q = 1.0
+        except ValueError: q = 1.0                  # an unreadable weight: as if none were given
+        if not math.isfinite(q): q = 1.0
+        if q <= 0: continue                         # q=0: "not acceptable" (RFC 9110)
         offers.append((-q, n, kind))
     for _, _, kind in sorted(offers):
         if kind in ACCEPTS: return kind
