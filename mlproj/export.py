@@ -204,11 +204,15 @@ def _sm_fill(x, step:str, t:Target, p:Pipeline):
 # %% ../nbs/92_export.ipynb #92-export-026b
 SM_REGISTER = 'RegisterModel'      # the SageMaker Pipelines step type of a model registration
 
-def register_template(t:Target, p:Pipeline=PIPELINE)->dict:
-    "The `CreateModelPackage` request of the register step, with a `Ref` for each parameter (group, status) and each file (the model, the gate's metrics)."
+def register_template(t:Target, p:Pipeline=PIPELINE, schema=None)->dict:
+    "The `CreateModelPackage` request of the register step, with a `Ref` for each parameter (group, status, threshold) and each file (the model, the gate's metrics)."
     from mlproj.registry import CONTENT_TYPES, MODEL
-    from mlproj.endpoint import CONTAINER_ENV
+    from mlproj.endpoint import CONTAINER_ENV, PREDICT_STEP
+    from mlproj.serve import THRESHOLD_ENV
+    from mlproj.data import SCHEMA
     env = {**CONTAINER_ENV, 'SAGEMAKER_SUBMIT_DIRECTORY': s3_layout(t, p)['serving']}   # the handlers: source dir on S3, as the SDK's framework models
+    if (schema or SCHEMA).positive_class is not None:      # a binary model serves at the threshold its batch inference used, as a local registration records
+        env[THRESHOLD_ENV] = Ref('param', f'{PREDICT_STEP}.threshold', text=True)
     return {'ModelPackageGroupName': Ref('param', 'register.group'), 'ModelApprovalStatus': Ref('param', 'register.approval_status'),
             'ModelPackageDescription': f'the model of an execution of pipeline {p.name} that passed its quality gate (exported by mlproj)',
             'InferenceSpecification': {'Containers': [{'Image': t.image_uri, 'ModelDataUrl': Ref('file', f"{producers()['model']}/model/{MODEL}"), 'Environment': env}],
