@@ -16,9 +16,9 @@ from .storage import check_links
 __all__ = ['KINDS', 'TASKS', 'SCHEMA', 'ID', 'TARGET', 'FEATURES', 'COLUMNS', 'NUMERIC_FEATURES', 'CATEGORICAL_FEATURES',
            'DATA_SUFFIXES', 'NUMBER_LIMIT', 'REGRESSION_BINS', 'BODY_TYPES', 'Column', 'Schema', 'bundled_path',
            'synthetic_penguins', 'list_data_files', 'check_header', 'csv_header', 'read_csv_chunks',
-           'read_parquet_chunks', 'read_chunks', 'check_columns', 'validate', 'Chunk', 'iter_tables', 'load_table',
-           'split_strata', 'split_table', 'describe_target', 'check_target', 'media_type', 'body_records',
-           'records_table', 'capture_table', 'read_jsonl_chunks']
+           'read_parquet_chunks', 'read_chunks', 'check_columns', 'validate', 'first_row_number', 'no_rows', 'Chunk',
+           'iter_tables', 'load_table', 'split_strata', 'split_table', 'describe_target', 'check_target', 'media_type',
+           'body_records', 'records_table', 'capture_table', 'read_jsonl_chunks']
 
 # %% ../nbs/10_data.ipynb #10-data-005
 KINDS = ('number', 'category', 'id')   # what a column may be
@@ -417,6 +417,16 @@ def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of sev
             out[c.name] = text.astype(object)
     return pd.DataFrame(out, index=raw.index)
 
+# %% ../nbs/10_data.ipynb #10-data-025a
+def first_row_number(f:Path)->int:
+    "The number messages give a file's first row: CSV lines count from 2 (after the header), Parquet rows and JSON Lines records from 1."
+    return 2 if Path(f).suffix.lower() == '.csv' else 1
+
+def no_rows(f:Path)->InputError:
+    "The refusal of a data file without rows, in the words of its format."
+    return InputError(f'{f}: no data rows (header only)' if Path(f).suffix.lower() == '.csv' else f'{f}: holds no rows')
+
+
 # %% ../nbs/10_data.ipynb #10-data-026
 @dataclass
 class Chunk:
@@ -443,7 +453,7 @@ def iter_tables(path, # a data file or a folder of shards
         batch.clear(); parts.clear()
         return chunk
     for f in list_data_files(path):
-        start = 2 if f.suffix.lower() == '.csv' else 1   # CSV lines after the header; Parquet and JSON Lines rows count from 1
+        start = first_row_number(f)
         line = start
         for raw in read_chunks(f, chunksize):
             if len(raw) == 0: continue
@@ -452,7 +462,7 @@ def iter_tables(path, # a data file or a folder of shards
                 yield flush()
             batch.append(raw); parts.append((f, line, len(raw)))
             line += len(raw)
-        if line == start: raise InputError(f'{f}: no data rows (header only)')
+        if line == start: raise no_rows(f)
     if batch: yield flush()
 
 def load_table(path, require_target:bool=True, notes:list|None=None, schema:Schema=SCHEMA)->pd.DataFrame:
@@ -537,10 +547,23 @@ def media_type(header:str|None)->tuple[str, dict]:
     return _JSONL_ALIASES.get(kind, kind), ps
 
 # %% ../nbs/10_data.ipynb #10-data-034
+class _DuplicateKey(Exception): pass
+
+def _unique_keys(pairs:list)->dict:
+    "json's object_pairs_hook: an object naming a key twice is refused (json.loads would keep the last value silently)."
+    d = dict(pairs)
+    if len(d) < len(pairs): raise _DuplicateKey(next(k for i, (k, _) in enumerate(pairs) if k in (q for q, _ in pairs[:i])))
+    return d
+
 def _json_doc(text:str, what:str):
+    "One JSON document, or one line naming what is wrong: invalid JSON, a key twice in an object, nesting or a number beyond what can be read."
     import json
-    try: return json.loads(text)
+    try: return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e: raise InputError(f'{what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})') from None
+    except _DuplicateKey as e: raise InputError(f'{what}: key {quote(e.args[0], 60)} appears twice in one JSON object') from None
+    except RecursionError: raise InputError(f'{what}: JSON nested too deeply to read') from None
+    except ValueError as e:                 # Python's limit on the digits of an integer
+        raise InputError(f'{what}: a JSON number has more digits than can be read' if 'digits' in str(e) else f'{what}: JSON that cannot be read ({type(e).__name__})') from None
 
 def _json_shapes(doc, source:str)->list:
     "The records of a JSON body in one of its accepted shapes."
@@ -551,6 +574,8 @@ def _json_shapes(doc, source:str)->list:
     if isinstance(doc, dict) and 'columns' in doc and 'data' in doc:
         cols, data = doc['columns'], doc['data']
         if not isinstance(cols, list) or not isinstance(data, list): raise InputError(f'{source}: "columns" and "data" must be lists')
+        if len(set(map(str, cols))) < len(cols):
+            raise InputError(f'{source}: "columns" names {quote(next(c for i, c in enumerate(cols) if c in cols[:i]), 60)} twice')
         for i, r in enumerate(data, 1):
             if not isinstance(r, list) or len(r) != len(cols):
                 raise InputError(f'{source} row {i}: "data" rows must be lists of {len(cols)} values, one per entry of "columns"')

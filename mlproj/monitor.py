@@ -9,7 +9,7 @@ from fractions import Fraction
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .data import SCHEMA, Schema, list_data_files, read_chunks, quote, _NA
+from .data import SCHEMA, Schema, list_data_files, read_chunks, quote, first_row_number, no_rows, _NA
 from .errors import InputError
 
 # %% auto #0
@@ -275,7 +275,7 @@ def summarize_files(path, # a data file or a folder of shards
     "The merged summary of every data file at `path`; unreadable input raises the readers' one-line `InputError`."
     root, total = Path(path), empty_summary(plan)
     for f in list_data_files(path):
-        rel, start = _rel(f, root), 1 if f.suffix.lower() == '.parquet' else 2
+        rel, start = _rel(f, root), first_row_number(f)
         line = start
         for raw in read_chunks(f, chunksize):
             if len(raw) == 0: continue
@@ -286,7 +286,7 @@ def summarize_files(path, # a data file or a folder of shards
                 total['examples'].update({f'{n}/missing_column': [rel, 0, ''] for n in plan if n not in cols and f'{n}/missing_column' not in total['examples']})
             total = merge_summaries(total, summarize_chunk(raw, plan, schema, rel, line))
             line += len(raw)
-        if line == start: raise InputError(f'{f}: no data rows (header only)')
+        if line == start: raise no_rows(f)
         total['files'] += 1
     return total
 

@@ -84,6 +84,9 @@ BAD_BODIES = [
     ('JSON number of 5,000 digits', ('[' + RECORD % ('9' * 5000) + ']').encode(), 'application/json', 400, 'more digits'),
     ('JSON Infinity', ('[' + RECORD % 'Infinity' + ']').encode(), 'application/json', 400, "column 'bill_length_mm'", 'outside the plausible range'),
     ('JSON scalar', b'42', 'application/json', 400, 'JSON rows are a list of records'),
+    ('JSON key twice', ('[' + RECORD.replace('"island": "Dream"', '"island": "Dream", "island": "Mars"') % 39 + ']').encode(), 'application/json', 400, "key 'island' appears twice"),
+    ('JSON columns naming one twice', b'{"columns": ["island", "island"], "data": [["Dream", "Mars"]]}', 'application/json', 400, '"columns" names \'island\' twice'),
+    ('JSON Lines key twice', (RECORD % 39).replace('"sex": "male"', '"sex": "male", "sex": "female"').encode(), 'application/jsonlines', 400, "line 1: key 'sex' appears twice"),
     ('JSON empty list', b'[]', 'application/json', 400, 'holds no rows'),
     ('JSON nested cell', ('[' + RECORD % '{"a": 1}' + ']').encode(), 'application/json', 400, 'a nested JSON value is not a cell'),
     ('JSON truncated', b'{"instances": [', 'application/json', 400, 'not valid JSON'),
@@ -430,6 +433,24 @@ def test_a_malformed_capture_line_fails_the_monitor_naming_file_and_line(opt_ml_
     d = json.loads(r.stdout)
     assert d['ProcessingJobStatus'] == 'Failed' and 'a.jsonl line 2 is not valid JSON' in d['ExitMessage'], d
     assert not list(tmp_path.glob('mlproj-monitor-*/monitoring/*'))          # no half-written output
+
+
+@pytest.mark.parametrize('content, words', [
+    ('[' * 100_000 + ']' * 100_000 + '\n', 'a.jsonl line 1: JSON nested too deeply to read'),
+    ('{"island": "Dream", "island": "Mars"}\n', "a.jsonl line 1: key 'island' appears twice"),
+    ('', 'a.jsonl: holds no rows'),
+])
+def test_capture_files_the_monitor_cannot_read_are_one_line_naming_them(opt_ml_trained, tmp_path, content, words):
+    "Deep nesting, a key twice, an empty file: the monitor's job fails naming the file (and line), never a RecursionError or a CSV's words."
+    hour = tmp_path/'capture'/'ep'/'AllTraffic'/'2026'/'12'/'01'/'17'; hour.mkdir(parents=True)
+    (hour/'a.jsonl').write_text(content)
+    (tmp_path/'none').mkdir()
+    r = mlproj(tmp_path, 'job', 'run', 'monitor', '--engine', 'script', '--input', f"model={Path(opt_ml_trained['model']).parent}",
+               '--input', f"data={tmp_path/'capture'}", '--input', f"predictions={tmp_path/'none'}")
+    d = json.loads(r.stdout)
+    assert r.returncode == 1 and d['ProcessingJobStatus'] == 'Failed' and words in d['ExitMessage'], d.get('ExitMessage')
+    assert 'Traceback' not in r.stderr and 'RecursionError' not in r.stderr
+    assert not list(tmp_path.glob('mlproj-monitor-*/monitoring/*'))
 
 
 # --- the command line around the endpoint -------------------------------------------------------------------------------
