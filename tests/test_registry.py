@@ -118,6 +118,7 @@ from pathlib import Path
 from mlproj.cli import main
 import mlproj.registry, mlproj.train      # imported before the start line, so that both really register at once
 go = Path(sys.argv[1])
+Path(sys.argv[3]).touch()                 # ready: imported, waiting at the start line
 while not go.exists(): time.sleep(0.001)
 sys.exit(main(['model', 'register', sys.argv[2]]))
 """
@@ -126,9 +127,13 @@ def race(tmp_path, outputs: Path, run_a: Path, run_b: Path) -> list[str]:
     "Two processes registering at the same moment (both wait for one file, then go); their stdout lines."
     go = tmp_path/f'go-{run_a.name}-{run_b.name}'
     env = {**os.environ, 'MLPROJ_OUTPUTS': str(outputs)}
-    procs = [subprocess.Popen([sys.executable, '-c', RACE, str(go), str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (run_a, run_b)]
-    time.sleep(3); go.touch()
+    ready = [tmp_path/f'ready-{i}-{run_a.name}-{run_b.name}' for i in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, '-c', RACE, str(go), str(r), str(w)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, w in zip((run_a, run_b), ready)]
+    while not all(w.exists() for w in ready):     # both wait at the start line (whatever the load), then go together
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.01)
+    go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     return sorted(o.strip() for o, _ in outs)

@@ -176,4 +176,5 @@ def test_a_bad_model_is_one_line_before_serving(tmp_path):
     r = subprocess.run([MLPROJ, 'serve', '--model', bad, '--port', '0'], capture_output=True, text=True, timeout=120,
                        env={**os.environ, 'MLPROJ_OUTPUTS': str(tmp_path)})
     assert r.returncode == 2 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith('mlproj: error: ') and 'model.tar.gz' in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith('mlproj: error: ') and 'model.tar.gz' in last, r.stderr

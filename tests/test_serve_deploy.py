@@ -2,6 +2,8 @@
 import io, json, tarfile
 from pathlib import Path
 import pytest
+from mlproj import __version__
+WHEEL = f'mlproj-{__version__}-py3-none-any.whl'   # the wheel of this checkout's version (settings.ini)
 
 pytestmark = pytest.mark.usefixtures('loopback_only')     # fixtures loopback_only, moto_server, cli: tests/conftest.py
 ROLE = 'arn:aws:iam::123456789012:role/mlproj-test'
@@ -41,7 +43,7 @@ def test_deploy_uploads_the_package_and_creates_the_endpoint(moto_server, opt_ml
     bucket, key = url[5:].split('/', 1)
     blob = s3.get_object(Bucket=bucket, Key=key)['Body'].read()
     with tarfile.open(fileobj=io.BytesIO(blob)) as t: names = sorted(t.getnames())
-    assert names == ['code/inference.py', 'code/mlproj-0.1.0-py3-none-any.whl', 'code/requirements.txt', 'model.tar.gz']
+    assert names == ['code/inference.py', f'code/{WHEEL}', 'code/requirements.txt', 'model.tar.gz']
 
 
 def test_deploy_needs_the_sagemaker_backend(moto_server, opt_ml_trained, cli):

@@ -5,6 +5,8 @@ import json, os, subprocess, sys, tarfile, urllib.error, urllib.request
 from pathlib import Path
 import pytest
 from conftest import endpoint          # the local endpoint in a subprocess, stopped gracefully
+from mlproj import __version__
+WHEEL = f'mlproj-{__version__}-py3-none-any.whl'   # the wheel of this checkout's version (settings.ini)
 
 MLPROJ = str(Path(sys.executable).parent/'mlproj')
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,15 +21,15 @@ def test_package_serves_from_a_fresh_venv(opt_ml_trained, fresh_venv, tmp_path):
     out = json.loads(r.stdout)
     assert out['environment'] == {'SAGEMAKER_PROGRAM': 'inference.py', 'SAGEMAKER_SUBMIT_DIRECTORY': '/opt/ml/model/code'}
     with tarfile.open(pkg) as t: names = sorted(t.getnames())
-    assert names == ['code/inference.py', 'code/mlproj-0.1.0-py3-none-any.whl', 'code/requirements.txt', 'model.tar.gz']
+    assert names == ['code/inference.py', f'code/{WHEEL}', 'code/requirements.txt', 'model.tar.gz']
     model_dir = tmp_path/'opt_ml_model'                       # where SageMaker extracts ModelDataUrl
     with tarfile.open(pkg) as t: t.extractall(model_dir, filter='data')
     code = model_dir/'code'
-    assert (code/'requirements.txt').read_text() == './mlproj-0.1.0-py3-none-any.whl\n'
+    assert (code/'requirements.txt').read_text() == f'./{WHEEL}\n'
     assert 'from mlproj.serve import model_fn, input_fn, predict_fn, output_fn' in (code/'inference.py').read_text()
     assert (model_dir/'model.tar.gz').read_bytes() == Path(opt_ml_trained['model']).read_bytes()   # the artifact, unchanged
 
-    venv, _ = fresh_venv(code/'mlproj-0.1.0-py3-none-any.whl', tmp_path/'env')
+    venv, _ = fresh_venv(code/WHEEL, tmp_path/'env')
     py = str(venv/'bin/python')
     # the container's step: pip install -r requirements.txt from the code folder (dependencies come from the .pth)
     subprocess.run([py, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-index', '--force-reinstall', '-r', 'requirements.txt'],

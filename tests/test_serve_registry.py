@@ -6,6 +6,8 @@ import contextlib, io, json, os, signal, subprocess, sys, tarfile, urllib.error,
 from pathlib import Path
 import pytest
 from conftest import endpoint          # the local endpoint in a subprocess, stopped gracefully
+from mlproj import __version__
+WHEEL = f'mlproj-{__version__}-py3-none-any.whl'   # the wheel of this checkout's version (settings.ini)
 
 pytestmark = pytest.mark.usefixtures('loopback_only')     # fixtures loopback_only, moto_server: tests/conftest.py
 MLPROJ = str(Path(sys.executable).parent/'mlproj')
@@ -112,7 +114,7 @@ def test_deploy_an_approved_package_to_sagemaker_on_moto(pipeline_run, moto_serv
     bucket, key = url[5:].split('/', 1)
     blob = s3.get_object(Bucket=bucket, Key=key)['Body'].read()
     with tarfile.open(fileobj=io.BytesIO(blob)) as t:
-        assert sorted(t.getnames()) == ['code/inference.py', 'code/mlproj-0.1.0-py3-none-any.whl', 'code/requirements.txt', 'model.tar.gz']
+        assert sorted(t.getnames()) == ['code/inference.py', f'code/{WHEEL}', 'code/requirements.txt', 'model.tar.gz']
         served = t.extractfile('model.tar.gz').read()
     # what is deployed is the approved package's own model artifact, byte for byte
     assert served == (LocalRegistry(tmp_path/'outputs'/'registry').files_dir('mlproj', 1)/'model.tar.gz').read_bytes()
