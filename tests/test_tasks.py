@@ -3,7 +3,7 @@ nbs/10_data.ipynb (and its data file) changes — a binary table (scikit-learn's
 regression table (scikit-learn's Friedman #1 generator) — or only the estimator cell of nbs/30_train.ipynb
 (`make_estimator`: histogram gradient boosting, logistic/ridge, a type nobody reviewed). Each copy is rebuilt with
 `nbdev_export`, installed from its wheel in a fresh venv (`conftest.ProjectCopy`) and run with its own `mlproj`.
-One copy per table, shared by the tests of this module (an xdist group each, so `make test` makes it once, on one worker),
+One copy per table, shared by the tests of this module (`make test` keeps this module on one worker: conftest's ONE_WORKER),
 and one pipeline run per table whose outputs those tests read; tables of a few hundred rows."""
 import copy, json, subprocess, sys, tarfile, zipfile, io
 from pathlib import Path
@@ -121,7 +121,6 @@ def notebook_text(ipynb: Path) -> str:
 # read its outputs, so each copy runs its pipeline once (and once more for the gate out of reach, from the cache).
 
 TASK_PARAMS = {'binary': ('-p', 'batch_inference.threshold=0.3'), 'regression': ()}
-GROUP = {task: pytest.mark.xdist_group(f'tasks-{task}') for task in TASK_PARAMS}    # a copy's tests on one worker: it is made once
 
 
 def pipeline(p, run_id, *params):
@@ -146,7 +145,6 @@ def binary_run(binary_project): return completed_run(binary_project, 'binary')
 def regression_run(regression_project): return completed_run(regression_project, 'regression')
 
 
-@GROUP['binary']
 def test_binary_table_trains_and_predicts_by_its_positive_class(binary_project, binary_run):
     table, (_, _, out) = binary_project.table, binary_run
     test = pd.concat(pd.read_csv(f) for f in sorted(out['preprocess.test'].glob('*.csv')))
@@ -169,7 +167,6 @@ def test_binary_table_trains_and_predicts_by_its_positive_class(binary_project, 
     assert (alone['predictions']/'predictions-algo-1.csv').read_bytes() == (out['batch_inference.predictions']/'predictions-algo-1.csv').read_bytes()
 
 
-@GROUP['regression']
 def test_regression_table_splits_by_bins_trains_and_predicts_numbers(regression_project, regression_run):
     table, (_, _, out) = regression_project.table, regression_run
     tr = pd.concat(pd.read_csv(f) for f in sorted(out['preprocess.train'].glob('*.csv')))
@@ -188,7 +185,6 @@ def test_regression_table_splits_by_bins_trains_and_predicts_numbers(regression_
     assert 'predicted value' in report and 'threshold' not in report
 
 
-@GROUP['regression']
 def test_a_split_that_would_hold_out_nothing_is_refused_in_one_line(regression_project):
     "`mlproj job run` of one step in the copy (the runs above are `mlproj run`)."
     r = regression_project.run('job', 'run', 'preprocess', '--engine', 'script', '-p', 'test_size=1e-300')
@@ -196,7 +192,7 @@ def test_a_split_that_would_hold_out_nothing_is_refused_in_one_line(regression_p
     assert "test_size=1e-300 leaves bin 0 of 'y' (300 rows) with no held-out row; use a test_size between 0.00167 and 0.998" in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.parametrize('task', [pytest.param(task, marks=GROUP[task]) for task in TASK_PARAMS])
+@pytest.mark.parametrize('task', list(TASK_PARAMS))
 def test_a_table_of_each_task_runs_end_to_end_and_its_gate_fails_out_of_reach(task, request):
     p = request.getfixturevalue(f'{task}_project')
     _, rec, out = request.getfixturevalue(f'{task}_run')
@@ -242,7 +238,7 @@ def check_exports(defs: dict, paths: dict, metric: str, sm_condition: str, sfn_c
     r = cfn_lint(paths['cloudformation']); assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize('task', [pytest.param(task, marks=GROUP[task]) for task in TASK_PARAMS])
+@pytest.mark.parametrize('task', list(TASK_PARAMS))
 def test_the_exported_definitions_of_each_task_pass_the_validators(task, request, tmp_path):
     p = request.getfixturevalue(f'{task}_project')
     paths = {fmt: tmp_path/f'{fmt}.json' for fmt in ('sagemaker', 'stepfunctions', 'cloudformation')}
@@ -335,7 +331,6 @@ def estimator_of(model_tar: Path) -> str:
     return doc['content']['content']['steps']['content'][1]['content'][1]['__class__']
 
 
-@pytest.mark.xdist_group('tasks-estimator')
 @pytest.mark.parametrize('cell, name', [(HIST_GRADIENT_BOOSTING, 'HistGradientBoostingClassifier'), (LINEAR, 'LogisticRegression')])
 def test_another_estimator_runs_the_whole_pipeline(estimator_project, cell, name):
     p = estimator_project
@@ -351,7 +346,6 @@ def test_another_estimator_runs_the_whole_pipeline(estimator_project, cell, name
     assert list(pred.columns) == ['penguin_id', 'predicted_species', 'proba_Adelie', 'proba_Chinstrap', 'proba_Gentoo'] and len(pred) == 344
 
 
-@pytest.mark.xdist_group('tasks-estimator')
 def test_an_estimator_of_unreviewed_types_fails_in_train_naming_them_and_the_cell(estimator_project):
     p = estimator_project
     swap_estimator(p, UNREVIEWED.replace('{allowed}', ''))
