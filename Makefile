@@ -43,7 +43,7 @@ sync-check: $(VENV)/.installed-dev
 nbdev-test: $(VENV)/.installed-dev
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
-# --dist loadgroup: the tests of one xdist_group share a worker (and its module fixtures); see tests/conftest.py
+# --dist loadgroup: with the scheduler of tests/conftest.py, the tests of a module with costly module fixtures (ONE_WORKER) share a worker
 pytest: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
