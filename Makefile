@@ -43,8 +43,9 @@ sync-check: $(VENV)/.installed-dev
 nbdev-test: $(VENV)/.installed-dev
 	$(BIN)/nbdev_test --n_workers 2 --timing --flags aws
 
+# --dist loadgroup: with the scheduler of tests/conftest.py, the tests of a module with costly module fixtures (ONE_WORKER) share a worker
 pytest: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 ## make lab: JupyterLab on 127.0.0.1 over the project, a sandbox /opt/ml filled from the newest run (LAB_ARGS='--port 0 --run <id> --raw <table>')
 lab: $(VENV)/.installed-dev

@@ -24,6 +24,37 @@ def _outputs_in_a_temp_folder(tmp_path_factory):
     else: os.environ['MLPROJ_OUTPUTS'] = old
 
 
+# `make test` runs `pytest -n 2 --dist loadgroup` with the scheduler below. The tests of a module of ONE_WORKER go to one worker
+# together, so its module fixtures are made once instead of once per worker (a rebuilt copy of the checkout and its pipeline
+# runs, a JupyterLab server and a browser, trained models per task, an endpoint); these units start first, largest first.
+# Every other test is scheduled alone, in collection order, where the modules of LONG_FIRST come first (the others keep their
+# order), so the longest work starts early instead of ending the session on one worker while the other waits.
+# (xdist's own `xdist_group` marks do nothing with pytest 9: xdist 3.8 renames items through `item._nodeid`, which pytest 9
+# no longer reads.)
+ONE_WORKER = ('test_tasks.py', 'test_model_quality.py', 'test_lab.py', 'test_serve.py', 'test_serve_registry.py', 'test_registry.py')
+LONG_FIRST = ('test_register_step.py', 'test_warm.py', 'test_pipeline.py', 'test_hostile.py', 'test_reproducibility.py',
+              'test_runner.py', 'test_trust.py', 'test_monitor.py', 'test_serve_package.py', 'test_serve_capture.py',
+              'test_performance.py', 'test_cli.py', 'test_another_table.py', 'test_bad_inputs.py', 'test_serve_transform.py')
+
+
+def pytest_collection_modifyitems(config, items):
+    "Modules of LONG_FIRST first, in that order; within a module, and among the other modules, the order pytest collected."
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: a module's tests stay together and in order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    "With `--dist loadgroup`: xdist's group scheduling, where the tests of a module of ONE_WORKER form one group."
+    if config.getvalue('dist') != 'loadgroup': return None
+    from xdist.scheduler import LoadGroupScheduling
+    class ModulesOnOneWorker(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split('::', 1)[0]
+            return module if module.rsplit('/', 1)[-1] in ONE_WORKER else super()._split_scope(nodeid)
+    return ModulesOnOneWorker(config, log)
+
+
 def _subprocess_env(root: Path, extra: dict | None = None) -> dict:
     "The environment of a script run: the caller's, with the container root moved to `root`."
     env = {k: v for k, v in os.environ.items() if k not in ('MLPROJ_OPT_ML', 'MLPROJ_TRACEBACK')}
@@ -194,6 +225,23 @@ def opt_ml_trained(opt_ml_build_once, opt_ml_tree_factory, opt_ml_penguins) -> d
            'test_csv': tree.output('test') / 'test-algo-1.csv'}
     for p in out.values(): assert p.is_file(), p
     return out
+
+
+@pytest.fixture(scope='session')
+def pipeline_first_run(opt_ml_build_once, opt_ml_penguins) -> Path:
+    """One completed `mlproj run` (script engine, 20 trees, run id `r1`) over copies of the bundled table given as `--raw raw.csv`
+    and `--data data.csv`, made once per session however many workers ask: the folder holding raw.csv, data.csv and outputs/r1
+    (its record names places relative to the run folder). Read only: tests copy what they change (test_pipeline.py,
+    test_hostile.py)."""
+    def make(base):
+        for f in ('raw.csv', 'data.csv'): shutil.copy(opt_ml_penguins, base/f)
+        env = {**os.environ, 'MLPROJ_OUTPUTS': str(base/'outputs')}
+        env.pop('MLPROJ_TRACEBACK', None)
+        r = subprocess.run([str(Path(sys.executable).parent/'mlproj'), 'run', '--engine', 'script', '-p', 'train.n_estimators=20',
+                            '--raw', str(base/'raw.csv'), '--data', str(base/'data.csv'), '--run-id', 'r1'],
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return opt_ml_build_once('pipeline_first_run', make)
 
 
 @pytest.fixture(scope='session')

@@ -41,14 +41,9 @@ def sha(p): return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope='module')
-def first(tmp_path_factory):
-    "A completed first run `r1` (script engine, a small forest) over copies of the bundled table."
-    from mlproj.data import bundled_path
-    base = tmp_path_factory.mktemp('hostile')
-    shutil.copy(bundled_path(), base/'raw.csv'); shutil.copy(bundled_path(), base/'data.csv')
-    r = mlproj(base/'outputs', 'run', *BASE, '--raw', base/'raw.csv', '--data', base/'data.csv', '--run-id', 'r1', timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return base
+def first(pipeline_first_run):
+    "A completed first run `r1` (script engine, a small forest) over copies of the bundled table (conftest: made once per session)."
+    return pipeline_first_run
 
 
 @pytest.fixture
@@ -166,14 +161,25 @@ def test_export_o_never_replaces_a_device_a_fifo_or_a_folder(tmp_path):
 
 # ---------------------------------------------------------------- weak: tracebacks instead of one line
 
-@pytest.mark.parametrize('bad', ['[]', 'null', '"a string"', '{"run_id": "b", "steps": 5}',
-                                 '{"run_id": "b", "status": "InProgress", "steps": [], "driver": {"pid": "abc"}}',
-                                 '{"run_id": "b", "steps": [{"step": "train", "status": "Completed", "cache_key": "k", "ended": 5}]}'])
-def test_a_malformed_record_is_skipped_with_a_note(project, bad):
-    plant(project, 'b', json.loads(bad))
-    r, rec = rerun(project)
-    assert_all_from_r1(r, rec)
-    assert 'note: b/run.json skipped: ' in r.stderr, r.stderr
+MALFORMED = ['[]', 'null', '"a string"', '{"run_id": "b", "steps": 5}',
+             '{"run_id": "b", "status": "InProgress", "steps": [], "driver": {"pid": "abc"}}',
+             '{"run_id": "b", "steps": [{"step": "train", "status": "Completed", "cache_key": "k", "ended": 5}]}']
+
+
+def test_malformed_records_are_skipped_with_a_note(project):
+    """Malformed records, each in a run folder of its own, three at a time (a run names at most five skipped records): each skipped
+    with a note of its own. Then all of them at once with --no-cache."""
+    def plant_all(which):                                     # a record's run_id names its own folder, as a real one would
+        for i in which: plant(project, f'b{i}', json.loads(MALFORMED[i].replace('"run_id": "b"', f'"run_id": "b{i}"')))
+    for which in (range(0, 3), range(3, len(MALFORMED))):
+        plant_all(which)
+        r, rec = rerun(project, run_id=f'r2-{which[0]}')
+        assert_all_from_r1(r, rec)
+        notes = [l for l in r.stderr.splitlines() if 'note: ' in l]
+        for i in which: assert any(f'note: b{i}/run.json skipped: ' in l for l in notes), (MALFORMED[i], notes)
+        for folder in [f'b{i}' for i in which] + [f'r2-{which[0]}']:   # the next rerun sees only its own (and not this run's record)
+            shutil.rmtree(project/'outputs'/folder)
+    plant_all(range(len(MALFORMED)))
     r, rec = rerun(project, '--no-cache', run_id='r3', timeout=600)             # --no-cache too
     assert r.returncode == 0 and rec['status'] == 'Completed', r.stderr[-2000:]
 

@@ -1,6 +1,7 @@
 """`make lab`: JupyterLab over the project with a sandbox `/opt/ml`, checked through its REST API and in a real browser.
 
-One server per test module (per xdist worker), started the way `make lab` starts it (`python -m mlproj.lab`), on an
+One server per test module (`make test` keeps the module on one worker: conftest's ONE_WORKER), started the way
+`make lab` starts it (`python -m mlproj.lab`), on an
 ephemeral loopback port, with temporary Jupyter config/data/runtime folders (the user's ~/.jupyter is not read or
 written) and a temporary sandbox. The run that fills the sandbox is made once per test session and shared.
 The browser tests drive Debian's headless Chromium through Playwright; they skip only where no Chromium is installed."""

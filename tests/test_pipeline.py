@@ -1,6 +1,6 @@
 """The pipeline run as a user runs it (`mlproj run`, script engine, a small forest): content-addressed caching, the
-quality gate and lineage. One first run is made per worker; each test works on a private copy of it, so the runs a test
-adds cannot turn another test's miss into a hit."""
+quality gate and lineage. One first run is made per session (`pipeline_first_run` in conftest, shared with
+test_hostile.py); each test works on a private copy of it, so the runs a test adds cannot turn another test's miss into a hit."""
 import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
@@ -17,15 +17,11 @@ def mlproj(outputs, *args, check=True, env=None):
 
 
 @pytest.fixture(scope='module')
-def first(tmp_path_factory):
-    "A completed first run `r1` over copies of the bundled table (as --raw and --data)."
-    from mlproj.data import bundled_path
-    base = tmp_path_factory.mktemp('pipeline')
-    shutil.copy(bundled_path(), base/'raw.csv'); shutil.copy(bundled_path(), base/'data.csv')
-    r = mlproj(base/'outputs', 'run', *BASE, '--raw', base/'raw.csv', '--data', base/'data.csv', '--run-id', 'r1')
-    rec = json.loads(r.stdout)
+def first(pipeline_first_run):
+    "A completed first run `r1` over copies of the bundled table (as --raw and --data), every step a miss (conftest: made once per session)."
+    rec = json.loads((pipeline_first_run/'outputs/r1/run.json').read_text())
     assert rec['status'] == 'Completed' and all(s['cache'] == 'miss' for s in rec['steps']), rec
-    return base
+    return pipeline_first_run
 
 
 @pytest.fixture
@@ -93,12 +89,6 @@ def test_one_parameter_reruns_its_step_and_everything_downstream(project):
     assert cache_states(rec) == {'preprocess': 'hit', 'train': 'miss', 'evaluate': 'miss', 'batch_inference': 'miss', 'monitor': 'miss'}
     assert rec['steps'][1]['cache_reason'] == 'parameter seed: 42 -> 7'
     assert rec['steps'][2]['cache_reason'].startswith('input model changed')
-
-
-def test_no_cache_runs_every_step(project):
-    r, rec = run(project, '--no-cache')
-    assert set(cache_states(rec).values()) == {'miss'} and rec['status'] == 'Completed'
-    assert all(s['cache_reason'] == 'cache disabled (--no-cache)' for s in rec['steps'])
 
 
 def test_an_earlier_output_changed_on_disk_is_not_reused(project):

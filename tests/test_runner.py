@@ -24,13 +24,18 @@ def warm_server():
 
 @pytest.fixture(autouse=True, params=['warm', 'cold'])
 def start(request, monkeypatch):
-    "Every test here runs twice: papermill, its kernel and the report renderer forked from the warm server, and fresh interpreters."
+    """Every test that runs the runner or the executor runs twice: papermill, its kernel and the report renderer forked from the warm
+    server, and fresh interpreters. A test marked `one_mode` starts none of them (it checks a notebook or drives papermill or nbclient
+    itself): the mode cannot change what it sees, so it runs once, cold."""
     monkeypatch.setenv('MPLBACKEND', os.environ.get('MPLBACKEND', 'Agg'))
     if request.param == 'warm':
         monkeypatch.setenv('MLPROJ_WARM', request.getfixturevalue('warm_server').path); monkeypatch.setenv('MLPROJ_COLD', '0')
     else:
         monkeypatch.delenv('MLPROJ_WARM', raising=False); monkeypatch.setenv('MLPROJ_COLD', '1')
     return request.param
+
+
+one_mode = pytest.mark.parametrize('start', ['cold'], indirect=True)   # see `start`: nothing this test runs reads the mode
 
 
 def make_nb(path, cells, params="n: int = 3  # how many"):
@@ -56,6 +61,7 @@ def message(tmp_path):
 
 # --- the job notebooks ----------------------------------------------------------------
 
+@one_mode
 @pytest.mark.parametrize('step', list(STEPS))
 def test_notebook_parameters_mirror_the_entry_function(step):
     "The check every notebook job passes before it is built: the parameters cell is the entry function's signature."
@@ -64,6 +70,7 @@ def test_notebook_parameters_mirror_the_entry_function(step):
     assert nb.resolve() == (JOBS/f'{step}.ipynb').resolve()     # and the notebook checked is the one this repository ships
 
 
+@one_mode
 @pytest.mark.parametrize('step', list(STEPS))
 def test_help_notebook_lists_typed_documented_parameters(step):
     r = subprocess.run([str(BIN/'papermill'), '--help-notebook', str(JOBS/f'{step}.ipynb')], capture_output=True, text=True, check=True)
@@ -72,6 +79,7 @@ def test_help_notebook_lists_typed_documented_parameters(step):
     assert '(default' in r.stdout and 'processing/' in r.stdout
 
 
+@one_mode
 def test_cleaned_notebook_keeps_its_parameters_tag(tmp_path):
     shutil.copytree(ROOT/'nbs', tmp_path/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
     shutil.copy(ROOT/'settings.ini', tmp_path/'settings.ini')
@@ -86,6 +94,7 @@ def test_cleaned_notebook_keeps_its_parameters_tag(tmp_path):
     assert len(params) == 1 and 'collapsed' not in params[0]['metadata'] and params[0]['execution_count'] is None
 
 
+@one_mode
 def test_job_notebooks_run_top_to_bottom_in_a_kernel_with_defaults(tmp_path):
     "As a person would in JupyterLab: defaults are container paths, MLPROJ_OPT_ML moves /opt/ml to a fixture tree."
     from nbclient import NotebookClient
@@ -108,6 +117,7 @@ def test_job_notebooks_run_top_to_bottom_in_a_kernel_with_defaults(tmp_path):
     assert (proc/'output/predictions/predictions-algo-1.csv').exists()
 
 
+@one_mode
 def test_job_notebook_under_the_papermill_cli(tmp_path):
     "A user's habit: papermill straight from the shell, -p values as papermill parses them."
     out = tmp_path/'train-out.ipynb'

@@ -3,7 +3,8 @@ nbs/10_data.ipynb (and its data file) changes — a binary table (scikit-learn's
 regression table (scikit-learn's Friedman #1 generator) — or only the estimator cell of nbs/30_train.ipynb
 (`make_estimator`: histogram gradient boosting, logistic/ridge, a type nobody reviewed). Each copy is rebuilt with
 `nbdev_export`, installed from its wheel in a fresh venv (`conftest.ProjectCopy`) and run with its own `mlproj`.
-One copy per table, shared by the tests of this module; tables of a few hundred rows."""
+One copy per table, shared by the tests of this module (`make test` keeps this module on one worker: conftest's ONE_WORKER),
+and one pipeline run per table whose outputs those tests read; tables of a few hundred rows."""
 import copy, json, subprocess, sys, tarfile, zipfile, io
 from pathlib import Path
 import numpy as np
@@ -100,9 +101,9 @@ def member(tar_path, name) -> bytes:
     with tarfile.open(tar_path, 'r:gz') as t: return t.extractfile(name).read()
 
 
-def job(p, step, *argv) -> dict:
-    "Run one step as a local processing job (notebook engine) in the copy; {output channel: local folder}."
-    r = p.run('job', 'run', step, '--engine', 'notebook', *argv)
+def job(p, step, *argv, engine='notebook') -> dict:
+    "Run one step as a local processing job (notebook engine unless told) in the copy; {output channel: local folder}."
+    r = p.run('job', 'run', step, '--engine', engine, *argv)
     assert r.returncode == 0, (step, r.stderr[-3000:])
     rec = json.loads(r.stdout)
     assert rec['ProcessingJobStatus'] == 'Completed', rec
@@ -115,24 +116,42 @@ def notebook_text(ipynb: Path) -> str:
     return '\n'.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/plain', '')) for c in nb['cells'] for o in c.get('outputs', []))
 
 
-# --- the steps that are this branch's: split, train, predict, each as a job ----------------------------------------
+# --- one run of the whole pipeline per table, with the notebook engine ---------------------------------------------
+# The steps that are this branch's (split, train, predict) run there as local jobs, each in its notebook; the tests below
+# read its outputs, so each copy runs its pipeline once (and once more for the gate out of reach, from the cache).
 
-def steps_as_jobs(p, *predict_params) -> dict:
-    "preprocess -> train -> batch_inference of the copy's bundled table, each a local job running its notebook: {channel: folder}."
-    pre = job(p, 'preprocess')
-    tr = job(p, 'train', '--input', f"train={pre['train']}", '-p', 'n_estimators=50')
-    bi = job(p, 'batch_inference', '--input', f"model={tr['model']}", *predict_params)
-    return {**pre, **tr, **bi}
+TASK_PARAMS = {'binary': ('-p', 'batch_inference.threshold=0.3'), 'regression': ()}
 
 
-def test_binary_table_trains_and_predicts_by_its_positive_class(binary_project):
-    p, table = binary_project, binary_project.table
-    out = steps_as_jobs(p, '-p', 'threshold=0.3')
-    test = pd.concat(pd.read_csv(f) for f in sorted(out['test'].glob('*.csv')))
+def pipeline(p, run_id, *params):
+    r = p.run('run', '--engine', 'notebook', '--run-id', run_id, '-p', 'train.n_estimators=50', *params)
+    return r, json.loads(r.stdout)
+
+
+def completed_run(p, task) -> tuple:
+    "(stderr, run record, {channel: folder} of every step's outputs) of the copy's pipeline run `task`."
+    r, rec = pipeline(p, task, *TASK_PARAMS[task])
+    assert r.returncode == 0 and rec['status'] == 'Completed', r.stderr[-3000:]
+    run = p.work/'outputs'/task
+    out = {f"{s['step']}.{ch}": run/o['path'] for s in rec['steps'] for ch, o in s['outputs'].items()}
+    return r.stderr, rec, out
+
+
+@pytest.fixture(scope='module')
+def binary_run(binary_project): return completed_run(binary_project, 'binary')
+
+
+@pytest.fixture(scope='module')
+def regression_run(regression_project): return completed_run(regression_project, 'regression')
+
+
+def test_binary_table_trains_and_predicts_by_its_positive_class(binary_project, binary_run):
+    table, (_, _, out) = binary_project.table, binary_run
+    test = pd.concat(pd.read_csv(f) for f in sorted(out['preprocess.test'].glob('*.csv')))
     assert set(test['diagnosis']) == {'malignant', 'benign'}                       # stratified: both classes held out
-    m = json.loads(member(out['model']/'model.tar.gz', 'manifest.json'))
+    m = json.loads(member(out['train.model']/'model.tar.gz', 'manifest.json'))
     assert (m['task'], m['positive_class'], m['classes']) == ('binary', 'malignant', ['benign', 'malignant'])
-    pred = pd.read_csv(out['predictions']/'predictions-algo-1.csv')
+    pred = pd.read_csv(out['batch_inference.predictions']/'predictions-algo-1.csv')
     assert list(pred.columns) == ['patient_id', 'predicted_diagnosis', 'proba_benign', 'proba_malignant']
     assert pred['patient_id'].tolist() == table['patient_id'].tolist()
     # the label is the positive class from the threshold given (0.3) on, not the most probable class
@@ -141,48 +160,43 @@ def test_binary_table_trains_and_predicts_by_its_positive_class(binary_project):
     assert (pred['predicted_diagnosis'] == table['diagnosis']).mean() > 0.85
     from sklearn.metrics import roc_auc_score
     assert roc_auc_score(table['diagnosis'] == 'malignant', pred['proba_malignant']) > 0.9
-    report = notebook_text(out['report']/'batch_inference.ipynb')
+    report = notebook_text(out['batch_inference.report']/'batch_inference.ipynb')
     assert "binary model: 'malignant' predicted when its probability is at least 0.3 (threshold)" in report
+    # the same step as a job of its own (`mlproj job run`, the script engine), given the pipeline's model: the same predictions
+    alone = job(binary_project, 'batch_inference', '--input', f"model={out['train.model']}", '-p', 'threshold=0.3', engine='script')
+    assert (alone['predictions']/'predictions-algo-1.csv').read_bytes() == (out['batch_inference.predictions']/'predictions-algo-1.csv').read_bytes()
 
 
-def test_regression_table_splits_by_bins_trains_and_predicts_numbers(regression_project):
-    p, table = regression_project, regression_project.table
-    out = steps_as_jobs(p)
-    tr = pd.concat(pd.read_csv(f) for f in sorted(out['train'].glob('*.csv')))
-    te = pd.concat(pd.read_csv(f) for f in sorted(out['test'].glob('*.csv')))
+def test_regression_table_splits_by_bins_trains_and_predicts_numbers(regression_project, regression_run):
+    table, (_, _, out) = regression_project.table, regression_run
+    tr = pd.concat(pd.read_csv(f) for f in sorted(out['preprocess.train'].glob('*.csv')))
+    te = pd.concat(pd.read_csv(f) for f in sorted(out['preprocess.test'].glob('*.csv')))
     assert (len(tr), len(te)) == (240, 60)
     deciles = pd.qcut(table['y'].rank(method='first'), 10, labels=False)
     held = deciles[table.reset_index().merge(te, on=list(table.columns))['index']]
     assert held.value_counts().sort_index().tolist() == [6] * 10                  # every tenth of the range held out alike
-    m = json.loads(member(out['model']/'model.tar.gz', 'manifest.json'))
+    m = json.loads(member(out['train.model']/'model.tar.gz', 'manifest.json'))
     assert (m['task'], m['positive_class'], m['classes']) == ('regression', None, [])
-    pred = pd.read_csv(out['predictions']/'predictions-algo-1.csv')
+    pred = pd.read_csv(out['batch_inference.predictions']/'predictions-algo-1.csv')
     assert list(pred.columns) == ['source_file', 'source_row', 'predicted_y']
     assert pred['source_row'].tolist() == list(range(2, len(table) + 2))
     assert np.corrcoef(pred['predicted_y'], table['y'])[0, 1] > 0.9
-    report = notebook_text(out['report']/'batch_inference.ipynb')
+    report = notebook_text(out['batch_inference.report']/'batch_inference.ipynb')
     assert 'predicted value' in report and 'threshold' not in report
 
 
 def test_a_split_that_would_hold_out_nothing_is_refused_in_one_line(regression_project):
+    "`mlproj job run` of one step in the copy (the runs above are `mlproj run`)."
     r = regression_project.run('job', 'run', 'preprocess', '--engine', 'script', '-p', 'test_size=1e-300')
     assert r.returncode != 0
     assert "test_size=1e-300 leaves bin 0 of 'y' (300 rows) with no held-out row; use a test_size between 0.00167 and 0.998" in r.stderr, r.stderr[-2000:]
 
 
-# --- the whole pipeline with the notebook engine -----------------------------------------------------------------
-
-def pipeline(p, run_id, *params):
-    r = p.run('run', '--engine', 'notebook', '--run-id', run_id, '-p', 'train.n_estimators=50', *params)
-    return r, json.loads(r.stdout)
-
-
-@pytest.mark.parametrize('task', ['binary', 'regression'])
+@pytest.mark.parametrize('task', list(TASK_PARAMS))
 def test_a_table_of_each_task_runs_end_to_end_and_its_gate_fails_out_of_reach(task, request):
     p = request.getfixturevalue(f'{task}_project')
+    _, rec, out = request.getfixturevalue(f'{task}_run')
     metric = {'binary': 'binary_classification_metrics.auc.value', 'regression': 'regression_metrics.r2.value'}[task]
-    r, rec = pipeline(p, task)
-    assert r.returncode == 0 and rec['status'] == 'Completed', r.stderr[-3000:]
     assert [s['step'] for s in rec['steps']] == ['preprocess', 'train', 'evaluate', 'batch_inference', 'monitor']
     assert rec['gate']['metric'] == metric and rec['gate']['passed'] and rec['gate']['value'] >= {'binary': 0.9, 'regression': 0.6}[task]
     run = p.work/'outputs'/task
@@ -194,7 +208,7 @@ def test_a_table_of_each_task_runs_end_to_end_and_its_gate_fails_out_of_reach(ta
     fixture = json.loads((FIXTURES/FIXTURE[task]).read_text())
     assert shape(evaluation[BLOCK[task]]) == shape(fixture[BLOCK[task]])
     # an unreachable threshold: the gate fails, names metric, value, comparison and threshold, and the gated steps do not run
-    r, rec = pipeline(p, f'{task}-strict', '-p', 'gate.threshold=1.01')
+    r, rec = pipeline(p, f'{task}-strict', *TASK_PARAMS[task], '-p', 'gate.threshold=1.01')
     assert r.returncode == 1 and rec['status'] == 'Failed' and rec['failed_step'] == 'gate'
     value = rec['gate']['value']
     assert rec['failure_reason'] == f'quality gate failed: {metric} is {value:g}, required at least 1.01 (gate.threshold)'
@@ -224,7 +238,7 @@ def check_exports(defs: dict, paths: dict, metric: str, sm_condition: str, sfn_c
     r = cfn_lint(paths['cloudformation']); assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize('task', ['binary', 'regression'])
+@pytest.mark.parametrize('task', list(TASK_PARAMS))
 def test_the_exported_definitions_of_each_task_pass_the_validators(task, request, tmp_path):
     p = request.getfixturevalue(f'{task}_project')
     paths = {fmt: tmp_path/f'{fmt}.json' for fmt in ('sagemaker', 'stepfunctions', 'cloudformation')}

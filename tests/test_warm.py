@@ -233,12 +233,16 @@ def _files(run_dir):
 
 
 def test_the_pipeline_writes_the_same_bytes_warm_or_cold(tmp_path):
-    "`mlproj run` (script engine) and `mlproj run --cold`: every output file the same, byte for byte."
+    """`mlproj run` (script engine) and `mlproj run --cold`: every output file the same, byte for byte. And `--no-cache` runs every
+    step (test_pipeline.py's check): the cold run, after a completed warm run of the same inputs and parameters, reuses none of it."""
     env = {**os.environ, 'MLPROJ_OUTPUTS': str(tmp_path/'outputs'), 'MPLBACKEND': os.environ.get('MPLBACKEND', 'Agg'), 'MLPROJ_COLD': '0'}
     for mode, extra in (('warm', []), ('cold', ['--cold'])):
-        p = subprocess.run([str(Path(sys.executable).parent/'mlproj'), 'run', '--engine', 'script', '--no-cache', '--run-id', mode] + extra,
-                           env=env, capture_output=True, text=True, timeout=900)
+        p = subprocess.run([str(Path(sys.executable).parent/'mlproj'), 'run', '--engine', 'script', '--no-cache', '--run-id', mode,
+                            '-p', 'train.n_estimators=50'] + extra, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-2000:]
+        rec = json.loads((tmp_path/'outputs'/mode/'run.json').read_text())
+        assert rec['status'] == 'Completed' and len(rec['steps']) == 5, rec
+        assert [(s['cache'], s['cache_reason']) for s in rec['steps']] == [('miss', 'cache disabled (--no-cache)')] * 5, rec['steps']
     warm, cold = _files(tmp_path/'outputs/warm'), _files(tmp_path/'outputs/cold')
     assert len(warm) >= 8 and any(k.endswith(':model.skops') for k in warm), sorted(warm)
     assert warm == cold
