@@ -31,7 +31,8 @@ def _outputs_in_a_temp_folder(tmp_path_factory):
 # order), so the longest work starts early instead of ending the session on one worker while the other waits.
 # (xdist's own `xdist_group` marks do nothing with pytest 9: xdist 3.8 renames items through `item._nodeid`, which pytest 9
 # no longer reads.)
-ONE_WORKER = ('test_tasks.py', 'test_model_quality.py', 'test_lab.py', 'test_serve.py', 'test_serve_registry.py', 'test_registry.py')
+ONE_WORKER = ('test_tasks.py', 'test_model_quality.py', 'test_lab.py', 'test_serve.py', 'test_serve_registry.py', 'test_registry.py',
+              'test_hostile_serve.py', 'test_hostile_tasks.py', 'test_serve_threshold.py')
 LONG_FIRST = ('test_register_step.py', 'test_warm.py', 'test_pipeline.py', 'test_hostile.py', 'test_reproducibility.py',
               'test_runner.py', 'test_trust.py', 'test_monitor.py', 'test_serve_package.py', 'test_serve_capture.py',
               'test_performance.py', 'test_cli.py', 'test_another_table.py', 'test_bad_inputs.py', 'test_serve_transform.py')
