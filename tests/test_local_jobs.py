@@ -11,11 +11,16 @@ from mlproj.data import synthetic_penguins, TARGET, ID
 
 
 @pytest.fixture(autouse=True, params=['warm', 'cold'])
-def start(request, monkeypatch):
-    "Every test here runs twice: instances forked from the warm server, and fresh interpreters (`--cold`, MLPROJ_COLD=1)."
+def start(request, monkeypatch, tmp_path):
+    """Every test here runs twice: instances forked from the warm server, and fresh interpreters (`--cold`, MLPROJ_COLD=1).
+    Afterwards every job the test ran under tmp_path must have started its instances that way (a warm run that fell back to
+    cold would compare cold with cold)."""
     monkeypatch.setenv('MLPROJ_COLD', '1' if request.param == 'cold' else '0')
     monkeypatch.setenv('MPLBACKEND', os.environ.get('MPLBACKEND', 'Agg'))   # as the executor gives instances: a warm child must not differ
-    return request.param
+    yield request.param
+    for d in tmp_path.rglob('describe.json'):
+        starts = [i['start'] for i in json.loads(d.read_text()).get('LocalExecution', {}).get('instances', [])]
+        assert set(starts) <= {request.param}, f'{d}: instances started {starts}, asked {request.param}'
 
 
 def script(tmp_path, body, name='entry.py'):
