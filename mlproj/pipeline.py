@@ -381,12 +381,14 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
                 'inputs': {k: _input_record(to_uri(v), record) for k, v in ins.items()}}
         material = key_material(srec)
         srec['cache_key'] = key = step_key(material)
-        t0, hit, reason = time.perf_counter(), None, 'cache disabled (--no-cache)'
+        t0, hit, reason, skipped = time.perf_counter(), None, 'cache disabled (--no-cache)', []
         if cache:
             reason = None
             for rid in completed_in(runs, step, key):          # the index points; the record and the bytes decide
                 try: old = earlier(rid, step, key); reuse_outputs(old.get('outputs'), outputs_dir/rid, outs); hit = (rid, old); break
-                except (StaleOutputs, BadRecord) as e: reason = reason or f'outputs of run {rid} unusable ({e})'
+                except (StaleOutputs, BadRecord) as e:
+                    reason = reason or f'outputs of run {rid} unusable ({e})'
+                    skipped.append(f'outputs of run {quote(rid, 40, False)} unusable ({e})')
             if not hit and not reason:
                 newest = completed_in(runs, step)
                 try: reason = explain_miss(material, key_material(earlier(newest[0], step)) if newest else None)
@@ -399,7 +401,9 @@ def run_pipeline(raw=None, # raw training data (default: the bundled table)
                         outputs={k: {'uri': to_uri(outs[k]), 'path': Path(outs[k]).relative_to(run_dir).as_posix(), 'sha256': v['sha256'], 'bytes': v['bytes']}
                                  for k, v in old['outputs'].items()})   # checked while copied: not hashed again
             record['steps'].append(srec); save()
-            say(f"{i} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else ''))
+            if skipped: srec['cache_skipped'] = skipped[:5]      # newer candidates with the same key that could not be reused, and why
+            say(f"{i} {step}: Completed in {srec['seconds']:.1f}s (cache hit: {key[:16]}, from run {rid})" + (f"; {srec['exit_message']}" if srec.get('exit_message') else '')
+                + (f"; skipped {'; '.join(skipped[:2])}" + (f' and {len(skipped) - 2} more' if len(skipped) > 2 else '') if skipped else ''))
         else:
             spec = step_job(step, ins, outs, step_params, max_runtime=max_runtime, engine=engine, code=str(bundles[step]), **resources)
             say(f'{i} {step}: running job {spec.name} (cache miss: {reason})')

@@ -125,7 +125,8 @@ def test_state_machine_passes_asl_validator(exported, tmp_path):
     bad = load(exported['stepfunctions'])                       # an intrinsic function asl-validator cannot read
     bad['States']['train']['Parameters']['ProcessingJobName.$'] = "States.Format('x-{}', $$.Execution.Name"
     (tmp_path/'bad2.json').write_text(json.dumps(bad))
-    assert asl_validate(tmp_path/'bad2.json').returncode != 0
+    r = asl_validate(tmp_path/'bad2.json')
+    assert r.returncode != 0 and 'ProcessingJobName.$' in r.stdout + r.stderr, r.stdout + r.stderr    # refused for that field, not a crash
 
 
 def test_state_machine_tasks_are_valid_create_processing_job_requests(exported):
@@ -159,7 +160,8 @@ def test_cloudformation_template_passes_cfn_lint(exported, tmp_path):
     assert r.returncode != 0 and 'E3601' in r.stdout, r.stdout
     bad = copy.deepcopy(t); bad['Resources']['SageMakerPipeline']['Properties']['RoleArn'] = 'admin'
     (tmp_path/'bad2.json').write_text(json.dumps(bad))
-    assert cfn_lint(tmp_path/'bad2.json').returncode != 0
+    r = cfn_lint(tmp_path/'bad2.json')
+    assert r.returncode != 0 and 'E3031' in r.stdout and "'admin'" in r.stdout, r.stdout + r.stderr                 # the role ARN's pattern
 
 
 def test_gate_and_parameters_serialise_as_the_sdk_does(exported, no_aws):
@@ -342,6 +344,9 @@ def test_upsert_start_show_sagemaker(moto_server):
     import boto3
     from mlproj.export import Target, s3_layout, sagemaker_definition
     flags = ['--bucket', MOTO_BUCKET, '--role', ROLE, '--image-uri', 'img:1', '--prefix', 'team']
+    sm = boto3.client('sagemaker')
+    if any(x['PipelineName'] == 'mlproj' for x in sm.list_pipelines()['PipelineSummaries']):   # another test of this module's server upserted it
+        sm.delete_pipeline(PipelineName='mlproj')
     code, _, err = cli('pipeline', 'upsert', '--backend', 'sagemaker', *flags)
     assert code == 0, err
     assert 'created arn:aws:sagemaker:us-east-1:' in err

@@ -192,6 +192,9 @@ def test_a_malformed_recorded_output_name_is_a_miss_that_says_why(project, name)
     shutil.copytree(project/'outputs/r1', project/'outputs/odd', symlinks=True); plant(project, 'odd', rec)
     r, out = rerun(project)
     assert_all_from_r1(r, out)
+    line = next(l for l in r.stderr.splitlines() if ' preprocess: Completed' in l)     # the hit says which newer run it passed over, and why
+    assert 'skipped outputs of run odd unusable (output train: recorded name' in line and 'from run r1' in line, line
+    assert out['steps'][0]['cache_skipped'][0].startswith('outputs of run odd unusable (output train: recorded name'), out['steps'][0]
 
 
 def test_bad_places_and_environments_are_one_line(project, tmp_path):

@@ -200,7 +200,6 @@ def test_saving_an_unchanged_notebook_through_the_server_leaves_git_clean(lab):
 
 # --- in a real browser ------------------------------------------------------------------
 
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (Debian: apt-get install -y chromium); .ci/run installs it")
 
 PANEL = '.jp-NotebookPanel:not(.lm-mod-hidden)'
 RUN_ALL_DONE = """n => { const ps = [...document.querySelectorAll('%s .jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim());
@@ -213,7 +212,7 @@ KERNEL_IDLE = "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')].so
 
 @pytest.fixture(scope='module')
 def browser():
-    if CHROMIUM is None: pytest.skip("no Chromium binary (Debian: apt-get install -y chromium); .ci/run installs it")
+    assert CHROMIUM is not None, "no Chromium binary: apt-get install -y chromium (Debian; .ci/run installs it)"   # a failure, never a silent skip
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])      # root needs --no-sandbox
@@ -250,7 +249,6 @@ def _unchanged(*rels):
     return {r: _digest(REPO/r) for r in rels}
 
 
-@needs_chromium
 def test_browser_run_all_evaluate_renders_metrics_and_confusion_matrix(lab, browser):
     rel = 'nbs/jobs/evaluate.ipynb'
     before = _unchanged(rel)
@@ -271,7 +269,6 @@ def test_browser_run_all_evaluate_renders_metrics_and_confusion_matrix(lab, brow
     assert _unchanged(rel) == before
 
 
-@needs_chromium
 def test_browser_run_all_library_notebook_10_data(lab, browser):
     rel = 'nbs/10_data.ipynb'
     before = _unchanged(rel)
@@ -284,7 +281,6 @@ def test_browser_run_all_library_notebook_10_data(lab, browser):
     assert _unchanged(rel) == before
 
 
-@needs_chromium
 def test_browser_save_of_an_opened_notebook_leaves_git_clean(lab, browser):
     "Open a job notebook (its kernel starts, JupyterLab adds kernel metadata), save with Ctrl+S: the file is byte for byte the same."
     rel = 'nbs/jobs/preprocess.ipynb'; path = REPO/rel
