@@ -4,7 +4,7 @@ One server per test module (`make test` keeps the module on one worker: conftest
 `make lab` starts it (`python -m mlproj.lab`), on an
 ephemeral loopback port, with temporary Jupyter config/data/runtime folders (the user's ~/.jupyter is not read or
 written) and a temporary sandbox. The run that fills the sandbox is made once per test session and shared.
-The browser tests drive Debian's headless Chromium through Playwright; they skip only where no Chromium is installed."""
+The browser tests drive Debian's headless Chromium through Playwright; without one they fail saying how to install it."""
 from __future__ import annotations
 import hashlib, json, os, queue, re, shutil, signal, subprocess, sys, threading, time, urllib.request
 from pathlib import Path
