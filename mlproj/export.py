@@ -336,7 +336,8 @@ def _sfn_fill(x, t:Target, p:Pipeline):
     for k, v in x.items():
         v = _sfn_fill(v, t, p)
         if isinstance(v, Ref) and v.kind == 'array': out[f'{k}.$'] = v.key
-        elif isinstance(v, Ref) and v.kind == 'param': out[f'{k}.$'] = f'$.p.{param_name(v.key)}'
+        elif isinstance(v, Ref) and v.kind == 'param':       # a text hole (an Environment value) is formatted: a number stays a number otherwise
+            out[f'{k}.$'] = f"States.Format({_fmt(v.prefix, '')}, $.p.{param_name(v.key)})" if v.text else f'$.p.{param_name(v.key)}'
         elif isinstance(v, Ref): out[f'{k}.$'] = _run_location(t, p, *v.key.split('/'))
         else: out[k] = v
     return out
