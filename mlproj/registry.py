@@ -18,9 +18,9 @@ __all__ = ['STATUSES', 'PENDING', 'APPROVED', 'REJECTED', 'TRANSITIONS', 'GROUP_
            'MAX_DESCRIPTION', 'MODEL', 'EVALUATION', 'STATISTICS', 'CONSTRAINTS', 'SERVING', 'CONTENT_TYPES',
            'SERVING_ENVIRONMENT', 'SHA256_KEY', 'PACKAGE_KEY', 'check_transition', 'check_group', 'check_description',
            'parse_ref', 'package_request', 'api_shape', 'validate_package_request', 'LocalRegistry', 'recorded_sha256',
-           'check_files', 'resolve', 'approved_champion', 'package_evaluation', 'metric_values', 'deployable',
-           'compare_with_champion', 'read_run', 'register_run', 'package_key', 'lineage', 'SageMakerRegistry',
-           'review_table']
+           'check_files', 'missing_version', 'resolve', 'approved_champion', 'package_evaluation', 'metric_values',
+           'deployable', 'compare_with_champion', 'read_run', 'register_run', 'package_key', 'lineage',
+           'SageMakerRegistry', 'review_table']
 
 # %% ../nbs/94_registry.ipynb #94-registry-006
 STATUSES = ('PendingManualApproval', 'Approved', 'Rejected')
@@ -255,13 +255,15 @@ def check_files(ref:str, # the package, GROUP/VERSION, for the message
 # %% ../nbs/94_registry.ipynb #94-registry-029
 _DESCRIBE = ('ModelPackageDescription', 'InferenceSpecification', 'ModelMetrics', 'DriftCheckBaselines', 'MetadataProperties', 'CustomerMetadataProperties')
 
+def missing_version(group:str, version:int, versions:list)->SpecError:
+    "The refusal of a version the group does not have (either registry)."
+    return SpecError(f'model package {group}/{version} does not exist' + (f' (versions 1 to {max(versions)})' if versions else f' (group {group} has no versions yet)'))
+
 @patch
 def describe(self:LocalRegistry, group:str, version:int, verify:bool=True)->dict:
     "DescribeModelPackage's fields of `group`/`version` (and the approval history); `verify` checks its files' sha256 first."
     d = self.root/group/str(version)
-    if version not in self.versions(group):
-        vs = self.versions(group)
-        raise SpecError(f'model package {group}/{version} does not exist' + (f' (versions 1 to {vs[-1]})' if vs else f' (group {group} has no versions yet)'))
+    if version not in (vs := self.versions(group)): raise missing_version(group, version, vs)
     doc, history = _version_record(d, f'{group}/{version}')
     req = doc['Request']
     out = {'ModelPackageGroupName': group, 'ModelPackageVersion': version, 'ModelPackageArn': doc['ModelPackageArn'],
@@ -522,8 +524,7 @@ def versions(self:SageMakerRegistry, group:str)->list:
 def describe(self:SageMakerRegistry, group:str, version:int, verify:bool=True)->dict:
     "DescribeModelPackage of `group`/`version`; `verify` checks its files in S3 against the registered sha256."
     s = {x['ModelPackageVersion']: x for x in self._summaries(group)}
-    if version not in s:
-        raise SpecError(f'model package {group}/{version} does not exist' + (f' (versions 1 to {max(s)})' if s else f' (group {group} has no versions yet)'))
+    if version not in s: raise missing_version(group, version, list(s))
     d = _plain(self.sm.describe_model_package(ModelPackageName=s[version]['ModelPackageArn']))
     d.setdefault('ModelPackageGroupName', group)
     d['ApprovalHistory'] = [{'ModelApprovalStatus': d['ModelApprovalStatus'], 'By': (d.get('LastModifiedBy') or d.get('CreatedBy') or {}).get('UserProfileName', ''),
@@ -531,10 +532,7 @@ def describe(self:SageMakerRegistry, group:str, version:int, verify:bool=True)->
     if verify: self.fetch(d, None)
     return d
 
-@patch
-def list_packages(self:SageMakerRegistry, group:str)->list:
-    "Descriptions of the group's versions, oldest first (files not checked)."
-    return [self.describe(group, v, verify=False) for v in self.versions(group)]
+SageMakerRegistry.list_packages = LocalRegistry.list_packages    # the same on both: describe each version, files not checked
 
 @patch
 def files_uri(self:SageMakerRegistry, group:str, key:str)->str:

@@ -62,12 +62,7 @@ def input_fn(request_body, # str or bytes, as the serving container passes it
     kind, params = media_type(content_type or JSON)
     if kind not in CONTENT_TYPES:
         raise RequestError(f'content type {quote(content_type, 60)} is not supported; send one of {", ".join(CONTENT_TYPES)}', 415, 'unsupported_media_type')
-    try: rows, header = body_records(request_text(request_body, params), kind)
-    except RecursionError: raise RequestError('request body: JSON nested too deeply to read') from None
-    except ValueError as e:                 # Python's own limits of json.loads (InputError, a ValueError, is the caller's already)
-        if isinstance(e, InputError): raise
-        raise RequestError('request body: a JSON number has more digits than can be read' if 'digits' in str(e) else
-                           f'request body is not JSON this endpoint reads ({type(e).__name__})') from None
+    rows, header = body_records(request_text(request_body, params), kind)   # the data layer's reader: its refusals (InputError) are 400s
     return Request(rows, kind, header)
 
 # %% ../nbs/55_serve.ipynb #55-serve-016

@@ -236,13 +236,18 @@ def pipeline_first_run(opt_ml_build_once, opt_ml_penguins) -> Path:
     test_hostile.py)."""
     def make(base):
         for f in ('raw.csv', 'data.csv'): shutil.copy(opt_ml_penguins, base/f)
-        env = {**os.environ, 'MLPROJ_OUTPUTS': str(base/'outputs')}
-        env.pop('MLPROJ_TRACEBACK', None)
-        r = subprocess.run([str(Path(sys.executable).parent/'mlproj'), 'run', '--engine', 'script', '-p', 'train.n_estimators=20',
-                            '--raw', str(base/'raw.csv'), '--data', str(base/'data.csv'), '--run-id', 'r1'],
-                           env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
+        script_run(base/'outputs', '-p', 'train.n_estimators=20', '--raw', base/'raw.csv', '--data', base/'data.csv', '--run-id', 'r1')
     return opt_ml_build_once('pipeline_first_run', make)
+
+
+def script_run(outputs, *args, timeout=900) -> subprocess.CompletedProcess:
+    "`mlproj run --engine script ARGS` into the outputs folder `outputs`, as a user runs it (the console script); it must complete."
+    env = {**os.environ, 'MLPROJ_OUTPUTS': str(outputs)}
+    env.pop('MLPROJ_TRACEBACK', None)
+    r = subprocess.run([str(Path(sys.executable).parent/'mlproj'), 'run', '--engine', 'script', *map(str, args)],
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 @pytest.fixture(scope='session')

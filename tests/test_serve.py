@@ -4,7 +4,7 @@ import io, json, os, subprocess, sys, tarfile, urllib.error, urllib.request
 from pathlib import Path
 import pandas as pd
 import pytest
-from conftest import start_endpoint, stop_endpoint          # the local endpoint in a subprocess, stopped gracefully
+from conftest import script_run, start_endpoint, stop_endpoint   # `mlproj run`; the local endpoint in a subprocess, stopped gracefully
 
 pytestmark = pytest.mark.usefixtures('loopback_only')
 MLPROJ = str(Path(sys.executable).parent/'mlproj')
@@ -34,9 +34,7 @@ def post(url, body, content_type=None, accept=None, path='/invocations'):
 def run_outputs(tmp_path_factory):
     "`mlproj run` (script engine, small forest) in a fresh outputs folder: (outputs, batch predictions file)."
     out = tmp_path_factory.mktemp('outputs')
-    r = subprocess.run([MLPROJ, 'run', '--engine', 'script', '--run-id', 'r1', '-p', 'train.n_estimators=30'],
-                       env={**os.environ, 'MLPROJ_OUTPUTS': str(out)}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    script_run(out, '--run-id', 'r1', '-p', 'train.n_estimators=30')
     preds = out/'r1'/'batch_inference'/'predictions'/'predictions-algo-1.csv'
     assert preds.is_file()
     return out, preds

@@ -5,7 +5,7 @@ its status and an altered one by sha256; `serve deploy --backend sagemaker --mod
 import contextlib, io, json, os, signal, subprocess, sys, tarfile, urllib.error, urllib.request
 from pathlib import Path
 import pytest
-from conftest import endpoint          # the local endpoint in a subprocess, stopped gracefully
+from conftest import endpoint, script_run   # the local endpoint in a subprocess, stopped gracefully; `mlproj run`
 from mlproj import __version__
 WHEEL = f'mlproj-{__version__}-py3-none-any.whl'   # the wheel of this checkout's version (settings.ini)
 
@@ -20,9 +20,7 @@ BUCKET = 'mlproj-test-bucket'
 def pipeline_run(tmp_path_factory):
     "One `mlproj run` (script engine, a small forest) in a fresh outputs folder: (outputs, run folder)."
     out = tmp_path_factory.mktemp('outputs')
-    r = subprocess.run([MLPROJ, 'run', '--engine', 'script', '--run-id', 'r1', '-p', 'train.n_estimators=30'],
-                       env={**os.environ, 'MLPROJ_OUTPUTS': str(out)}, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    script_run(out, '--run-id', 'r1', '-p', 'train.n_estimators=30')
     return out, out/'r1'
 
 

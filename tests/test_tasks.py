@@ -79,22 +79,23 @@ def make_table(writer):
     return write, out
 
 
-@pytest.fixture(scope='module')
-def binary_project(tmp_path_factory, project_copy):
-    write, kept = make_table(tumours_csv)
-    p = project_copy(tmp_path_factory.mktemp('binary'), edits=[('10_data.ipynb', '#| export\nSCHEMA = Schema(', BINARY_DECLARATION)],
-                     assets={'mlproj/assets/tumours.csv': write})
+def task_project(tmp_path_factory, project_copy, name, writer, declaration, asset):
+    "A copy of the project whose SCHEMA cell is `declaration`, with the table `writer` writes as mlproj/assets/`asset` (kept as `.table`)."
+    write, kept = make_table(writer)
+    p = project_copy(tmp_path_factory.mktemp(name), edits=[('10_data.ipynb', '#| export\nSCHEMA = Schema(', declaration)],
+                     assets={f'mlproj/assets/{asset}': write})
     p.table = kept['table']
     return p
+
+
+@pytest.fixture(scope='module')
+def binary_project(tmp_path_factory, project_copy):
+    return task_project(tmp_path_factory, project_copy, 'binary', tumours_csv, BINARY_DECLARATION, 'tumours.csv')
 
 
 @pytest.fixture(scope='module')
 def regression_project(tmp_path_factory, project_copy):
-    write, kept = make_table(friedman_csv)
-    p = project_copy(tmp_path_factory.mktemp('regression'), edits=[('10_data.ipynb', '#| export\nSCHEMA = Schema(', REGRESSION_DECLARATION)],
-                     assets={'mlproj/assets/friedman.csv': write})
-    p.table = kept['table']
-    return p
+    return task_project(tmp_path_factory, project_copy, 'regression', friedman_csv, REGRESSION_DECLARATION, 'friedman.csv')
 
 
 def member(tar_path, name) -> bytes:
