@@ -132,10 +132,17 @@ def run_cells(lab, cells: list, folder: str, name: str = 'cells') -> list[dict]:
     from jupyter_client import BlockingKernelClient
     k = lab.api('api/kernels', 'POST', {'name': 'python3', 'path': folder})
     kc = BlockingKernelClient(connection_file=str(lab.runtime/f"kernel-{k['id']}.json"))
-    kc.load_connection_file(); kc.start_channels()
+    kc.load_connection_file()
+    # No heartbeat channel: without it jupyter_client judges liveness by a 1 s heartbeat, and calls a kernel that is
+    # still importing on a loaded 2-core machine "died before replying to kernel_info". Readiness is its first
+    # kernel_info reply; a kernel that really died is the server's word (its execution_state) when that never comes.
+    kc.start_channels(hb=False)
     outs = []
     try:
-        kc.wait_for_ready(timeout=120)
+        try: kc.wait_for_ready(timeout=120)
+        except RuntimeError as e:
+            state = lab.api(f"api/kernels/{k['id']}")['execution_state']
+            raise AssertionError(f"{name}: the server's kernel is {state}: {e}") from e
         for i, src in enumerate(cells):
             if src is None: continue
             hook = lambda msg, i=i: outs.append({'cell': i, 'type': msg['msg_type'], **msg['content']}) if msg['msg_type'] in ('error', 'display_data', 'execute_result', 'stream') else None
