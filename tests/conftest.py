@@ -6,7 +6,7 @@ Every script runs as a real subprocess over a temporary tree shaped like `/opt/m
 other test files may add.
 """
 from __future__ import annotations
-import contextlib, csv, fcntl, hashlib, io, json, os, shutil, signal, socket, subprocess, sys
+import contextlib, csv, fcntl, hashlib, io, json, os, queue, shutil, signal, socket, subprocess, sys, threading
 from pathlib import Path
 import pytest
 
@@ -409,14 +409,17 @@ def start_endpoint(argv, outputs, cwd=None):
     err = open(Path(outputs)/f'serve-{time.monotonic_ns()}.log', 'w+')
     p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd,
                          env={**os.environ, 'MLPROJ_OUTPUTS': str(outputs)})
-    line = p.stdout.readline()
+    said = queue.Queue()                      # its first line, read aside: a server that hangs before it fails the test, not CI
+    threading.Thread(target=lambda: said.put(p.stdout.readline()), daemon=True).start()
+    try: line = said.get(timeout=300)
+    except queue.Empty: line = '(nothing in 300 s)'
     m = re.search(r'listening on (http://127\.0\.0\.1:\d+)', line)
     if not m:
         p.kill(); err.seek(0); raise AssertionError(f'server did not start: {line!r}\n{err.read()[-3000:]}')
     for _ in range(1200):
         try:
-            if urllib.request.urlopen(m.group(1) + '/ping', timeout=2).status == 200: return p, m.group(1), err
-        except (urllib.error.URLError, ConnectionError): time.sleep(0.05)
+            if urllib.request.urlopen(m.group(1) + '/ping', timeout=10).status == 200: return p, m.group(1), err
+        except OSError: time.sleep(0.05)         # refused, reset, or slow under load (URLError and TimeoutError are OSErrors)
     p.kill(); raise AssertionError('no 200 from /ping')
 
 
