@@ -752,7 +752,7 @@ def plot_feature(baseline_stats:dict, # the baseline's statistics.json
     ax.set_title(t, fontsize=9); ax.set_ylabel('share'); ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/45_monitor.ipynb #45-monitor-080
+# %% ../nbs/45_monitor.ipynb #45-monitor-084
 def plot_quality(stats:dict, # the batch's model-quality statistics (see model_quality)
                  evaluation:dict|None=None, # the model's evaluation.json, the baseline
                  constraints:dict|None=None, # the thresholds applied (see quality_constraints)

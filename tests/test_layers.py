@@ -124,3 +124,11 @@ def test_readme_graph_is_the_declared_graph():
     from mlproj.pipeline import pipeline_mermaid
     readme = (PKG.parent/'README.md').read_text()
     assert f'```mermaid\n{pipeline_mermaid()}\n```' in readme
+
+
+@pytest.mark.parametrize('nb', sorted(p.relative_to(PKG.parent).as_posix() for p in (PKG.parent/'nbs').rglob('*.ipynb') if '.ipynb_checkpoints' not in p.parts))
+def test_notebook_cell_ids_are_unique(nb):
+    "A repeated cell id (a merge can leave one) is renamed by nbformat's next write, moving the `# %% ... #id` references of mlproj/."
+    import collections, json
+    ids = collections.Counter(c.get('id') for c in json.loads((PKG.parent/nb).read_text())['cells'])
+    assert not [i for i, n in ids.items() if n > 1], f'{nb}: repeated cell ids'
