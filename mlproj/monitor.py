@@ -20,8 +20,8 @@ __all__ = ['STATISTICS_FILE', 'CONSTRAINTS_FILE', 'VIOLATIONS_FILE', 'CHECK_TYPE
            'merge_summaries', 'merge_predictions', 'summarize_files', 'summarize_predictions', 'inferred_type',
            'statistics', 'target_summary', 'suggest_baseline', 'predictions_plan', 'summarize_predicted',
            'ks_over_buckets', 'linf', 'chi_squared_p', 'robust_floor', 'compare', 'check', 'monitor_frame',
-           'quality_pairs', 'quality_constraints', 'quality_violations', 'model_quality', 'outcome', 'first_violation',
-           'finish', 'plot_feature', 'plot_quality']
+           'quality_pairs', 'quality_constraints', 'quality_violations', 'evaluation_labels', 'model_quality',
+           'outcome', 'first_violation', 'finish', 'plot_feature', 'plot_quality']
 
 # %% ../nbs/45_monitor.ipynb #45-monitor-006
 STATISTICS_FILE, CONSTRAINTS_FILE, VIOLATIONS_FILE = 'statistics.json', 'constraints.json', 'constraint_violations.json'
@@ -662,6 +662,24 @@ def quality_violations(stats:dict, # model-quality statistics of the batch (see 
                         'description': f"Metric {k} with {v:.6g} +/- {sd if sd == 'NaN' else f'{sd:.4g}'} was {op} '{t:.6g}'"})
     return out
 
+# %% ../nbs/45_monitor.ipynb #45-monitor-086
+def evaluation_labels(q:dict, # labelled rows matched to predictions (see quality_pairs)
+                      schema:Schema=SCHEMA, # the model's schema
+                      notes:list|None=None, # collects how many served labels differ
+                     )->list:
+    "The predicted labels as the evaluation draws them: binary, from the positive-class probability at `THRESHOLD` (a probability written as exactly it keeps its served label); other tasks, as served."
+    from mlproj.inference import THRESHOLD
+    if schema.task != 'binary' or q['score'] is None: return q['predicted']
+    pos = str(schema.positive_class); neg = next(str(c) for c in schema.classes if str(c) != pos)
+    # A written probability is the true one rounded (PROBA_DECIMALS): one above or below the threshold was so unrounded too,
+    # one written as the threshold itself may have been either side of it, and its served label says which (when served at THRESHOLD).
+    out = [pos if s > THRESHOLD else neg if s < THRESHOLD else p for s, p in zip(q['score'], q['predicted'])]
+    moved = sum(a != b for a, b in zip(out, q['predicted']))
+    if moved and notes is not None:
+        notes.append(f"model quality at the evaluation's threshold {THRESHOLD:g}: {moved:,} of {len(out):,} rows were served another label (batch inference's threshold differs)")
+    return out
+
+
 # %% ../nbs/45_monitor.ipynb #45-monitor-064
 def model_quality(q:dict, # labelled rows matched to predictions (see quality_pairs, merged_quality)
                   schema:Schema=SCHEMA, # the model's schema
@@ -674,7 +692,7 @@ def model_quality(q:dict, # labelled rows matched to predictions (see quality_pa
     notes = [] if notes is None else notes
     if q['matched'] < q['labelled']: notes.append(f"model quality: {q['labelled'] - q['matched']:,} of {q['labelled']:,} labelled rows have no prediction; left out")
     if not q['matched']: notes.append('model quality not computed: no labelled row has a prediction'); return None
-    stats = compute_metrics(q['actual'], q['predicted'], schema.task, list(schema.classes), q['score'], schema.positive_class)
+    stats = compute_metrics(q['actual'], evaluation_labels(q, schema, notes), schema.task, list(schema.classes), q['score'], schema.positive_class)
     cons = quality_constraints(evaluation, schema.task, tolerance) if evaluation else None
     if evaluation and cons is None: notes.append(f'model quality not compared: the evaluation holds no {schema.task} metrics')
     return {'statistics': stats, 'constraints': cons, 'violations': quality_violations(stats, cons, schema.task) if cons else [], 'rows': q['matched']}

@@ -243,6 +243,26 @@ def test_rows_without_labels_or_without_an_evaluation_are_not_compared(evaluated
     assert sorted(f.name for f in (tmp_path/'m2'/'model_quality').iterdir()) == ['constraint_violations.json', 'statistics.json']
 
 
+def test_the_threshold_a_batch_was_served_at_does_not_move_its_model_quality(evaluated, tmp_path):
+    "Binary: predictions labelled at 0.3 are measured at the evaluation's 0.5, as the evaluation was (else precision and recall"
+    "would be compared across thresholds), with a note counting the rows served otherwise. Regression: the threshold is unused."
+    task, b, t = evaluated['task'], evaluated['base'], evaluated['tree']
+    t.run_ok('batch_inference', '--model', b/'model', '--data', b/'rows', '--predictions', tmp_path/'p03', '--threshold', '0.3')
+    served = lambda d: pd.read_csv(d/'predictions-algo-1.csv')
+    moved = int((served(tmp_path/'p03') != served(b/'predictions')).any(axis=1).sum())
+    assert (moved > 0) == (task == 'binary')                                  # some rows lie between 0.3 and 0.5
+    stats, notes = {}, {}
+    for name, pred in (('at05', b/'predictions'), ('at03', tmp_path/'p03')):
+        p = t.run('monitor', '--model', b/'model', '--data', b/'rows', '--predictions', pred, '--evaluation', b/'evaluation', '--monitoring', tmp_path/name)
+        notes[name] = t.check_ok_stdout(p, 'monitor')['notes']
+        stats[name] = json.loads((tmp_path/name/'model_quality'/'statistics.json').read_text())
+    assert stats['at03'] == stats['at05']
+    said = [n for n in notes['at03'] if "evaluation's threshold" in n]
+    assert said == ([f"model quality at the evaluation's threshold 0.5: {moved:,} of {len(evaluated['df']):,} rows were served another label "
+                     "(batch inference's threshold differs)"] if task == 'binary' else []), notes['at03']
+    assert not [n for n in notes['at05'] if "evaluation's threshold" in n]
+
+
 def test_sharded_monitor_merges_to_the_one_instance_model_quality(evaluated, cli, tmp_path):
     "Three instances, the rows split by file: their summaries merge to exactly the model quality of one instance."
     from functools import reduce
