@@ -300,6 +300,7 @@ def test_job_notebooks_show_the_pictures_of_the_task(evaluated, cli, tmp_path):
         assert name in html, name
     assert html.count('image/png') >= (3 if task == 'binary' else 2)
     assert ('auc' in html) == (task == 'binary') and ('rmse' in html) == (task == 'regression')
+    assert ('<th>best constant classifier</th>' in html) == (task == 'binary')     # regression has no constant-classifier figures: no empty column
     code, _, err = cli('job', 'run', 'monitor', '--name', 'mon', '--input', f"model={b/'model'}", '--input', f"data={b/'rows'}",
                        '--input', f"predictions={b/'predictions'}", '--input', f"evaluation={tmp_path/'outputs/ev/evaluation'}")
     assert code == 0, err[-3000:]
