@@ -18,10 +18,11 @@ from .storage import sha256_file, sha256_stream
 # %% auto #0
 __all__ = ['ESTIMATOR_TRUSTED_TYPES', 'MAKE_ESTIMATOR_CELL', 'MODEL_FILE', 'MANIFEST_FILE', 'ARTIFACT', 'FORMAT',
            'MAX_MODEL_BYTES', 'MAX_MANIFEST_BYTES', 'BASELINE_FILES', 'MAX_BASELINE_BYTES', 'TRUSTED_TYPES',
-           'ESTIMATOR_CELL', 'make_estimator', 'ready_estimator', 'train_model', 'library_versions', 'build_manifest',
-           'model_schema', 'model_bytes', 'write_model_artifact', 'tree_shape_problem', 'tree_depth',
-           'sklearn_tree_problem', 'predictor_problem', 'check_trees', 'schema_difference', 'check_manifest',
-           'load_model', 'untrusted_types', 'check_artifact', 'load_baseline']
+           'FEATURE_MODULE', 'ESTIMATOR_CELL', 'make_estimator', 'ready_estimator', 'train_model', 'library_versions',
+           'build_manifest', 'model_schema', 'feature_code', 'model_bytes', 'write_model_artifact',
+           'tree_shape_problem', 'tree_depth', 'sklearn_tree_problem', 'predictor_problem', 'check_trees',
+           'schema_difference', 'check_feature_code', 'check_manifest', 'load_model', 'untrusted_types',
+           'check_artifact', 'load_baseline']
 
 # %% ../nbs/30_train.ipynb #30-train-003b
 from sklearn.ensemble import ExtraTreesClassifier, ExtraTreesRegressor
@@ -104,16 +105,25 @@ def library_versions()->dict:
             'pandas': pd.__version__, 'skops': skops.__version__}
 
 def build_manifest(model:Pipeline, model_sha256:str, params:dict|None=None, baseline_sha256:dict|None=None)->dict:
-    "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), task, classes, params, versions, baseline files."
+    "The manifest stored beside the model: its schema (so inference validates by the rules it was trained with), task, classes, params, versions, feature code, baseline files."
     schema = model.named_steps['features'].schema
     return {'format': FORMAT, 'task': schema.task, 'positive_class': schema.positive_class, 'target': schema.target, 'id_column': schema.id,
             'features': list(schema.features), 'classes': [str(c) for c in getattr(model, 'classes_', [])], 'schema': schema.to_dict(),
-            'params': params or {}, 'libraries': library_versions(), 'model_file': MODEL_FILE, 'model_sha256': model_sha256,
+            'params': params or {}, 'libraries': library_versions(), 'feature_code': feature_code(), 'model_file': MODEL_FILE, 'model_sha256': model_sha256,
             **({'baseline': dict(baseline_sha256)} if baseline_sha256 else {})}
 
 def model_schema(manifest:dict)->Schema:
     "The schema a model was trained with, from its manifest."
     return Schema.from_dict(manifest['schema'])
+
+# %% ../nbs/30_train.ipynb #30-train-007a
+FEATURE_MODULE = 'mlproj.features'   # the code that turns a validated table into the model's inputs (its state is in the model, its code is not)
+
+def feature_code()->dict:
+    "{'module', 'sha256'}: the feature module this mlproj runs, and the sha256 of its file."
+    import importlib
+    return {'module': FEATURE_MODULE, 'sha256': sha256_file(importlib.import_module(FEATURE_MODULE).__file__)}
+
 
 # %% ../nbs/30_train.ipynb #30-train-008
 _IDS = re.compile(r'("__id__": )(\d+)|("file": ")(\d+)(\.npy")')
@@ -332,6 +342,22 @@ def schema_difference(claimed:Schema, # the schema an artifact's manifest descri
             if getattr(a, f) != getattr(b, f): return f'column {quote(a.name, 40)}: {f} {quote(getattr(a, f), 80, quoted=False)} instead of {quote(getattr(b, f), 80, quoted=False)}'
     return 'it differs'
 
+# %% ../nbs/30_train.ipynb #30-train-011f
+def check_feature_code(manifest:dict, # the model's manifest
+                       p, # the artifact, for the message
+                      ):
+    "Refuse a model whose manifest records other feature code than this mlproj's (`feature_code`); a manifest from before the record has none."
+    rec = manifest.get('feature_code')
+    if rec is None: return
+    if not (isinstance(rec, dict) and isinstance(rec.get('module'), str) and isinstance(rec.get('sha256'), str)):
+        raise InputError(f'{p}: {MANIFEST_FILE} holds no valid feature_code record')
+    now = feature_code()
+    if (rec['module'], rec['sha256']) != (now['module'], now['sha256']):
+        raise InputError(f"{p}: trained with other feature code ({quote(rec['module'], 40)} sha256 {quote(rec['sha256'][:12], 20)}…, this mlproj's "
+                         f"{now['module']} {now['sha256'][:12]}…): its inputs would be computed by code it was not trained with; "
+                         "retrain it, or load it with the mlproj it was trained with (the run's source.commit)")
+
+
 # %% ../nbs/30_train.ipynb #30-train-012
 def check_manifest(model, manifest:dict, p)->Schema:
     "Refuse a manifest whose task, features, classes, target or schema are not its schema's and the model's; returns the schema."
@@ -365,6 +391,7 @@ def load_model(path, # model.tar.gz, or a folder holding one
         with tarfile.open(p, 'r:gz') as tar:
             found = _members(tar, p)
             manifest = _read_manifest(tar, found[MANIFEST_FILE], p)
+            check_feature_code(manifest, p)                         # before a byte of the model is read: the code that will feed it
             if sha256_stream(tar.extractfile(found[MODEL_FILE])) != manifest.get('model_sha256'):
                 raise InputError(f'{p}: corrupted model artifact ({MODEL_FILE} does not match the sha256 in {MANIFEST_FILE})')
             _check_baseline(tar, found, manifest, p)

@@ -1,6 +1,6 @@
 """Trust and faults: model artifacts that cannot run code, limits that hold, stops that clean up, files that honour
 the umask, messages that do not grow with the data. Each test here failed on the code before these changes."""
-import gzip, hashlib, io, json, os, pickle, signal, subprocess, sys, tarfile, time
+import gzip, hashlib, io, json, os, pickle, shutil, signal, subprocess, sys, tarfile, time
 from pathlib import Path
 import pytest
 
@@ -70,6 +70,28 @@ def test_another_model_than_the_expected_one_is_refused(tmp_path, opt_ml_tree, o
     assert 'not the expected model' in line, line
     right = hashlib.sha256(opt_ml_trained['model'].read_bytes()).hexdigest()
     assert t.run('batch_inference', '--expected_model_sha256', right).returncode == 0
+
+
+def test_a_model_is_refused_by_other_feature_code_than_it_was_trained_with(tmp_path, opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "Training/serving skew: a copy of the package whose features.py differs by one line loads no model this one trained — batch"
+    "inference fails the contract's way, the serving handlers' model_fn refuses — while the code it was trained with loads it."
+    import mlproj
+    pkg = tmp_path/'edited'
+    shutil.copytree(Path(mlproj.__file__).parent, pkg/'mlproj', ignore=shutil.ignore_patterns('__pycache__'))
+    f = pkg/'mlproj/features.py'
+    f.write_text(f.read_text() + '\n# an edit\n')
+    t = opt_ml_tree
+    t.stage('model', opt_ml_trained['model']); t.stage('data', opt_ml_penguins)
+    line = opt_ml_assert_failed(t.run('batch_inference', env={'PYTHONPATH': str(pkg)}), t, 'batch_inference', [t.outputs])
+    assert 'trained with other feature code' in line and "retrain it, or load it with the mlproj it was trained with" in line, line
+    code = (f"from mlproj.serve import model_fn\ntry: model_fn({str(t.input('model'))!r}); print('LOADED')\n"
+            "except Exception as e: print('REFUSED', type(e).__name__, e)")
+    runs = {k: subprocess.run([sys.executable, '-c', code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)          # not the checkout: `python -c` puts its folder first on sys.path
+            for k, env in (('edited', {'PYTHONPATH': str(pkg)}), ('same', {}))}
+    assert runs['edited'].stdout.startswith('REFUSED InputError') and 'trained with other feature code' in runs['edited'].stdout, runs['edited']
+    assert runs['same'].stdout.strip() == 'LOADED', runs['same']
+    assert t.run('batch_inference').returncode == 0
 
 
 def test_sigterm_stops_a_runtime_script_cleanly(tmp_path, opt_ml_tree, opt_ml_trained):
