@@ -21,7 +21,7 @@ __all__ = ['ESTIMATOR_TRUSTED_TYPES', 'MAKE_ESTIMATOR_CELL', 'MODEL_FILE', 'MANI
            'FEATURE_MODULE', 'ESTIMATOR_CELL', 'make_estimator', 'ready_estimator', 'train_model', 'library_versions',
            'build_manifest', 'model_schema', 'feature_code', 'model_bytes', 'write_model_artifact',
            'tree_shape_problem', 'tree_depth', 'sklearn_tree_problem', 'predictor_problem', 'check_trees',
-           'schema_difference', 'check_feature_code', 'check_manifest', 'load_model', 'untrusted_types',
+           'schema_difference', 'check_trained_with', 'check_manifest', 'load_model', 'untrusted_types',
            'check_artifact', 'load_baseline']
 
 # %% ../nbs/30_train.ipynb #30-train-003b
@@ -343,10 +343,16 @@ def schema_difference(claimed:Schema, # the schema an artifact's manifest descri
     return 'it differs'
 
 # %% ../nbs/30_train.ipynb #30-train-011f
-def check_feature_code(manifest:dict, # the model's manifest
+def check_trained_with(manifest:dict, # the model's manifest
                        p, # the artifact, for the message
                       ):
-    "Refuse a model whose manifest records other feature code than this mlproj's (`feature_code`); a manifest from before the record has none."
+    "Refuse a model trained with other feature code than this mlproj's (`feature_code`; a manifest from before the record has none) or another scikit-learn minor version."
+    libs = manifest.get('libraries')
+    trained = str(libs.get('scikit-learn', '')) if isinstance(libs, dict) else ''
+    if trained and trained.split('.')[:2] != sklearn.__version__.split('.')[:2]:
+        ver = trained if re.fullmatch(r'\d+(\.\d+){1,3}[a-z0-9.]*', trained) else quote(trained, 20)     # the manifest's text, shown safely
+        raise InputError(f"{p}: trained with scikit-learn {ver}, this environment has {sklearn.__version__}: a model does not load or predict "
+                         f"the same under another minor version; install scikit-learn=={ver} or retrain it")
     rec = manifest.get('feature_code')
     if rec is None: return
     if not (isinstance(rec, dict) and isinstance(rec.get('module'), str) and isinstance(rec.get('sha256'), str)):
@@ -391,7 +397,7 @@ def load_model(path, # model.tar.gz, or a folder holding one
         with tarfile.open(p, 'r:gz') as tar:
             found = _members(tar, p)
             manifest = _read_manifest(tar, found[MANIFEST_FILE], p)
-            check_feature_code(manifest, p)                         # before a byte of the model is read: the code that will feed it
+            check_trained_with(manifest, p)                         # before a byte of the model is read: the code and library that will run it
             if sha256_stream(tar.extractfile(found[MODEL_FILE])) != manifest.get('model_sha256'):
                 raise InputError(f'{p}: corrupted model artifact ({MODEL_FILE} does not match the sha256 in {MANIFEST_FILE})')
             _check_baseline(tar, found, manifest, p)

@@ -94,6 +94,22 @@ def test_a_model_is_refused_by_other_feature_code_than_it_was_trained_with(tmp_p
     assert t.run('batch_inference').returncode == 0
 
 
+def test_a_model_trained_under_another_scikit_learn_minor_version_is_refused(opt_ml_tree, opt_ml_trained, opt_ml_penguins, opt_ml_assert_failed):
+    "A serving container that resolved scikit-learn to a newer minor release than training: one line naming both, not another model's"
+    "predictions; another patch release of the same minor version loads."
+    import sklearn
+    major, minor, *_ = sklearn.__version__.split('.')
+    t = opt_ml_tree
+    t.stage('data', opt_ml_penguins)
+    other = f'{major}.{int(minor) + 1}.0'
+    art = _retarred(opt_ml_trained['model'], t.input('model')/'model.tar.gz', lambda m: {**m, 'libraries': {**m['libraries'], 'scikit-learn': other}})
+    line = opt_ml_assert_failed(t.run('batch_inference'), t, 'batch_inference', [t.outputs])
+    assert line == (f'batch_inference: {art}: trained with scikit-learn {other}, this environment has {sklearn.__version__}: a model does not load '
+                    f'or predict the same under another minor version; install scikit-learn=={other} or retrain it'), line
+    _retarred(opt_ml_trained['model'], art, lambda m: {**m, 'libraries': {**m['libraries'], 'scikit-learn': f'{major}.{minor}.99'}})
+    assert t.run('batch_inference').returncode == 0
+
+
 def test_sigterm_stops_a_runtime_script_cleanly(tmp_path, opt_ml_tree, opt_ml_trained):
     "SageMaker stops a container with SIGTERM: the message file says so, no temp file is left, exit 143."
     from mlproj.data import synthetic_penguins
