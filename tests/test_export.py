@@ -407,7 +407,11 @@ def test_upsert_start_show_stepfunctions(moto_server):
     assert code == 0, err
     shown = json.loads(out)
     assert shown['execution'] == ex and shown['status'] in ('RUNNING', 'SUCCEEDED') and shown['parameters'] == {'TrainSeed': 7, 'GateThreshold': 0.95}
-    assert isinstance(shown['steps'], list)
+    # each state the execution's history names, in order, with its latest event (moto's history is a canned one: the reading is what is checked)
+    events = [e.get('stateEnteredEventDetails') or e.get('stateExitedEventDetails') for e in sfn.get_execution_history(executionArn=ex)['events']]
+    named = [d['name'] for d in events if d]
+    assert named and [s['step'] for s in shown['steps']] == list(dict.fromkeys(named)), (named, shown['steps'])
+    assert {s['status'] for s in shown['steps']} <= {'Entered', 'Exited'}
 
 
 def test_upsert_stock_image_ships_the_wheel(moto_server, tmp_path):
