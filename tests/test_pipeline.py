@@ -162,7 +162,9 @@ def test_an_edited_function_anywhere_in_the_package_reruns_every_step(project, t
     f.write_text(f.read_text() + '\n# an edit that changes no behaviour, but the code\n')
     _, rec = run(project, env={'PYTHONPATH': str(pkg)})
     assert set(cache_states(rec).values()) == {'miss'}, cache_states(rec)
-    assert all(s['cache_reason'] == 'code changed (mlproj package)' for s in rec['steps']), [s['cache_reason'] for s in rec['steps']]
+    reasons = {s['step']: s['cache_reason'] for s in rec['steps']}
+    assert all(r.startswith('code changed (mlproj package)') for r in reasons.values()), reasons
+    assert 'input model changed (model.tar.gz)' in reasons['evaluate'], reasons     # the model records the feature code it was trained with
     assert rec['source'] is None, rec['source']                      # imported from the copy: not a checkout
 
 
