@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_train.ipynb #30-train-002
 from __future__ import annotations
-import gzip, hashlib, io, json, platform, re, tarfile, zipfile, zlib
+import gzip, hashlib, io, json, platform, re, sys, tarfile, zipfile, zlib
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -117,12 +117,11 @@ def model_schema(manifest:dict)->Schema:
     return Schema.from_dict(manifest['schema'])
 
 # %% ../nbs/30_train.ipynb #30-train-007a
-FEATURE_MODULE = 'mlproj.features'   # the code that turns a validated table into the model's inputs (its state is in the model, its code is not)
+FEATURE_MODULE = TableFeatures.__module__   # the code that turns a validated table into the model's inputs (its state is in the model, its code is not)
 
 def feature_code()->dict:
     "{'module', 'sha256'}: the feature module this mlproj runs, and the sha256 of its file."
-    import importlib
-    return {'module': FEATURE_MODULE, 'sha256': sha256_file(importlib.import_module(FEATURE_MODULE).__file__)}
+    return {'module': FEATURE_MODULE, 'sha256': sha256_file(sys.modules[FEATURE_MODULE].__file__)}
 
 
 # %% ../nbs/30_train.ipynb #30-train-008
