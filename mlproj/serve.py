@@ -145,7 +145,7 @@ def prediction_csv(prediction:pd.DataFrame, # what predict_fn returned
     from mlproj.inference import _Writer        # batch inference's writer: one home for the rounding and the bytes
     buf, plain = io.BytesIO(), prediction.copy(deep=False)
     plain.attrs = {}                                # predict_fn's notes are not table metadata
-    _Writer(buf, schema).write(plain)
+    _Writer(buf, schema, tally=False).write(plain)   # no summary: nothing to count
     body = buf.getvalue()
     return body if header else body.split(b'\n', 1)[1]
 
