@@ -99,9 +99,11 @@ def resolve_keep(keep_columns:str, raw_columns:list, reserved:list, source)->lis
     return names
 
 # %% ../nbs/50_inference.ipynb #50-inference-015
-def _rounded(name:str, s:pd.Series)->pd.Series:
+def _rounded(name:str, s:pd.Series):
     "Column `name` as written: a number column named `proba_…` rounded to `PROBA_DECIMALS` (what `DataFrame.round` rounds), others as they are."
-    if name.startswith('proba_') and (pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_float_dtype(s.dtype)): return s.round(PROBA_DECIMALS)
+    if not name.startswith('proba_'): return s
+    if s.dtype == np.float64: return s.to_numpy().round(PROBA_DECIMALS)      # the probabilities: NumPy's round, as pandas' own
+    if pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_float_dtype(s.dtype): return s.round(PROBA_DECIMALS)
     return s
 
 class _Writer:
