@@ -612,7 +612,8 @@ def body_records(text:str, # the body, as text
 # %% ../nbs/10_data.ipynb #10-data-036
 def _text_column(values:tuple, name, source:str):
     "One column of cells as sent: Arrow strings when every cell is text (validate's fast path, as for files), else objects (nested values refused)."
-    if all(type(v) is str for v in values): return pd.array(values, dtype='string[pyarrow]')
+    import pyarrow as pa
+    if all(type(v) is str for v in values): return pd.arrays.ArrowStringArray(pa.array(values, pa.string()))   # pd.array(values, dtype='string[pyarrow]') without its pass over every value
     for i, v in enumerate(values, 1):
         if isinstance(v, (dict, list)): raise InputError(f'{source} row {i}, column {quote(name, 60)}: a nested JSON value is not a cell')
     return pd.array(values, dtype=object)
