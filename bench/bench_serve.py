@@ -6,7 +6,9 @@ the same run. Prints figures; asserts nothing.
 The endpoint is `mlproj serve` in a subprocess (gunicorn sync workers, the package extracted to a sandbox), called over
 loopback HTTP with a new connection per request (the sync workers close each one, as the container's gunicorn does
 behind nginx). References, in this process, on the same model and rows: bare `model.predict_proba`, and the four
-handlers called directly (input_fn -> predict_fn -> output_fn), which is what the endpoint adds HTTP to.
+handlers called directly (input_fn -> predict_fn -> output_fn), which is what the endpoint adds HTTP to. The three are
+timed in turns (one call of each, again and again), so a shared machine's load weighs on all three alike; each turn's
+difference to `predict_proba` gives `over_predict_proba` (median).
 
 - one-row CSV request: median and p99 latency;
 - 1,000-row CSV requests: rows per second;
@@ -75,27 +77,35 @@ def main():
     X1, X1000 = df[list(FEATURES)].head(1), pd.concat([df] * 3, ignore_index=True).head(1000)[list(FEATURES)]
     figures = {'workers': a.workers, 'n_estimators': a.n_estimators}
 
-    # in-process references
+    # in-process references and the endpoint, measured in turns (reference, handlers, endpoint, reference, ...) so that all
+    # three see the same load on a shared machine; `over_predict_proba` is the median of each turn's own difference
     served.pipeline.predict_proba(X1)
-    ref1 = timed(lambda: served.pipeline.predict_proba(X1), a.one_row)
-    hand1 = timed(lambda: output_fn(predict_fn(input_fn(one_csv, 'text/csv'), served), 'text/csv'), a.one_row)
-    refbig = timed(lambda: served.pipeline.predict_proba(X1000), a.big)
-    handbig = timed(lambda: output_fn(predict_fn(input_fn(big_csv, 'text/csv'), served), 'text/csv'), a.big)
+    def handlers(body): return output_fn(predict_fn(input_fn(body, 'text/csv'), served), 'text/csv')
+    for _ in range(20): handlers(one_csv); handlers(big_csv)
 
     with LocalServer(tmp, a.workers) as srv:
         port = int(srv.url.rsplit(':', 1)[1])
         for _ in range(20): request(port, one_csv)                       # every worker warm
-        ep1 = timed(lambda: request(port, one_csv), a.one_row)
-        epbig = timed(lambda: request(port, big_csv), a.big)
+        def turns(fns, n):
+            out = [[] for _ in fns]
+            for _ in range(n):
+                for k, fn in enumerate(fns): out[k] += timed(fn, 1)
+            return out
+        ref1, hand1, ep1 = turns([lambda: served.pipeline.predict_proba(X1), lambda: handlers(one_csv), lambda: request(port, one_csv)], a.one_row)
+        refbig, handbig, epbig = turns([lambda: served.pipeline.predict_proba(X1000), lambda: handlers(big_csv), lambda: request(port, big_csv)], a.big)
+        over = lambda xs, ref: statistics.median(x - r for x, r in zip(xs, ref))
         figures['one_row_ms'] = {
-            'endpoint': {'median': statistics.median(ep1), 'p99': pct(ep1, 99)},
+            'endpoint': {'median': statistics.median(ep1), 'p99': pct(ep1, 99), 'over_predict_proba': over(ep1, ref1)},
             'in_process_predict_proba': {'median': statistics.median(ref1), 'p99': pct(ref1, 99)},
-            'in_process_handlers': {'median': statistics.median(hand1), 'p99': pct(hand1, 99)}}
+            'in_process_handlers': {'median': statistics.median(hand1), 'p99': pct(hand1, 99), 'over_predict_proba': over(hand1, ref1)}}
         figures['rows_per_s_1000_row_requests'] = {
             'endpoint': 1000 / (statistics.median(epbig) / 1000), 'in_process_predict_proba': 1000 / (statistics.median(refbig) / 1000),
             'in_process_handlers': 1000 / (statistics.median(handbig) / 1000)}
         figures['rows_per_s_1000_row_requests']['endpoint_over_predict_proba'] = (
             figures['rows_per_s_1000_row_requests']['endpoint'] / figures['rows_per_s_1000_row_requests']['in_process_predict_proba'])
+        figures['rows_per_s_1000_row_requests']['in_process_handlers_over_predict_proba'] = (
+            figures['rows_per_s_1000_row_requests']['in_process_handlers'] / figures['rows_per_s_1000_row_requests']['in_process_predict_proba'])
+        figures['load_average'] = Path('/proc/loadavg').read_text().split()[:3] if Path('/proc/loadavg').exists() else None
 
         # load: one in ten malformed, four kinds, each with the words its message must contain
         bad = [(b'Dream,39.1,18.7,181,3750,robot\n', 'text/csv', 400, "column 'sex': unknown category 'robot'"),

@@ -4,6 +4,7 @@
 
 # %% ../nbs/10_data.ipynb #10-data-002
 from __future__ import annotations
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -342,6 +343,14 @@ def _locator(parts:list):
 _SPACE = ''.join(ch for ch in map(chr, range(0x3001)) if ch.isspace())     # what str.strip() strips
 _EDGE_SPACE = f'^[{_SPACE}]|[{_SPACE}]$'
 
+@functools.lru_cache(maxsize=None)
+def _text_set(values:tuple):
+    "`values` as an Arrow string array, made once: the sets `_typed_column` looks cells up in."
+    import pyarrow as pa
+    return pa.array(list(values), pa.string())
+
+_NA_TEXT = tuple(sorted(_NA))
+
 def _typed_column(c:Column, s:pd.Series, required:bool)->pd.Series|None:
     "Column `c` of Arrow-backed text `s` in canonical form, checked with Arrow's kernels; None when any value needs the precise path."
     import pyarrow as pa, pyarrow.compute as pc
@@ -350,19 +359,20 @@ def _typed_column(c:Column, s:pd.Series, required:bool)->pd.Series|None:
     if a.null_count: return None
     padded_ok = c.kind == 'number' or (c.kind == 'category' and all(str(v) == str(v).strip() for v in c.categories))
     if not padded_ok and pc.any(pc.match_substring_regex(a, _EDGE_SPACE)).as_py(): return None   # numbers and categories refuse padding anyway
-    isna = pc.is_in(a, value_set=pa.array(sorted(_NA)))
-    if required and pc.any(isna).as_py(): return None
+    na = pc.is_in(a, value_set=_text_set(_NA_TEXT))
+    isna = na.to_numpy(zero_copy_only=False)         # the checks on NumPy arrays: each Arrow call costs more on a small table
+    if required and isna.any(): return None
     if c.kind == 'number':
-        try: num = pc.cast(pc.if_else(isna, pa.scalar(None, pa.string()), a), pa.float64())
+        try: num = pc.cast(pc.if_else(na, pa.scalar(None, pa.string()), a) if isna.any() else a, pa.float64()).to_numpy(zero_copy_only=False)   # NaN where missing
         except pa.lib.ArrowException: return None
-        if pc.any(pc.is_nan(num)).as_py(): return None                          # 'NAN', '-nan': not numbers to the precise path
+        if (np.isnan(num) & ~isna).any(): return None                           # 'NAN', '-nan': not numbers to the precise path
         lo, hi = max(-NUMBER_LIMIT, -np.inf if c.lo is None else c.lo), min(NUMBER_LIMIT, np.inf if c.hi is None else c.hi)   # inf, or beyond: the precise path says which
-        if pc.any(pc.or_(pc.less(num, lo), pc.greater(num, hi))).as_py(): return None
-        return pd.Series(num.to_numpy(zero_copy_only=False).astype('float64'), index=s.index)
+        if ((num < lo) | (num > hi)).any(): return None
+        return pd.Series(num.astype('float64'), index=s.index)
     text = a.to_numpy(zero_copy_only=False)
     if c.kind == 'category':
-        if not pc.all(pc.or_(isna, pc.is_in(a, value_set=pa.array(list(c.categories), pa.string())))).as_py(): return None
-        text = text.copy(); text[isna.to_numpy(zero_copy_only=False)] = np.nan
+        if not (isna | pc.is_in(a, value_set=_text_set(c.categories)).to_numpy(zero_copy_only=False)).all(): return None
+        text = text.copy(); text[isna] = np.nan
     return pd.Series(text, index=s.index, dtype=object)
 
 def validate(raw:pd.DataFrame, # one chunk as read (or consecutive chunks of several files, see `parts`)
@@ -602,7 +612,8 @@ def body_records(text:str, # the body, as text
 # %% ../nbs/10_data.ipynb #10-data-036
 def _text_column(values:tuple, name, source:str):
     "One column of cells as sent: Arrow strings when every cell is text (validate's fast path, as for files), else objects (nested values refused)."
-    if all(type(v) is str for v in values): return pd.array(values, dtype='string[pyarrow]')
+    import pyarrow as pa
+    if all(type(v) is str for v in values): return pd.arrays.ArrowStringArray(pa.array(values, pa.string()))   # pd.array(values, dtype='string[pyarrow]') without its pass over every value
     for i, v in enumerate(values, 1):
         if isinstance(v, (dict, list)): raise InputError(f'{source} row {i}, column {quote(name, 60)}: a nested JSON value is not a cell')
     return pd.array(values, dtype=object)

@@ -14,7 +14,7 @@ from .errors import InputError
 
 # %% auto #0
 __all__ = ['PROBA_DECIMALS', 'THRESHOLD', 'SOURCE_FILE', 'SOURCE_ROW', 'prediction_column', 'predict_rows', 'predict_proba_rows',
-           'predict_task', 'predict_frame', 'resolve_keep', 'predict_files']
+           'predict_task', 'id_lead', 'predict_frame', 'resolve_keep', 'predict_files']
 
 # %% ../nbs/50_inference.ipynb #50-inference-005
 PROBA_DECIMALS = 6   # probabilities are written rounded: enough to rank, and stable text
@@ -54,24 +54,37 @@ def predict_task(model, # fitted pipeline
                  cpus:int=1, # cores to predict on (see `predict_rows`)
                 )->pd.DataFrame:
     "The model's predictions of `X` by task: the prediction column, then `proba_<class>` per class (classification)."
-    col, X = prediction_column(schema), X[list(schema.features)]
-    if schema.task == 'regression': return pd.DataFrame({col: predict_rows(model.predict, X, cpus).astype('float64')})
+    return pd.DataFrame(_predicted(model, X, schema, threshold, cpus))
+
+def _features(X:pd.DataFrame, schema:Schema)->pd.DataFrame:
+    "`X[list(schema.features)]`: by `reindex`, a third of the cost, when each feature is a column of `X` once (else `X[...]`, as it was, which says what is missing)."
+    names = list(schema.features)
+    if X.columns.is_unique and all(n in X.columns for n in names): return X.reindex(columns=names)
+    return X[names]
+
+def _predicted(model, X:pd.DataFrame, schema:Schema, threshold:float, cpus:int)->dict:
+    "`predict_task`'s columns as arrays, by name (`predict_frame` builds its table from them in one go)."
+    col, X = prediction_column(schema), _features(X, schema)
+    if schema.task == 'regression': return {col: predict_rows(model.predict, X, cpus).astype('float64')}
     proba, classes = predict_proba_rows(model, X, cpus), [str(c) for c in model.classes_]
     if schema.task == 'binary':
         if schema.positive_class not in classes: raise InputError(f'the model has no class {schema.positive_class!r} (its classes: {", ".join(classes)}) to score')
         pos = classes.index(schema.positive_class)
         label = np.where(proba[:, pos] >= threshold, pos, 1 - pos)
     else: label = proba.argmax(axis=1)
-    return pd.DataFrame({col: np.asarray(classes, dtype=object)[label], **{f'proba_{c}': proba[:, i] for i, c in enumerate(classes)}})
+    return {col: np.asarray(classes, dtype=object)[label], **{f'proba_{c}': proba[:, i] for i, c in enumerate(classes)}}
+
+def id_lead(df:pd.DataFrame, schema:Schema)->pd.DataFrame:
+    "The row reference of a validated table with an id column: the id as text, rows numbered from 0 (`predict_frame`'s `lead`)."
+    return pd.DataFrame({schema.id: df[schema.id].astype(str)}).reset_index(drop=True)    # = df[[id]].astype(str), without the costlier frame-wide astype
 
 def predict_frame(model, df:pd.DataFrame, schema:Schema=SCHEMA, lead:pd.DataFrame|None=None,
                   cpus:int=1, # cores to predict on (see `predict_rows`)
                   threshold:float=THRESHOLD, # binary models: the positive-class probability from which it is predicted
                  )->pd.DataFrame:
     "Predictions for a validated table: `lead` columns (default: the id), then `predict_task`'s columns."
-    out = lead.reset_index(drop=True).copy() if lead is not None else pd.DataFrame({schema.id: df[schema.id].to_numpy()})
-    for c, v in predict_task(model, df, schema, threshold, cpus).items(): out[c] = v.to_numpy()
-    return out
+    lead = lead.reset_index(drop=True) if lead is not None else pd.DataFrame({schema.id: df[schema.id].to_numpy()})
+    return pd.DataFrame({**{c: lead[c] for c in lead.columns}, **_predicted(model, df, schema, threshold, cpus)}, index=lead.index)
 
 # %% ../nbs/50_inference.ipynb #50-inference-012
 def resolve_keep(keep_columns:str, raw_columns:list, reserved:list, source)->list:
@@ -86,17 +99,25 @@ def resolve_keep(keep_columns:str, raw_columns:list, reserved:list, source)->lis
     return names
 
 # %% ../nbs/50_inference.ipynb #50-inference-015
+def _rounded(name:str, s:pd.Series):
+    "Column `name` as written: a number column named `proba_…` rounded to `PROBA_DECIMALS` (what `DataFrame.round` rounds), others as they are."
+    if not name.startswith('proba_'): return s
+    if s.dtype == np.float64: return s.to_numpy().round(PROBA_DECIMALS)      # the probabilities: NumPy's round, as pandas' own
+    if pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_float_dtype(s.dtype): return s.round(PROBA_DECIMALS)
+    return s
+
 class _Writer:
-    "Appends prediction frames to one CSV through Arrow, header first; counts what it wrote (per class, or the range of numbers)."
-    def __init__(self, f, schema:Schema):
-        self.f, self.col, self.rows, self.counts = f, prediction_column(schema), 0, {}
+    "Appends prediction frames to one CSV through Arrow, header first; counts what it wrote (per class, or the range of numbers) unless `tally` is off."
+    def __init__(self, f, schema:Schema, tally:bool=True):   # tally: keep the counts `summary` reports (serving asks for none)
+        self.f, self.col, self.rows, self.counts, self.tally = f, prediction_column(schema), 0, {}, tally
         self.numbers = schema.task == 'regression'
         self.lo, self.hi, self.sum = np.inf, -np.inf, 0.0
     def write(self, out:pd.DataFrame):
         import pyarrow as pa, pyarrow.csv as pcsv
-        table = pa.Table.from_pandas(out.round({c: PROBA_DECIMALS for c in out.columns if c.startswith('proba_')}), preserve_index=False)
+        table = pa.table({str(c): pa.array(_rounded(c, s), from_pandas=True) for c, s in out.items()})   # what Table.from_pandas converts, without its thread pool
         pcsv.write_csv(table, self.f, pcsv.WriteOptions(include_header=self.rows == 0, quoting_style='needed'))
         self.rows += len(out)
+        if not self.tally: return
         if self.numbers:
             v = out[self.col].to_numpy()
             if len(v): self.lo, self.hi, self.sum = min(self.lo, float(v.min())), max(self.hi, float(v.max())), self.sum + float(v.sum())
@@ -177,7 +198,7 @@ def predict_files(model, # fitted pipeline
                     keep = resolve_keep(keep_columns, list(chunk.raw.columns), ([schema.id] if use_id else [SOURCE_FILE, SOURCE_ROW]) + reserved, chunk.source)
                 if use_id and schema.id not in chunk.df.columns:
                     raise InputError(f'{chunk.source}: no {schema.id!r} column, which the files before it have; give every file the id column, or none')
-                if use_id: lead = chunk.df[[schema.id]].astype(str).reset_index(drop=True)
+                if use_id: lead = id_lead(chunk.df, schema)
                 else:
                     rel = [p.name if root.is_file() else p.relative_to(root).as_posix() for p, _, _ in chunk.parts]
                     lead = pd.DataFrame({SOURCE_FILE: np.repeat(rel, [n for *_, n in chunk.parts]),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from .data import BODY_TYPES, Schema, body_records, media_type, quote, records_table, validate
 from .errors import InputError, SpecError
-from .inference import PROBA_DECIMALS, THRESHOLD, predict_frame
+from .inference import PROBA_DECIMALS, THRESHOLD, id_lead, predict_frame
 
 # %% auto #0
 __all__ = ['MAX_PAYLOAD_BYTES', 'CSV', 'JSON', 'JSONL', 'CONTENT_TYPES', 'THRESHOLD_ENV', 'ACCEPTS', 'RequestError', 'error_body',
@@ -110,7 +110,7 @@ def predict_fn(data:Request, # what input_fn decoded
     schema = model.schema
     raw = request_frame(data, schema)
     df = validate(raw, 'request', require_target=False, first_line=1, schema=schema)
-    lead = df[[schema.id]].astype(str).reset_index(drop=True) if schema.id and schema.id in raw.columns else pd.DataFrame(index=range(len(df)))
+    lead = id_lead(df, schema) if schema.id and schema.id in raw.columns else pd.DataFrame(index=range(len(df)))
     out = predict_frame(model.pipeline, df, schema, lead, threshold=model.threshold)
     out.attrs['schema'] = schema
     out.attrs['header'] = not (data.content_type == CSV and data.header is not None and not set(schema.features) <= set(data.header))
@@ -143,15 +143,15 @@ def prediction_csv(prediction:pd.DataFrame, # what predict_fn returned
                   )->bytes:
     "The CSV bytes batch inference writes for these predictions (its own writer), without the header line if `header` is false."
     from mlproj.inference import _Writer        # batch inference's writer: one home for the rounding and the bytes
-    buf, plain = io.BytesIO(), prediction.copy(deep=False)
+    buf, plain = io.BytesIO(), pd.DataFrame(prediction, copy=False)   # a new frame over the same columns: not a deep copy of attrs
     plain.attrs = {}                                # predict_fn's notes are not table metadata
-    _Writer(buf, schema).write(plain)
+    _Writer(buf, schema, tally=False).write(plain)   # no summary: nothing to count
     body = buf.getvalue()
     return body if header else body.split(b'\n', 1)[1]
 
 # %% ../nbs/55_serve.ipynb #55-serve-029
 def _records(prediction:pd.DataFrame)->list:
-    return prediction.round(PROBA_DECIMALS).to_dict('records')
+    return pd.DataFrame(prediction, copy=False).round(PROBA_DECIMALS).to_dict('records')   # without predict_fn's notes (attrs): no deep copy of the schema
 
 def output_fn(prediction:pd.DataFrame, # what predict_fn returned
               accept:str|None, # the request's Accept header
